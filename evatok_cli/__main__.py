@@ -1,0 +1,5 @@
+"""``python -m evatok_cli`` runs the ``evatok`` command."""
+
+from evatok_cli.cli import main
+
+main()
