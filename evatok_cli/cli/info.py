@@ -21,9 +21,9 @@ from evatok_cli.cli.options import JsonOpt
 
 def describe(path: Path) -> dict[str, Any]:
     """The info record of one path: a store's stats or a video's probe (raises on bad input)."""
-    from evatok_cli.store import is_store, open_store
+    from evatok_cli.store import detect_format, open_store
 
-    if is_store(path):
+    if detect_format(path) is not None:  # unfinished stores too: open_store says what is missing
         return {"path": str(path), "type": "store", **open_store(path).stats()}
     from evatok_cli.video import probe
 
