@@ -29,3 +29,27 @@ def footage() -> dict[str, Path]:
         "bikes": FOOTAGE_DIR / "bikes.mp4",
         "carphone": FOOTAGE_DIR / "carphone_pristine.mp4",
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A `tiny` tokenizer with seeded random weights, saved as a model directory."""
+    import torch
+
+    from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny-tokenizer"
+    EVATokTokenizer(tokenizer_config("tiny")).save_pretrained(path, preset="tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
+def video_dir(footage, tmp_path_factory) -> Path:
+    """A UCF-style folder: two classes holding real footage (symlinks)."""
+    d = tmp_path_factory.mktemp("videos")
+    (d / "ride").mkdir()
+    (d / "talk").mkdir()
+    (d / "ride" / "bikes.mp4").symlink_to(footage["bikes"])
+    (d / "talk" / "carphone.mp4").symlink_to(footage["carphone"])
+    return d

@@ -59,6 +59,7 @@ class LoopConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
+    stop_at: int | None = None  # exit after this many steps (a checkpoint is written), as if interrupted
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -147,14 +148,15 @@ def run(
     acc: dict[str, float] = {}
     n_acc = 0
     it = batches(start)
-    for step in range(start, cfg.steps):
+    end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    for step in range(start, end):
         batch = next(it)
         m = task.train_step(batch, step)
         samples += task.batch_size(batch)
         for k, v in m.items():
             acc[k] = acc.get(k, 0.0) + float(v)
         n_acc += 1
-        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+        if (step + 1) % cfg.log_every == 0 or step == end - 1:
             now = time.perf_counter()
             rec = all_reduce_mean({k: v / n_acc for k, v in acc.items()}, env)
             rec = {"step": step, **rec, "samples_per_s": samples * env.world_size / max(now - t_last, 1e-9)}
@@ -165,7 +167,7 @@ def run(
                 if on_log is not None:
                     on_log(rec)
             t_last, samples, acc, n_acc = now, 0, {}, 0
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+        if (step + 1) % cfg.checkpoint_every == 0 or step == end - 1:
             last = save(task, out, step, env, cfg.keep_last, {"steps_total": cfg.steps})
     assert last is not None
     return last

@@ -1,0 +1,90 @@
+"""``evatok encode``: pre-tokenize a video dataset into a token store (the main job).
+
+Usage:
+    evatok encode videos/ -o tokens.zarr --tokenizer runs/final
+    find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
+    evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --label-from parent-dir --clips 4 --json
+    torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
+
+Exit codes: 0 all inputs encoded; 3 finished, some inputs skipped (listed in the store and the
+summary); 1 fatal error (nothing valid, --strict failure, bad model); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from evatok_cli.cli._render import err_console, fail, print_json
+from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
+
+
+def encode(
+    inputs: Annotated[list[str], typer.Argument(help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output store (.zarr directory, or a directory of tar shards with --format wds).", show_default=False)],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="Tokenizer model directory (or a training --out directory).", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="zarr or wds.")] = "zarr",
+    assignment: Annotated[str | None, typer.Option("--assignment", help="uniform:K or fixed:k1,...,kT (default: uniform at the largest level).")] = None,
+    labels_store: Annotated[Path | None, typer.Option("--labels-store", help="Assignments from an `evatok search` labels store.")] = None,
+    clips: Annotated[str, typer.Option("--clips", help="Clips per video: all, first, random or N (evenly spaced).")] = "all",
+    fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate.")] = "native",
+    label_from: Annotated[str | None, typer.Option("--label-from", help="parent-dir (UCF-101 layout) or a CSV file path,label.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per tokenizer batch.")] = 8,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad input.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode every clip of the inputs into adaptive-length tokens."""
+    from evatok_cli.checkpoint import CheckpointError
+    from evatok_cli.encode import EncodeError, encode_videos
+    from evatok_cli.store import StoreError
+    from evatok_cli.video import VideoError
+
+    if format not in ("zarr", "wds"):
+        fail(f"--format must be zarr or wds, got {format!r}", code=2)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    show = rank0 and not quiet and err_console.is_terminal
+    progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), console=err_console, transient=True, disable=not show)
+    task = progress.add_task("encode", total=None, info="")
+
+    def on_progress(p: dict) -> None:
+        progress.update(task, completed=p["clips"], total=p["total"],
+                        info=f"{p['clips_per_s']:.1f} clips/s  {p['tokens_per_s']:.0f} tok/s  "
+                             f"{p['mean_tokens']:.0f} tok/clip  {p['failures']} failed")
+
+    try:
+        with progress:
+            summary = encode_videos(
+                inputs, out, tokenizer=tokenizer, format=format, assignment=assignment, labels_store=labels_store,
+                clips=clips, fps=fps if fps == "native" else float(fps), label_from=label_from,
+                batch_size=batch_size, workers=workers, device=device, seed=seed, strict=strict,
+                stdin=sys.stdin if "-" in inputs else None, on_progress=on_progress,
+            )
+    except (EncodeError, VideoError, StoreError, CheckpointError, ValueError) as e:
+        fail(str(e), code=1)
+    if not rank0:
+        raise typer.Exit(summary.exit_code)
+    if json_:
+        print_json(summary.to_dict())
+    if not quiet:
+        if summary.nothing_to_do:
+            err_console.print(f"{out}: already finished; nothing to do", markup=False)
+        else:
+            err_console.print(
+                f"{out}: {summary.clips} clips encoded"
+                + (f" ({summary.skipped_done} already done)" if summary.skipped_done else "")
+                + f", {summary.failures} failed, {summary.mean_tokens:.1f} tokens/clip "
+                f"({summary.saved_fraction:.1%} fewer than uniform {summary.uniform_tokens}), "
+                f"{summary.wall_s:.1f}s ({summary.clips_per_s:.2f} clips/s)", markup=False)
+            for f in summary.failed[:20]:
+                err_console.print(f"  skipped {f['source']}: {f['reason']}", markup=False)
+    raise typer.Exit(summary.exit_code)

@@ -1,0 +1,81 @@
+"""``evatok train``: train the models of the method.
+
+Usage:
+    evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy --steps 20000
+    evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy --steps 40000 --resume
+    evatok train tokenizer --stage final --preset small --data videos/ --out runs/uniform --assignment uniform:128
+    torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from evatok_cli.cli._render import err_console, fail
+from evatok_cli.cli.options import DeviceOpt, QuietOpt, SeedOpt
+from evatok_cli.cli.train_router import router as _router
+
+app = typer.Typer(help="Train the models of the method (tokenizer now; router and GPT as they land).", no_args_is_help=True)
+
+
+def _log_line(rec: dict[str, Any]) -> None:
+    keys = ("loss", "l1", "psnr", "usage", "perplexity", "tokens", "g_adv", "d_loss", "lr", "samples_per_s")
+    parts = [f"step {rec['step']}"] + [f"{k} {rec[k]:.4g}" for k in keys if k in rec]
+    err_console.print("  ".join(parts), markup=False, highlight=False)
+
+
+@app.command("tokenizer")
+def tokenizer(
+    data: Annotated[list[str], typer.Option("--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)],
+    stage: Annotated[str, typer.Option("--stage", help="proxy (random assignments) or final.")] = "proxy",
+    preset: Annotated[str, typer.Option("--preset", help="tiny, small or paper.")] = "small",
+    steps: Annotated[int, typer.Option("--steps", help="Total optimisation steps.")] = 10_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 8,
+    assignment: Annotated[str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 1e-4,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
+    disc_start: Annotated[int, typer.Option("--disc-start", help="Step at which the PatchGAN loss starts.")] = 20_000,
+    no_disc: Annotated[bool, typer.Option("--no-disc", help="Train without the adversarial loss.")] = False,
+    fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate (e.g. 3 for WebVid).")] = "native",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 1000,
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Checkpoints kept (0 = all).")] = 3,
+    log_every: Annotated[int, typer.Option("--log-every")] = 50,
+    stop_at: Annotated[int | None, typer.Option("--stop-at", help="Exit after this many steps, leaving a checkpoint to --resume (time-limited jobs).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a proxy tokenizer (stage 1) or a final tokenizer (stage 4)."""
+    from evatok_cli.models.tokenizer import TOKENIZER_PRESETS
+    from evatok_cli.train.loop import ResumeError
+    from evatok_cli.train.tokenizer import train_tokenizer
+    from evatok_cli.video import VideoError
+
+    if preset not in TOKENIZER_PRESETS:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(TOKENIZER_PRESETS)})", code=2)
+    if stage not in ("proxy", "final"):
+        fail(f"--stage must be proxy or final, got {stage!r}", code=2)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        final = train_tokenizer(
+            stage=stage, preset=preset, data=data, out=out, steps=steps, batch_size=batch_size,
+            assignment=assignment, resume=resume, seed=seed, device=device, workers=workers,
+            fps=fps if fps == "native" else float(fps), checkpoint_every=checkpoint_every, keep_last=keep_last,
+            log_every=log_every, stop_at=stop_at, discriminator=not no_disc, stdin=sys.stdin if "-" in data else None,
+            on_log=None if quiet else _log_line, lr=lr, warmup=warmup, disc_start=disc_start,
+        )
+    except (ResumeError, VideoError, ValueError) as e:
+        fail(str(e), code=1)
+    if rank0 and not quiet:
+        err_console.print(f"saved {final}", markup=False)
+
+
+app.command("router")(_router)

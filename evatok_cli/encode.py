@@ -1,0 +1,316 @@
+"""The main job: encode a video dataset into a ragged token store (DESIGN §4, §6).
+
+``encode_videos`` lists the inputs, splits them over torchrun ranks (video ``i`` goes to rank
+``i % world_size``), decodes clips in DataLoader workers while the tokenizer runs, gives every clip
+its assignment (fixed/uniform, from a labels store, or from a router), and appends the tokens to
+this rank's part of the store. A rerun of the same command resumes: clips whose keys are already
+committed are not decoded again, and a finished store is left alone. Bad inputs are skipped and
+recorded (``failures`` in the store and in the summary); with ``strict`` the first one is fatal.
+
+Tokens depend only on the clip and its assignment (the tokenizer is batch-invariant), so the
+store holds the same keys and tokens whatever the batch size or the number of ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.checkpoint import read_model_meta, weights_sha256
+from evatok_cli.models.tokenizer import EVATokTokenizer
+from evatok_cli.store import Sample, StoreError, open_store, open_writer
+from evatok_cli.train.checkpoints import resolve_model_dir
+from evatok_cli.train.dist import DistEnv, init_distributed, shutdown
+from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input
+
+log = logging.getLogger(__name__)
+
+# Exit codes of `evatok encode` (docs/cli.md).
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+
+
+class EncodeError(Exception):
+    """A fatal problem with the job as a whole (no inputs, strict mode, bad model): one line."""
+
+
+@dataclass
+class EncodeSummary:
+    """What an encode run did (printed at the end; ``--json`` prints it as one object)."""
+
+    out: str
+    clips: int = 0  # clips encoded by this run
+    skipped_done: int = 0  # clips already in the store from an earlier run (resume)
+    failures: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    tokens: int = 0
+    mean_tokens: float = 0.0
+    uniform_tokens: int = 0  # tokens per clip of the uniform assignment at the maximum level
+    saved_fraction: float = 0.0  # 1 - mean_tokens / uniform_tokens
+    wall_s: float = 0.0
+    clips_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    padding_fraction: float = 0.0
+    nothing_to_do: bool = False
+    world_size: int = 1
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SKIPPED if self.failures else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Assigner(Protocol):
+    """Gives each clip of a batch its assignment: (B, T) tokens per block."""
+
+    def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor: ...
+
+
+class FixedAssigner:
+    """The same assignment for every clip (``uniform:K`` or ``fixed:k1,...,kT``)."""
+
+    def __init__(self, assignment: tuple[int, ...]) -> None:
+        self.assignment = torch.tensor(assignment, dtype=torch.long)
+
+    def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        return self.assignment.expand(len(keys), -1).clone()
+
+
+class LabelsAssigner:
+    """Assignments looked up by clip key in a labels store (``evatok search`` output)."""
+
+    def __init__(self, path: Path, space: AssignmentSpace) -> None:
+        store = open_store(path)
+        if AssignmentSpace.from_dict(store.attrs["space"]) != space:
+            raise EncodeError(f"{path}: its assignment space {store.attrs['space']} differs from the tokenizer's")
+        self.path = path
+        self.by_key = dict(zip(store.keys, (int(a) for a in store.assignments())))
+        self.space = space
+
+    def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        missing = [k for k in keys if k not in self.by_key]
+        if missing:
+            raise EncodeError(f"{self.path}: no assignment for clip {missing[0]} (was it searched with the same inputs and --clips?)")
+        return torch.tensor([self.space.to_tuple(self.by_key[k]) for k in keys], dtype=torch.long)
+
+
+def read_labels(refs: Sequence[VideoRef], label_from: str | None) -> tuple[list[int], list[str] | None]:
+    """Class id per video and the id -> name list, from the parent folder name or a CSV ``path,label``."""
+    if label_from is None:
+        return [-1] * len(refs), None
+    if label_from == "parent-dir":
+        names = sorted({r.label_hint for r in refs})
+        ids = {n: i for i, n in enumerate(names)}
+        return [ids[r.label_hint] for r in refs], names
+    path = Path(label_from)
+    if not path.is_file():
+        raise EncodeError(f"{path}: --label-from must be 'parent-dir' or an existing CSV file (path,label)")
+    rows: dict[str, str] = {}
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or row[0].startswith("#") or (n == 1 and row[0].strip().lower() == "path"):
+                continue
+            if len(row) < 2:
+                raise EncodeError(f"{path}:{n}: expected 'path,label', got {','.join(row)!r}")
+            rows[row[0].strip()] = row[1].strip()
+    names = sorted(set(rows.values()))
+    ids = {n: i for i, n in enumerate(names)}
+
+    def lookup(r: VideoRef) -> int:
+        for cand in (r.source, str(Path(r.source).resolve()) if "::" not in r.source else r.source, Path(r.source).name):
+            if cand in rows:
+                return ids[rows[cand]]
+        return -1
+
+    return [lookup(r) for r in refs], names
+
+
+def store_attrs(model: EVATokTokenizer, model_dir: Path, spec: ClipSpec, extra: dict[str, Any]) -> dict[str, Any]:
+    """The store attributes of DESIGN §4 for tokens made by ``model``."""
+    meta = read_model_meta(model_dir)
+    c = model.config
+    return {
+        "tokenizer": {"config": meta["config"], "preset": meta.get("preset"), "sha256": weights_sha256(model_dir)},
+        "space": model.space.to_dict(),
+        "clip": {"frames": c.frames, "height": c.height, "width": c.width, "fps": spec.fps},
+        "codebook_size": c.codebook_size,
+        **extra,
+    }
+
+
+def _grouped(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Split positions into batches of similar total length (less padding); order within is kept."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def encode_videos(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    tokenizer: str | Path,
+    format: str = "zarr",
+    assignment: str | None = None,
+    labels_store: str | Path | None = None,
+    assigner: Assigner | None = None,
+    clips: str | int = "all",
+    fps: str | float = "native",
+    label_from: str | None = None,
+    batch_size: int = 8,
+    workers: int = 2,
+    device: str = "auto",
+    seed: int = 0,
+    strict: bool = False,
+    stdin=None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> EncodeSummary:
+    """Encode every clip of ``inputs`` into the token store ``out``; see the module docstring.
+
+    Args:
+        inputs: video files, directories, ``-`` (paths on ``stdin``) or WebDataset tars of videos.
+        out: the store to write (``.zarr`` directory or WebDataset shard directory).
+        tokenizer: a tokenizer model directory (or a training output directory: its latest step).
+        assignment: ``uniform:K`` or ``fixed:k1,...,kT``; or give ``labels_store`` or ``assigner``.
+        clips: clip policy per video: ``all``, ``first``, ``N`` (evenly spaced) or ``random``.
+        label_from: ``parent-dir`` (UCF-101 layout) or a CSV file ``path,label``.
+        on_progress: called after every batch with running totals (rank 0 only).
+
+    Returns:
+        The :class:`EncodeSummary` of this rank's work (rank 0's summary covers all ranks' clips
+        when the job is distributed: counts are summed over ranks).
+    """
+    t0 = time.perf_counter()
+    env = init_distributed(device)
+    try:
+        return _encode(inputs, Path(out), env=env, t0=t0, tokenizer=Path(tokenizer), format=format,
+                       assignment=assignment, labels_store=labels_store, assigner=assigner, clips=clips, fps=fps,
+                       label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
+                       stdin=stdin, on_progress=on_progress)
+    finally:
+        shutdown(env)
+
+
+def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, format: str, assignment, labels_store,
+            assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress) -> EncodeSummary:
+    if batch_size < 1:
+        raise EncodeError(f"--batch-size must be >= 1, got {batch_size}")
+    model_dir = resolve_model_dir(tokenizer)
+    model = EVATokTokenizer.from_pretrained(model_dir, map_location=env.device)
+    space, cfg = model.space, model.config
+    if sum(x is not None for x in (assignment, labels_store, assigner)) > 1:
+        raise EncodeError("give only one of --assignment, --labels-store and --router")
+    if assigner is None:
+        if labels_store is not None:
+            assigner = LabelsAssigner(Path(labels_store), space)
+        else:
+            assigner = FixedAssigner(space.parse(assignment or f"uniform:{space.levels[-1]}"))
+    spec = ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=fps)
+    policy = parse_clip_policy(clips)
+
+    refs = list_inputs(list(map(str, inputs)), stdin=stdin)
+    if not refs:
+        raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
+    labels, names = read_labels(refs, label_from)
+    extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed}
+    if names is not None:
+        extra["labels"] = names
+    writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,
+                         rank=env.rank, world_size=env.world_size, barrier=env.barrier, commit_every=4 * batch_size)
+    summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
+    if writer.finished:
+        summary.nothing_to_do = True
+        log.info("%s is already finished; nothing to do", out)
+        return summary
+
+    mine = list(range(env.rank, len(refs), env.world_size))
+    dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
+    label_of = {refs[i].source: labels[i] for i in mine}
+    todo, already_failed = [], set(writer.failed_sources)
+    for j, (v, start, err) in enumerate(dataset.index):
+        ref = dataset.refs[v]
+        if err is None and clip_key(ref.source, start) in writer.done_keys:
+            summary.skipped_done += 1
+        elif ref.source in already_failed:  # failed in an earlier run: recorded once, not retried
+            summary.skipped_done += 1
+        else:
+            todo.append(j)
+    if summary.skipped_done:
+        log.info("resuming: %d clips already done", summary.skipped_done)
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,
+                        prefetch_factor=4 if workers > 0 else None)
+    model.eval()
+    pad_total = tok_total = 0
+    try:
+        for batch, failures in loader:
+            for f in failures:
+                if strict:
+                    raise EncodeError(f"{f['source']}: {f['error']}")
+                writer.add_failure(f["source"], f["error"])
+                summary.failures += 1
+                summary.failed.append({"source": f["source"], "reason": f["error"]})
+            if not batch["key"]:
+                continue
+            video = to_model_input(batch["video"]).to(env.device)
+            assignments = assigner(video, batch["key"]).to(env.device)
+            lengths = assignments.sum(1).tolist()
+            samples: list[Sample | None] = [None] * len(lengths)
+            for group in _grouped(lengths, batch_size):
+                idx = torch.tensor(group, device=env.device)
+                tokens, block_lengths = model.encode(video.index_select(0, idx), assignments.index_select(0, idx))
+                longest = max(lengths[g] for g in group)
+                pad_total += longest * len(group) - sum(lengths[g] for g in group)
+                tok_total += longest * len(group)
+                for g, tok, bl in zip(group, tokens, block_lengths.tolist()):
+                    samples[g] = Sample(
+                        key=batch["key"][g], tokens=tok.cpu().numpy(), block_lengths=tuple(bl),
+                        assignment=space.to_index(bl), source=batch["source"][g],
+                        clip_start=int(batch["clip_start"][g]), label=label_of.get(batch["source"][g], -1),
+                    )
+            writer.append([s for s in samples if s is not None])
+            summary.clips += len(samples)
+            summary.tokens += int(sum(lengths))
+            if on_progress is not None and env.is_main:
+                el = time.perf_counter() - t0
+                on_progress({"clips": summary.clips, "total": len(todo), "failures": summary.failures,
+                             "tokens": summary.tokens, "clips_per_s": summary.clips / el,
+                             "tokens_per_s": summary.tokens / el, "mean_tokens": summary.tokens / max(1, summary.clips)})
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    summary.padding_fraction = pad_total / tok_total if tok_total else 0.0
+    _reduce(summary, env)
+    summary.mean_tokens = summary.tokens / summary.clips if summary.clips else 0.0
+    summary.saved_fraction = 1.0 - summary.mean_tokens / summary.uniform_tokens if summary.clips else 0.0
+    summary.wall_s = time.perf_counter() - t0
+    summary.clips_per_s = summary.clips / summary.wall_s
+    summary.tokens_per_s = summary.tokens / summary.wall_s
+    if summary.clips == 0 and summary.skipped_done == 0 and summary.failures:
+        raise EncodeError(f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
+                          f"{summary.failed[0]['reason']})")
+    return summary
+
+
+def _reduce(summary: EncodeSummary, env: DistEnv) -> None:
+    """Sum counts over ranks (so rank 0 reports the whole job)."""
+    if not env.distributed:
+        return
+    import torch.distributed as dist
+
+    t = torch.tensor([summary.clips, summary.failures, summary.tokens, summary.skipped_done], dtype=torch.float64)
+    dist.all_reduce(t)
+    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (int(x) for x in t.tolist())
+    gathered: list[Any] = [None] * env.world_size
+    dist.all_gather_object(gathered, summary.failed)
+    summary.failed = [f for part in gathered for f in part]
