@@ -8,12 +8,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "AssignmentSpace"]
+_LAZY = {
+    "AssignmentSpace": "evatok_cli.assignments",
+    "encode_videos": "evatok_cli.encode",
+    "decode_store": "evatok_cli.decode",
+    "open_store": "evatok_cli.store",
+    "open_writer": "evatok_cli.store",
+    "EVATokTokenizer": "evatok_cli.models.tokenizer",
+    "train_tokenizer": "evatok_cli.train.tokenizer",
+}
+
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name == "AssignmentSpace":
-        from evatok_cli.assignments import AssignmentSpace
+    if name in _LAZY:
+        import importlib
 
-        return AssignmentSpace
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'evatok_cli' has no attribute {name!r}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import read_model_meta, weights_sha256
@@ -31,7 +31,7 @@ from evatok_cli.store import Sample, StoreError, open_store, open_writer
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.train.dist import DistEnv, init_distributed, shutdown
 from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
-from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input
+from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,32 @@ def store_attrs(model: EVATokTokenizer, model_dir: Path, spec: ClipSpec, extra: 
     }
 
 
+GROUP_WINDOW = 4  # loader batches pooled before grouping clips of similar length
+
+
+def _windows(loader, n: int):
+    """Pool ``n`` consecutive (batch, failures) pairs of ``collate_clips`` into one."""
+    pending: list[tuple[dict, list]] = []
+
+    def merged() -> tuple[dict, list]:
+        goods = [b for b, _ in pending if b["key"]]
+        batch = {
+            "video": torch.cat([b["video"] for b in goods]) if goods else None,
+            "key": [k for b in goods for k in b["key"]],
+            "source": [x for b in goods for x in b["source"]],
+            "clip_start": [int(x) for b in goods for x in b["clip_start"]],
+        }
+        return batch, [f for _, fs in pending for f in fs]
+
+    for item in loader:
+        pending.append(item)
+        if len(pending) == n:
+            yield merged()
+            pending = []
+    if pending:
+        yield merged()
+
+
 def _grouped(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Split positions into batches of similar total length (less padding); order within is kept."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
@@ -247,12 +273,14 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
             todo.append(j)
     if summary.skipped_done:
         log.info("resuming: %d clips already done", summary.skipped_done)
-    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,
+    # each worker reads one contiguous stretch of the clips, so a video is decoded about once
+    order = [todo[i] for i in worker_contiguous_order(len(todo), batch_size, workers)]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate_clips,
                         prefetch_factor=4 if workers > 0 else None)
     model.eval()
     pad_total = tok_total = 0
     try:
-        for batch, failures in loader:
+        for batch, failures in _windows(loader, GROUP_WINDOW):
             for f in failures:
                 if strict:
                     raise EncodeError(f"{f['source']}: {f['error']}")
@@ -277,7 +305,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
                         assignment=space.to_index(bl), source=batch["source"][g],
                         clip_start=int(batch["clip_start"][g]), label=label_of.get(batch["source"][g], -1),
                     )
-            writer.append([s for s in samples if s is not None])
+            writer.append([s for s in samples if s is not None])  # decode order, whatever the grouping
             summary.clips += len(samples)
             summary.tokens += int(sum(lengths))
             if on_progress is not None and env.is_main:

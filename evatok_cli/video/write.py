@@ -1,0 +1,101 @@
+"""Write uint8 (F, H, W, 3) RGB frames as H.264 MP4 (libx264, yuv420p, BT.601 limited range).
+
+yuv420p needs even sizes: an odd height or width is padded to the next even number by repeating
+the last row or column, so a 61x97 clip becomes a 62x98 file whose top-left 61x97 pixels are the
+clip. Files are written to a hidden temporary name in the target directory and renamed when
+complete, so a reader never sees a half-written file. ``+faststart`` puts the index first, so the
+file streams (e.g. from a WebDataset tar).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return np.ascontiguousarray(frames)
+
+
+def _encode(container: av.container.OutputContainer, frames: np.ndarray, fps: float | Fraction, crf: int, preset: str) -> None:
+    rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+    if rate <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    stream = container.add_stream("libx264", rate=rate)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(crf), "preset": preset}
+    cc = stream.codec_context
+    cc.colorspace = 6  # SMPTE170M (BT.601): what swscale uses by default when reading back
+    cc.color_range = 1  # limited (MPEG) range
+    reformatter = VideoReformatter()
+    for i, rgb in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        yuv = reformatter.reformat(frame, format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG")
+        yuv.pts = i
+        container.mux(stream.encode(yuv))
+    container.mux(stream.encode(None))
+
+
+def encode_mp4(frames: np.ndarray, fps: float | Fraction = 25.0, *, crf: int = 18, preset: str = "medium") -> bytes:
+    """Encode frames to the bytes of an MP4 file (e.g. for a WebDataset ``KEY.mp4`` member).
+
+    Args:
+        frames: uint8 (F, H, W, 3) RGB.
+        fps: frame rate (``30000/1001``-style rates are recovered from floats like 29.97).
+        crf: x264 constant rate factor (lower = better; 18 is visually near-lossless).
+        preset: x264 speed preset.
+
+    Returns:
+        The MP4 file's bytes.
+    """
+    # +faststart rewrites the file after encoding, which needs a real file rather than BytesIO.
+    with tempfile.TemporaryDirectory(prefix="evatok-mp4-") as d:
+        return write_mp4(Path(d) / "clip.mp4", frames, fps, crf=crf, preset=preset).read_bytes()
+
+
+def write_mp4(
+    path: str | os.PathLike[str],
+    frames: np.ndarray,
+    fps: float | Fraction = 25.0,
+    *,
+    crf: int = 18,
+    preset: str = "medium",
+) -> Path:
+    """Write frames as an H.264 MP4, atomically (temporary name, then rename).
+
+    Args:
+        path: the output file; its directory must exist.
+        frames: uint8 (F, H, W, 3) RGB; odd sizes are padded to even (module doc).
+        fps: frame rate.
+        crf: x264 constant rate factor.
+        preset: x264 speed preset.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    frames = _check_frames(frames)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix or '.mp4'}")
+    try:
+        with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            _encode(container, frames, fps, crf, preset)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
