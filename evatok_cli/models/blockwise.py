@@ -1,0 +1,175 @@
+"""Prefix states for block-by-block encoding and decoding (DESIGN §1: exact prefix-tree search).
+
+Both tokenizer halves are block-causal, so block t's tokens and pixels depend only on the clip's
+pixels of blocks <= t and on (k_1..k_t). A *prefix state* caches what later blocks need from the
+blocks done so far (per-layer keys/values); the tokenizer's ``encode_block`` / ``decode_block``
+advance it by one block. States are batched along their first dimension, and ``index_select`` /
+``repeat_interleave`` turn B prefixes into B' branches, e.g. ``state.repeat_interleave(m)`` before
+trying the m levels of the next block. All rows of a state are at the same block t.
+
+:class:`BlockwiseCodec` bundles the two halves: ``init(video)`` then ``step(state, k)`` per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from evatok_cli.models.tokenizer import EVATokTokenizer
+
+S = TypeVar("S")
+
+
+def _select(state: S, index: Tensor, shared: tuple[str, ...]) -> S:
+    changes = {
+        f.name: getattr(state, f.name).index_select(0, index)
+        for f in dataclasses.fields(state)  # type: ignore[arg-type]
+        if f.name not in shared
+    }
+    return dataclasses.replace(state, **changes)  # type: ignore[type-var]
+
+
+def _repeat_index(n: int, repeats: int | Tensor, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device).repeat_interleave(
+        repeats if isinstance(repeats, int) else repeats.to(device)
+    )
+
+
+@dataclass(frozen=True)
+class EncoderState:
+    """Encoder prefix state of B branches over C distinct clips, after ``t`` blocks.
+
+    Attributes:
+        ref: (C, N, D_enc) reference (patch) features of each clip, all T blocks (shared).
+        ref_k: (C, enc_depth, H, N, dh) cross-attention keys of ``ref`` per Q-Former layer (shared).
+        ref_v: same shape, values.
+        clip: (B,) which clip (row of ``ref``) each branch encodes.
+        self_k: (B, enc_depth, H, L, dh) self-attention keys of the prefix queries per layer.
+        self_v: same shape, values.
+        block_ids: (B, L) block of each cached query.
+        valid: (B, L) False on padding (branches with shorter prefixes).
+        block_lengths: (B, t) tokens given to each finished block.
+    """
+
+    ref: Tensor
+    ref_k: Tensor
+    ref_v: Tensor
+    clip: Tensor
+    self_k: Tensor
+    self_v: Tensor
+    block_ids: Tensor
+    valid: Tensor
+    block_lengths: Tensor
+
+    _SHARED = ("ref", "ref_k", "ref_v")
+
+    @property
+    def t(self) -> int:
+        """Number of blocks already encoded (= index of the next block)."""
+        return int(self.block_lengths.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.clip.shape[0])
+
+    def index_select(self, index: Tensor) -> EncoderState:
+        """Branches ``index`` (B',) of this state (clip features stay shared, not copied)."""
+        return _select(self, index.to(self.clip.device), self._SHARED)
+
+    def repeat_interleave(self, repeats: int | Tensor) -> EncoderState:
+        """Each branch repeated ``repeats`` times in place (``[0,0,1,1,..]`` for 2)."""
+        return self.index_select(_repeat_index(len(self), repeats, self.clip.device))
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """Decoder prefix state of B branches after ``t`` blocks.
+
+    Attributes:
+        self_k: (B, dec_depth, H, t*h*w, dh) self-attention keys of the prefix's 3D queries.
+        self_v: same shape, values.
+        tok_k: (B, dec_depth, H, L, dh) cross-attention keys of the prefix's 1D tokens.
+        tok_v: same shape, values.
+        tok_valid: (B, L) False on padding.
+        tok_block_ids: (B, L) block of each cached token.
+        block_lengths: (B, t) tokens of each finished block.
+    """
+
+    self_k: Tensor
+    self_v: Tensor
+    tok_k: Tensor
+    tok_v: Tensor
+    tok_valid: Tensor
+    tok_block_ids: Tensor
+    block_lengths: Tensor
+
+    @property
+    def t(self) -> int:
+        return int(self.block_lengths.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.block_lengths.shape[0])
+
+    def index_select(self, index: Tensor) -> DecoderState:
+        return _select(self, index.to(self.tok_valid.device), ())
+
+    def repeat_interleave(self, repeats: int | Tensor) -> DecoderState:
+        return self.index_select(_repeat_index(len(self), repeats, self.tok_valid.device))
+
+
+@dataclass(frozen=True)
+class PrefixState:
+    """Encoder and decoder prefix states of the same B branches."""
+
+    enc: EncoderState
+    dec: DecoderState
+
+    @property
+    def t(self) -> int:
+        return self.enc.t
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+    def index_select(self, index: Tensor) -> PrefixState:
+        return PrefixState(self.enc.index_select(index), self.dec.index_select(index))
+
+    def repeat_interleave(self, repeats: int | Tensor) -> PrefixState:
+        return PrefixState(self.enc.repeat_interleave(repeats), self.dec.repeat_interleave(repeats))
+
+
+class BlockwiseCodec:
+    """Encode-then-decode one block at a time; what the exact prefix-tree search drives.
+
+    Example::
+
+        codec = BlockwiseCodec(model)
+        state = codec.init(video)                       # B clips, t = 0
+        state = state.repeat_interleave(m)              # m branches per clip
+        k = torch.tensor(levels).repeat(B)              # (B*m,) tokens for block 0
+        state, tokens, pixels = codec.step(state, k)    # pixels: (B*m, 3, pt, H, W)
+    """
+
+    def __init__(self, model: EVATokTokenizer) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def init(self, video: Tensor) -> PrefixState:
+        """Prefix states (t = 0) of a (B, 3, F, H, W) video batch."""
+        return PrefixState(self.model.encode_prefix_init(video), self.model.decode_prefix_init(video.shape[0]))
+
+    @torch.no_grad()
+    def step(self, state: PrefixState, k: Tensor | int) -> tuple[PrefixState, Tensor, Tensor]:
+        """Advance every branch by block ``state.t`` with k tokens.
+
+        Returns:
+            ``(state, tokens, pixels)``: the advanced state, (B, max k) int64 token ids (-1 past
+            each branch's k) and (B, 3, pt, H, W) reconstructed frames of the block.
+        """
+        enc, tokens = self.model.encode_block(state.enc, k)
+        dec, pixels = self.model.decode_block(state.dec, tokens, k)
+        return PrefixState(enc, dec), tokens, pixels
