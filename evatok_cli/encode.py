@@ -105,6 +105,35 @@ class LabelsAssigner:
         return torch.tensor([self.space.to_tuple(self.by_key[k]) for k in keys], dtype=torch.long)
 
 
+class RouterAssigner:
+    """Assignments predicted by a router in one forward pass (PAPER §3.3)."""
+
+    def __init__(self, path: Path, space: AssignmentSpace, clip: tuple[int, int, int], device: torch.device,
+                 w_q: float | None = None, w_l: float | None = None) -> None:
+        from evatok_cli.route import RouterPolicy
+
+        try:
+            self.policy = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
+        except ValueError as e:
+            raise EncodeError(str(e)) from None
+
+    def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        return self.policy(video)
+
+
+class TableAssigner:
+    """Assignments looked up by clip key in a precomputed table (e.g. a budgeted routing pass)."""
+
+    def __init__(self, table: dict[str, tuple[int, ...]], what: str) -> None:
+        self.table, self.what = table, what
+
+    def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        missing = [k for k in keys if k not in self.table]
+        if missing:
+            raise EncodeError(f"{self.what}: no assignment for clip {missing[0]}")
+        return torch.tensor([self.table[k] for k in keys], dtype=torch.long)
+
+
 def read_labels(refs: Sequence[VideoRef], label_from: str | None) -> tuple[list[int], list[str] | None]:
     """Class id per video and the id -> name list, from the parent folder name or a CSV ``path,label``."""
     if label_from is None:
@@ -189,6 +218,10 @@ def encode_videos(
     format: str = "zarr",
     assignment: str | None = None,
     labels_store: str | Path | None = None,
+    router: str | Path | None = None,
+    w_q: float | None = None,
+    w_l: float | None = None,
+    budget: float | None = None,
     assigner: Assigner | None = None,
     clips: str | int = "all",
     fps: str | float = "native",
@@ -207,7 +240,11 @@ def encode_videos(
         inputs: video files, directories, ``-`` (paths on ``stdin``) or WebDataset tars of videos.
         out: the store to write (``.zarr`` directory or WebDataset shard directory).
         tokenizer: a tokenizer model directory (or a training output directory: its latest step).
-        assignment: ``uniform:K`` or ``fixed:k1,...,kT``; or give ``labels_store`` or ``assigner``.
+        assignment: ``uniform:K`` or ``fixed:k1,...,kT``; or give ``labels_store``, ``router`` or ``assigner``.
+        router: a router model directory: each clip's assignment is the argmax of the router's
+            scores with ``w_q``/``w_l`` (reward head; default: the router's training weights), or,
+            with ``budget`` (mean tokens per clip over this job's clips; reward head only), the
+            Lagrangian budget solution. Budget mode routes every clip first (a second decoding pass).
         clips: clip policy per video: ``all``, ``first``, ``N`` (evenly spaced) or ``random``.
         label_from: ``parent-dir`` (UCF-101 layout) or a CSV file ``path,label``.
         on_progress: called after every batch with running totals (rank 0 only).
@@ -220,7 +257,8 @@ def encode_videos(
     env = init_distributed(device)
     try:
         return _encode(inputs, Path(out), env=env, t0=t0, tokenizer=Path(tokenizer), format=format,
-                       assignment=assignment, labels_store=labels_store, assigner=assigner, clips=clips, fps=fps,
+                       assignment=assignment, labels_store=labels_store, router=router, w_q=w_q, w_l=w_l,
+                       budget=budget, assigner=assigner, clips=clips, fps=fps,
                        label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
                        stdin=stdin, on_progress=on_progress)
     finally:
@@ -228,16 +266,27 @@ def encode_videos(
 
 
 def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, format: str, assignment, labels_store,
-            assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress) -> EncodeSummary:
+            router, w_q, w_l, budget, assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress) -> EncodeSummary:
     if batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {batch_size}")
+    inputs = [str(i) for i in inputs]
+    if "-" in inputs and stdin is not None:  # read stdin once: budget mode lists the inputs twice
+        from_stdin = [line.strip() for line in stdin.read().splitlines() if line.strip()]
+        inputs = [x for i in inputs for x in (from_stdin if i == "-" else [i])]
+        stdin = None
     model_dir = resolve_model_dir(tokenizer)
     model = EVATokTokenizer.from_pretrained(model_dir, map_location=env.device)
     space, cfg = model.space, model.config
-    if sum(x is not None for x in (assignment, labels_store, assigner)) > 1:
+    if sum(x is not None for x in (assignment, labels_store, router, assigner)) > 1:
         raise EncodeError("give only one of --assignment, --labels-store and --router")
+    if budget is not None and router is None:
+        raise EncodeError("--budget needs --router (a reward-head router)")
     if assigner is None:
-        if labels_store is not None:
+        if router is not None and budget is not None:
+            assigner = _budget_table(router, inputs, clips, fps, budget, w_q, w_l, env, stdin)
+        elif router is not None:
+            assigner = RouterAssigner(Path(router), space, (cfg.frames, cfg.height, cfg.width), env.device, w_q, w_l)
+        elif labels_store is not None:
             assigner = LabelsAssigner(Path(labels_store), space)
         else:
             assigner = FixedAssigner(space.parse(assignment or f"uniform:{space.levels[-1]}"))
@@ -248,7 +297,8 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
     if not refs:
         raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
     labels, names = read_labels(refs, label_from)
-    extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed}
+    extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed,
+             "assignment_policy": _policy_name(assignment, labels_store, router, budget, assigner, space)}
     if names is not None:
         extra["labels"] = names
     writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,
@@ -328,6 +378,32 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
         raise EncodeError(f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
                           f"{summary.failed[0]['reason']})")
     return summary
+
+
+def _policy_name(assignment, labels_store, router, budget, assigner, space: AssignmentSpace) -> dict[str, Any]:
+    if router is not None:
+        d: dict[str, Any] = {"router": str(router)}
+        if budget is not None:
+            d["budget"] = budget
+        return d
+    if labels_store is not None:
+        return {"labels_store": str(labels_store)}
+    if assigner is not None:
+        return {"custom": type(assigner).__name__}
+    return {"fixed": list(space.parse(assignment or f"uniform:{space.levels[-1]}"))}
+
+
+def _budget_table(router, inputs, clips, fps, budget, w_q, w_l, env: DistEnv, stdin) -> TableAssigner:
+    """Budget mode: route every clip of the job first, then solve the budget over all of them."""
+    from evatok_cli.route import route
+
+    if env.distributed:
+        raise EncodeError("--budget runs in one process (the budget is shared by all clips); run it without torchrun")
+    result = route(router, [str(i) for i in inputs], clips=clips, w_q=w_q, w_l=w_l, budget=budget,
+                   device=str(env.device), stdin=stdin)
+    log.info("budget %.1f: routed %d clips, mean %.1f tokens", budget, len(result.records),
+             result.summary.get("mean_tokens", float("nan")))
+    return TableAssigner({r["key"]: tuple(r["assignment"]) for r in result.records}, f"budget routing of {router}")
 
 
 def _reduce(summary: EncodeSummary, env: DistEnv) -> None:

@@ -3,7 +3,8 @@
 Usage:
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final
     find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
-    evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --label-from parent-dir --clips 4 --json
+    evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --router runs/router --label-from parent-dir --json
+    evatok encode videos/ -o tokens.zarr --tokenizer runs/final --router runs/reward-router --budget 600
     torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
 
 Exit codes: 0 all inputs encoded; 3 finished, some inputs skipped (listed in the store and the
@@ -31,6 +32,10 @@ def encode(
     format: Annotated[str, typer.Option("--format", help="zarr or wds.")] = "zarr",
     assignment: Annotated[str | None, typer.Option("--assignment", help="uniform:K or fixed:k1,...,kT (default: uniform at the largest level).")] = None,
     labels_store: Annotated[Path | None, typer.Option("--labels-store", help="Assignments from an `evatok search` labels store.")] = None,
+    router: Annotated[Path | None, typer.Option("--router", help="Router model directory: one predicted assignment per clip.")] = None,
+    w_q: Annotated[float | None, typer.Option("--w-q", help="Quality weight for a reward-head router (default: the router's).")] = None,
+    w_l: Annotated[float | None, typer.Option("--w-l", help="Length weight for a reward-head router (default: the router's).")] = None,
+    budget: Annotated[float | None, typer.Option("--budget", help="Mean tokens per clip over the job (reward-head router).")] = None,
     clips: Annotated[str, typer.Option("--clips", help="Clips per video: all, first, random or N (evenly spaced).")] = "all",
     fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate.")] = "native",
     label_from: Annotated[str | None, typer.Option("--label-from", help="parent-dir (UCF-101 layout) or a CSV file path,label.")] = None,
@@ -65,6 +70,7 @@ def encode(
         with progress:
             summary = encode_videos(
                 inputs, out, tokenizer=tokenizer, format=format, assignment=assignment, labels_store=labels_store,
+                router=router, w_q=w_q, w_l=w_l, budget=budget,
                 clips=clips, fps=fps if fps == "native" else float(fps), label_from=label_from,
                 batch_size=batch_size, workers=workers, device=device, seed=seed, strict=strict,
                 stdin=sys.stdin if "-" in inputs else None, on_progress=on_progress,

@@ -4,6 +4,7 @@ Usage:
     evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy --steps 20000
     evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy --steps 40000 --resume
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/uniform --assignment uniform:128
+    evatok train tokenizer --stage final --preset small --data videos/ --out runs/final --router runs/router
     torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p
 """
 
@@ -19,8 +20,9 @@ import typer
 from evatok_cli.cli._render import err_console, fail
 from evatok_cli.cli.options import DeviceOpt, QuietOpt, SeedOpt
 from evatok_cli.cli.train_router import router as _router
+from evatok_cli.cli.train_gpt import gpt as _gpt
 
-app = typer.Typer(help="Train the models of the method (tokenizer now; router and GPT as they land).", no_args_is_help=True)
+app = typer.Typer(help="Train the models of the method: tokenizer (stages 1 and 4), router (stage 3), GPT.", no_args_is_help=True)
 
 
 def _log_line(rec: dict[str, Any]) -> None:
@@ -38,6 +40,7 @@ def tokenizer(
     steps: Annotated[int, typer.Option("--steps", help="Total optimisation steps.")] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 8,
     assignment: Annotated[str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")] = None,
+    router: Annotated[Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
@@ -67,7 +70,7 @@ def tokenizer(
     try:
         final = train_tokenizer(
             stage=stage, preset=preset, data=data, out=out, steps=steps, batch_size=batch_size,
-            assignment=assignment, resume=resume, seed=seed, device=device, workers=workers,
+            assignment=assignment, router=router, resume=resume, seed=seed, device=device, workers=workers,
             fps=fps if fps == "native" else float(fps), checkpoint_every=checkpoint_every, keep_last=keep_last,
             log_every=log_every, stop_at=stop_at, discriminator=not no_disc, stdin=sys.stdin if "-" in data else None,
             on_log=None if quiet else _log_line, lr=lr, warmup=warmup, disc_start=disc_start,
@@ -79,3 +82,4 @@ def tokenizer(
 
 
 app.command("router")(_router)
+app.command("gpt")(_gpt)

@@ -80,6 +80,19 @@ def random_assignments(levels: tuple[int, ...], blocks: int, seed: int, rank: in
     return policy
 
 
+def router_assignments(path: Path, space, clip: tuple[int, int, int], device: torch.device,
+                       w_q: float | None = None, w_l: float | None = None) -> AssignmentPolicy:
+    """Final stage (PAPER §3.4): a frozen router decides every training clip's assignment."""
+    from evatok_cli.route import RouterPolicy
+
+    router = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
+
+    def policy(batch: dict, step: int) -> torch.Tensor:
+        return router(to_model_input(batch["video"]).to(device)).to(torch.long)
+
+    return policy
+
+
 def fixed_assignment(assignment: tuple[int, ...]) -> AssignmentPolicy:
     """Every clip gets the same assignment (the uniform baseline, or a fixed one)."""
     a = torch.tensor(assignment, dtype=torch.long)
@@ -231,6 +244,7 @@ def train_tokenizer(
     steps: int,
     batch_size: int = 8,
     assignment: str | None = None,
+    router: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -255,6 +269,7 @@ def train_tokenizer(
         data: video files, directories, ``-`` (paths on stdin) or WebDataset tars.
         out: output directory; checkpoints are ``out/step-NNNNNNNN/`` model directories.
         assignment: ``random`` (proxy default), ``uniform:K`` or ``fixed:k1,...,kT``.
+        router: final stage: a router model directory that assigns every training clip.
         resume: continue from the latest complete checkpoint in ``out``.
         train_overrides: fields of :class:`TokenizerTrainConfig` (``lr``, ``disc_start``, ...).
 
@@ -276,14 +291,20 @@ def train_tokenizer(
         config = tokenizer_config(preset)
         model = EVATokTokenizer(config)
         space = config.space
-        assignment = assignment or ("random" if stage == "proxy" else None)
-        if assignment is None:
-            raise ValueError("the final stage needs an assignment policy: --assignment uniform:K|fixed:... (router support comes with the router)")
-        policy = (
-            random_assignments(space.levels, space.blocks, seed, env.rank)
-            if assignment == "random"
-            else fixed_assignment(space.parse(assignment))
-        )
+        if router is not None and assignment is not None:
+            raise ValueError("give --router or --assignment, not both")
+        if router is not None:
+            policy = router_assignments(Path(router), space, (config.frames, config.height, config.width), env.device)
+            assignment = f"router:{router}"
+        else:
+            assignment = assignment or ("random" if stage == "proxy" else None)
+            if assignment is None:
+                raise ValueError("the final stage needs --router DIR or --assignment uniform:K|fixed:k1,...,kT")
+            policy = (
+                random_assignments(space.levels, space.blocks, seed, env.rank)
+                if assignment == "random"
+                else fixed_assignment(space.parse(assignment))
+            )
         refs = list_inputs(data, stdin=stdin)
         if not refs:
             raise ValueError(f"no videos found in {', '.join(map(str, data))}")

@@ -209,3 +209,44 @@ def test_decode_refuses_other_tokenizer(video_dir, tiny_tokenizer, tmp_path):
     other = EVATokTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path / "other")
     res = runner.invoke(app, ["decode", str(store), "-o", str(tmp_path / "r"), "--tokenizer", str(other)])
     assert res.exit_code == 1 and "sha256" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def routers(tmp_path_factory):
+    """Tiny routers (random weights) for the tiny tokenizer's clips, both heads."""
+    import torch
+
+    from evatok_cli.models.router import Router, router_config
+
+    d = tmp_path_factory.mktemp("routers")
+    out = {}
+    for head in ("classify", "reward"):
+        torch.manual_seed(3)
+        out[head] = Router(router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4,
+                                         head=head)).save_pretrained(d / head, preset="tiny")
+    return out
+
+
+def test_encode_with_router_and_budget(video_dir, tiny_tokenizer, routers, tmp_path):
+    from evatok_cli.route import route
+
+    common = ["--tokenizer", str(tiny_tokenizer), "--clips", "4", "--workers", "0", "--quiet", "--json"]
+    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "r.zarr"), "--router",
+                              str(routers["classify"])] + common)
+    assert res.exit_code == 0, res.output
+    store = open_store(tmp_path / "r.zarr")
+    routed = {r["key"]: tuple(r["assignment"]) for r in route(routers["classify"], [str(video_dir)], clips=4).records}
+    assert {s.key: tuple(int(x) for x in s.block_lengths) for s in store} == routed  # encode uses the router's choice
+    assert store.attrs["assignment_policy"] == {"router": str(routers["classify"])}
+    # budget mode: the mean tokens per clip stays within the budget
+    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "b.zarr"), "--router",
+                              str(routers["reward"]), "--budget", "20"] + common)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip())["mean_tokens"] <= 20
+    # budget needs a reward head; router and assignment exclude each other
+    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "c.zarr"), "--router",
+                              str(routers["classify"]), "--budget", "20"] + common)
+    assert res.exit_code == 1 and "reward" in res.stderr
+    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "d.zarr"), "--router",
+                              str(routers["classify"]), "--assignment", "uniform:4"] + common)
+    assert res.exit_code == 1 and "only one of" in res.stderr

@@ -98,3 +98,30 @@ def test_torchrun_two_ranks_identical_weights(videos, tmp_path):
     assert w0.keys() == w1.keys()
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+def test_final_stage_with_router(videos, tmp_path):
+    from evatok_cli.models.router import Router, router_config
+    from evatok_cli.route import RouterPolicy
+
+    torch.manual_seed(5)
+    router_dir = Router(router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4,
+                                      head="classify")).save_pretrained(tmp_path / "router", preset="tiny")
+    out = train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "f", steps=2, router=router_dir,
+                          discriminator=False, **COMMON)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["stage"] == "final" and meta["assignment"].startswith("router:")
+    # the logged token counts are the router's choices for the step's clips
+    from evatok_cli.models.tokenizer import tokenizer_config
+    from evatok_cli.train.data import clip_batches
+    from evatok_cli.video import ClipSpec, list_inputs
+    from evatok_cli.video.dataset import to_model_input
+
+    policy = RouterPolicy.load(router_dir, tokenizer_config("tiny").space, (8, 32, 32), torch.device("cpu"))
+    batch = next(clip_batches(list_inputs([str(videos)]), ClipSpec(frames=8, height=32, width=32), seed=0,
+                              local_batch=2)(0))
+    expected = float(policy(to_model_input(batch["video"])).sum(1).float().mean())
+    assert _curve(tmp_path / "f")[0]["tokens"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not both"):
+        train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "g", steps=1, router=router_dir,
+                        assignment="uniform:4", **COMMON)

@@ -1,0 +1,302 @@
+"""Routing policies, budgets, evaluation against labels stores, and the ``evatok route`` command.
+
+Also home of :func:`make_labels_store`, which writes a labels store in the format of ``evatok search``
+(token store v1 + ``kind: labels`` + ``search`` attrs + ``metric``/``reward`` fields) from real
+footage clips and a synthetic but structured metric, so these tests do not depend on the search code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.cli import app
+from evatok_cli.config import config_to_dict
+from evatok_cli.models.router import Router, router_config
+from evatok_cli.models.tokenizer import tokenizer_config
+from evatok_cli.route import (
+    budget_assignments,
+    choose_assignments,
+    evaluate,
+    load_labels,
+    resolve_sources,
+    route,
+    routing_scores,
+)
+from evatok_cli.store import Sample, open_writer
+from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, read_clips
+
+W_Q, W_L = 1.2, 0.8
+
+
+# ------------------------------------------------------------------------------ labels builder
+def clip_difficulty(frames: np.ndarray, blocks: int) -> np.ndarray:
+    """(T,) per-block difficulty of a uint8 (F, H, W, 3) clip.
+
+    Like the paper's observations (supplementary I): the first block carries the spatial detail, a
+    later block mostly its motion (a block repeating earlier frames is easy).
+    """
+    x = frames.astype(np.float64).mean(-1) / 255.0  # (F, H, W)
+    spatial = np.abs(np.diff(x, axis=1)).mean((1, 2)) + np.abs(np.diff(x, axis=2)).mean((1, 2))  # (F,)
+    motion = np.concatenate([[0.0], np.abs(np.diff(x, axis=0)).mean((1, 2))])  # (F,) change from the previous frame
+    spatial, motion = spatial.reshape(blocks, -1).mean(1), motion.reshape(blocks, -1).mean(1)
+    d = 0.1 * spatial + 4 * motion
+    d[0] = spatial[0] + motion[0]
+    return d
+
+
+def make_labels_store(path: Path, videos: list[Path | str], *, clips_per_video: int = 4, seed: int = 0,
+                      extra_sources: tuple[str, ...] = (), nan_frac: float = 0.0) -> Path:
+    """A labels store over the tiny tokenizer's space (levels 1..16, 4 blocks) and 8x32x32 clips.
+
+    metric (LPIPS-like, lower is better) of assignment a = mean_t d_t * k_t^-0.6 + noise, with d_t the
+    clip's per-block difficulty; the best index / reward / tokens follow PAPER Eq. 3-7.
+    ``extra_sources`` adds one fake clip per (nonexistent) source.
+    """
+    tcfg = tokenizer_config("tiny")
+    space = tcfg.space
+    spec = ClipSpec(frames=tcfg.frames, height=tcfg.height, width=tcfg.width)
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[str, int, np.ndarray]] = []
+    for ref in list_inputs([str(v) for v in videos]):
+        for clip in read_clips(ref, spec, policy=clips_per_video):
+            rows.append((clip.source, clip.start, clip_difficulty(clip.frames, space.blocks)))
+    for s in extra_sources:
+        rows.append((s, 0, np.full(space.blocks, 0.1)))
+    table = space.table().astype(np.float64)  # (M, T)
+    metric = np.stack([(d[None, :] * table**-0.6).mean(1) for _, _, d in rows])  # (N, M)
+    metric += rng.normal(0, 0.002, metric.shape)
+    mean, std = float(metric.mean()), float(metric.std())
+    if nan_frac:
+        metric[rng.random(metric.shape) < nan_frac] = np.nan
+    reward = W_Q * -(metric - mean) / std - W_L * space.lengths_z()[None, :]
+    best = np.argmax(np.where(np.isnan(reward), -np.inf, reward), axis=1)
+    attrs = {
+        "tokenizer": {"config": config_to_dict(tcfg), "sha256": "0" * 64},
+        "space": space.to_dict(),
+        "clip": spec.to_dict(),
+        "codebook_size": tcfg.codebook_size,
+        "kind": "labels",
+        "search": {"metric": "lpips", "higher_is_better": False, "w_q": W_Q, "w_l": W_L,
+                   "calibration": {"mean": mean, "std": std, "count": int(metric.size), "seed": seed}, "beam": None},
+    }
+    fields = {"metric": ("float32", (len(space),)), "reward": ("float32", ())}
+    with open_writer(path, attrs=attrs, num_blocks=space.blocks, extra_fields=fields) as w:
+        samples = []
+        for (source, start, _), b, m, r in zip(rows, best, metric, reward):
+            a = space.to_tuple(int(b))
+            samples.append(Sample(key=clip_key(source, start), tokens=rng.integers(0, tcfg.codebook_size, sum(a)),
+                                  block_lengths=a, assignment=int(b), source=source, clip_start=start,
+                                  extra={"metric": m.astype(np.float32), "reward": np.float32(r[b])}))
+        w.append(samples)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(footage, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("videos")
+    for name in ("carphone", "bikes"):
+        (d / f"{name}.mp4").symlink_to(footage[name])
+    return d
+
+
+@pytest.fixture(scope="module")
+def labels_path(videos, tmp_path_factory) -> Path:
+    return make_labels_store(tmp_path_factory.mktemp("labels") / "labels.zarr", [videos])
+
+
+@pytest.fixture(scope="module")
+def router_dir(tmp_path_factory) -> Path:
+    """An untrained tiny classify router with the metadata training writes."""
+    torch.manual_seed(0)
+    model = Router(router_config("tiny"))
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a non-degenerate argmax
+    d = tmp_path_factory.mktemp("router") / "r"
+    model.save_pretrained(d, preset="tiny", extra={"labels": {"w_q": W_Q, "w_l": W_L}, "clip": {"fps": "native"}})
+    return d
+
+
+# ---------------------------------------------------------------------------------- the builder
+def test_labels_store_is_structured(labels_path):
+    lab = load_labels(labels_path)
+    assert len(lab) == 8 and lab.metric.shape == (8, 625) and lab.space == AssignmentSpace((1, 2, 4, 8, 16), 4)
+    assert len(set(lab.best.tolist())) >= 3  # clips differ in their best assignment
+    np.testing.assert_array_equal(lab.best_assignments(), np.nanargmax(lab.rewards(), axis=1))
+    # other weights: the argmax is recomputed and gets shorter when length costs more
+    cheap = lab.best_assignments(0.4, 1.6)
+    assert lab.space.lengths()[cheap].mean() < lab.space.lengths()[lab.best].mean()
+
+
+# ----------------------------------------------------------------------------------- policies
+def test_choose_assignments_heads():
+    space = AssignmentSpace((1, 2, 4), 2)
+    g = np.random.default_rng(0)
+    pred = g.normal(size=(5, 9))
+    np.testing.assert_array_equal(choose_assignments(pred, "classify", space), pred.argmax(1))
+    brute = [max(range(9), key=lambda a: 1.5 * p[a] - 0.5 * space.length_z(a)) for p in pred]
+    np.testing.assert_array_equal(choose_assignments(torch.tensor(pred), "reward", space, 1.5, 0.5), brute)
+    # ties: the first index wins (deterministic)
+    assert choose_assignments(np.zeros((1, 9)), "classify", space)[0] == 0
+    with pytest.raises(ValueError, match="head"):
+        choose_assignments(pred, "oracle", space)
+    with pytest.raises(ValueError, match=r"\(B, 9\)"):
+        choose_assignments(pred[:, :4], "classify", space)
+
+
+def _knapsack_best(q: np.ndarray, lengths: np.ndarray, budget: float) -> float:
+    """Exact optimum of max sum_i q[i, a_i] s.t. sum_i L(a_i) <= budget * N (dynamic programming)."""
+    cap = int(np.floor(budget * q.shape[0] + 1e-9))
+    dp = np.full(cap + 1, -np.inf)
+    dp[0] = 0.0
+    for row in q:
+        nxt = np.full(cap + 1, -np.inf)
+        for a, length in enumerate(lengths):
+            if length <= cap:
+                nxt[length:] = np.maximum(nxt[length:], dp[: cap + 1 - length] + row[a])
+        dp = nxt
+    return float(dp.max())
+
+
+def test_budget_meets_budget_and_beats_uniform():
+    space = AssignmentSpace((1, 2, 4), 2)  # lengths 2..8
+    lengths = space.lengths()
+    g = np.random.default_rng(1)
+    for trial in range(6):
+        diff = g.uniform(0.2, 3.0, size=(5, 1))
+        q = -diff / np.sqrt(lengths)[None, :] + g.normal(0, 0.05, (5, 9))  # concave-ish in length
+        for budget in (2.0, 3.0, 4.5, 6.0):
+            idx, lam = budget_assignments(q, space, budget)
+            assert lengths[idx].mean() <= budget + 1e-9 and lam >= 0
+            total = q[np.arange(5), idx].sum()
+            for k in space.levels:  # every feasible uniform assignment is beaten or matched
+                u = space.to_index(space.uniform(k))
+                if lengths[u] <= budget:
+                    assert total >= q[:, u].sum() - 1e-9
+            assert total >= _knapsack_best(q, lengths, budget) - 0.1  # near the exact optimum
+    # a budget that does not bind costs nothing
+    idx, lam = budget_assignments(q, space, 100)
+    assert lam == 0.0 and (idx == q.argmax(1)).all()
+    with pytest.raises(ValueError, match="shortest"):
+        budget_assignments(q, space, 1.5)
+
+
+# --------------------------------------------------------------------------------- evaluation
+def test_evaluate_bounds(labels_path):
+    lab = load_labels(labels_path)
+    R = lab.rewards()
+    ev = evaluate(lab.best, lab)
+    assert ev["top1"] == 1.0 and ev["p_router"] == pytest.approx(1.0)
+    worst = np.nanargmin(R, axis=1)
+    assert evaluate(worst, lab)["p_router"] == pytest.approx(0.0)
+    scores = np.where(np.arange(625)[None, :] == lab.best[:, None], 0.5, 1.0) * np.arange(625)[None, :]
+    ev = evaluate(worst, lab, scores=-np.abs(scores - 600))
+    for k in ("top1", "top5", "p_router", "p_uniform_per_clip", "p_uniform_global", "uniform_global",
+              "mean_tokens_router", "mean_tokens_best", "mean_reward_router", "mean_metric_router", "unscored"):
+        assert k in ev, k
+    assert 0 <= ev["p_uniform_global"] <= ev["p_uniform_per_clip"] <= 1
+    assert len(ev["uniform_global"]) == 4 and len(set(ev["uniform_global"])) == 1
+    # per-clip best uniform by brute force
+    uni = [lab.space.to_index(lab.space.uniform(k)) for k in lab.space.levels]
+    r_uni = R[:, uni].max(1)
+    p = (r_uni.mean() - R.min(1).mean()) / (R.max(1).mean() - R.min(1).mean())
+    assert ev["p_uniform_per_clip"] == pytest.approx(p)
+    # a subset of rows
+    ev = evaluate(lab.best[[1, 3]], lab, rows=[1, 3])
+    assert ev["clips"] == 2 and ev["top1"] == 1.0
+
+
+def test_evaluate_unexplored(videos, tmp_path):
+    lab = load_labels(make_labels_store(tmp_path / "beam.zarr", [videos], clips_per_video=2, nan_frac=0.5))
+    assert np.isnan(lab.metric).any()
+    unexplored = np.argmax(np.isnan(lab.metric), axis=1)
+    ev = evaluate(unexplored, lab)
+    assert ev["unscored"] == len(lab)
+    ev = evaluate(lab.best, lab)
+    assert ev["unscored"] == 0 and ev["p_router"] == pytest.approx(1.0)
+
+
+def test_resolve_sources(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.mp4").write_bytes(b"")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "y.mp4").write_bytes(b"")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "a" / "x.mp4")
+    refs = [VideoRef(str(tmp_path / "a" / "x.mp4")), VideoRef(str(tmp_path / "b" / "y.mp4"))]
+    found = resolve_sources([str(tmp_path / "a" / "x.mp4"), str(tmp_path / "link.mp4"), "/elsewhere/y.mp4", "/z.mp4"], refs)
+    assert found[str(tmp_path / "a" / "x.mp4")] is refs[0]
+    assert found[str(tmp_path / "link.mp4")] is refs[0]  # same real path
+    assert found["/elsewhere/y.mp4"] is refs[1]  # unique file name
+    assert "/z.mp4" not in found
+
+
+# ------------------------------------------------------------------------------------ routing
+def test_route_library_deterministic(router_dir, videos, labels_path):
+    a = route(router_dir, [str(videos)], clips=2, device="cpu", batch_size=3)
+    b = route(router_dir, [str(videos)], clips=2, device="cpu", batch_size=3)
+    assert a.records == b.records and len(a.records) == 4
+    np.testing.assert_array_equal(a.predictions, b.predictions)
+    model = Router.from_pretrained(router_dir)
+    idx = choose_assignments(a.predictions, "classify", model.space)
+    assert [r["index"] for r in a.records] == idx.tolist()
+    r0 = a.records[0]
+    assert r0["tokens"] == sum(r0["assignment"]) and model.space.to_index(r0["assignment"]) == r0["index"]
+    assert r0["key"] == clip_key(r0["source"], r0["clip_start"])
+    ev = route(router_dir, [str(videos)], eval_labels=labels_path, device="cpu").summary["eval"]
+    assert ev["clips"] == 8 and 0 <= ev["p_router"] <= 1
+    scores = routing_scores(a.predictions, "classify", model.space)
+    assert scores.shape == (4, 625)
+
+
+def test_cli_route_json_lines(router_dir, videos):
+    runner = CliRunner()
+    res = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--clips", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert len(lines) == 4
+    for rec in lines:
+        assert set(rec) == {"key", "source", "clip_start", "assignment", "index", "tokens"}
+        assert rec["tokens"] == sum(rec["assignment"]) and len(rec["assignment"]) == 4
+    again = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--clips", "2", "--device", "cpu"])
+    assert again.stdout == res.stdout  # deterministic
+
+
+def test_cli_route_eval_and_errors(router_dir, videos, labels_path, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "a.jsonl"
+    res = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--eval", str(labels_path),
+                              "-o", str(out), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    ev = summary["eval"]
+    for k in ("top1", "top5", "p_router", "p_uniform_per_clip", "p_uniform_global", "mean_tokens_router"):
+        assert k in ev
+    assert 0 <= ev["p_router"] <= 1 and 0 <= ev["p_uniform_per_clip"] <= 1
+    assert len(out.read_text().splitlines()) == 8 == summary["clips"]
+    # --budget needs the reward head
+    res = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--budget", "20"])
+    assert res.exit_code == 1
+    assert "--budget needs a reward-head router" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--json"])
+    assert res.exit_code == 2
+
+
+def test_cli_route_calls_library(tmp_path):
+    from evatok_cli.route import RouteResult
+
+    summary = {"clips": 0, "mean_tokens": 0.0, "head": "reward", "w_q": 1.0, "w_l": 1.0, "budget": 64.0, "lambda": 0.1,
+               "failures": []}
+    with mock.patch("evatok_cli.route.route", return_value=RouteResult([], summary, np.zeros((0, 625)))) as m:
+        res = CliRunner().invoke(app, ["route", "--router", "r", "--data", "v1", "--data", "v2", "--budget", "64",
+                                       "--clips", "all", "-o", str(tmp_path / "o.jsonl"), "--json"])
+    assert res.exit_code == 0, res.output
+    m.assert_called_once_with(Path("r"), ["v1", "v2"], clips="all", w_q=None, w_l=None, budget=64.0, eval_labels=None,
+                              batch_size=16, device="auto", workers=0, stdin=None)
+    assert json.loads(res.stdout)["budget"] == 64.0
