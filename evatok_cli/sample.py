@@ -1,0 +1,301 @@
+"""Class-to-video generation: sample adaptive-length token sequences with a GPT and decode them.
+
+``generate_videos`` is what ``evatok generate`` runs (EVATok §4.1, PAPER §6): for every requested
+class it samples ``num`` sequences with :func:`evatok_cli.generate.generate` (classifier-free
+guidance, temperature, top-k/top-p, token budget), decodes them with the tokenizer the GPT was
+trained on, and writes
+
+- ``OUT/class-<name>_<i>.mp4`` files (``mp4`` format; names made safe for any class name), and/or
+- ``OUT/samples.zarr``, a token store of the samples (``store`` format): the tokenizer's attrs,
+  label = the class, assignment = the sampled block lengths, key = the mp4 file's stem.
+
+The tokenizer must be the one the GPT's training stores were written with: its weights sha256,
+assignment space and codebook size are checked against what the GPT directory records.
+
+Randomness comes from one CPU generator seeded with ``seed`` and consumed batch after batch, so
+the same seed, classes, ``num`` and ``batch_size`` give the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evatok_cli.checkpoint import read_model_meta, weights_sha256
+from evatok_cli.decode import safe_name
+from evatok_cli.generate import generate
+from evatok_cli.models.gpt import GPT
+from evatok_cli.models.tokenizer import EVATokTokenizer
+from evatok_cli.train.checkpoints import resolve_model_dir
+from evatok_cli.train.dist import resolve_device
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("mp4", "store", "both")
+STORE_NAME = "samples.zarr"
+NULL_CLASS = "null"
+"""Class name that requests unconditional samples (the null class), unless the GPT has a class of that name."""
+
+# PAPER §6: constant CFG 2.5 for GPT-B, 1.75 for the larger models.
+_CFG_BY_PRESET = {"tiny": 2.5, "gpt-b": 2.5}
+LARGE_CFG = 1.75
+
+
+class GenerateError(Exception):
+    """A problem with the generation job as a whole; one line naming the path or option."""
+
+
+@dataclass
+class GenerateSummary:
+    """What a generation run wrote (``--json`` prints it as one object)."""
+
+    out: str
+    samples: int = 0
+    files: list[str] = field(default_factory=list)
+    store: str | None = None
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int = 0
+    mean_tokens: float = 0.0
+    min_tokens: int = 0
+    most_tokens: int = 0
+    assignments: dict[str, int] = field(default_factory=dict)  # "k1,...,kT" -> count, most frequent first
+    per_sample: list[dict[str, Any]] = field(default_factory=list)  # name, class, class_name, tokens, ...
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_cfg_scale(preset: str | None, num_classes: int) -> float:
+    """PAPER §6: 2.5 for GPT-B (and ``tiny``), 1.75 for larger GPTs; 1 (no guidance) without classes."""
+    if num_classes == 0:
+        return 1.0
+    return _CFG_BY_PRESET.get(preset or "", LARGE_CFG)
+
+
+def resolve_classes(classes: Sequence[int | str] | None, names: Sequence[str] | None, num_classes: int) -> list[int]:
+    """Class ids from ids or names (``names`` is the GPT's label mapping); ``null`` = unconditional.
+
+    ``None`` means every class (or the null class when the GPT has none). A string is looked up as a
+    name first, then read as an id.
+
+    Raises:
+        GenerateError: an unknown name or an id out of range.
+    """
+    if classes is None:
+        return list(range(num_classes)) if num_classes else [num_classes]
+    by_name = {n: i for i, n in enumerate(names or [])}
+    ids = []
+    for c in classes:
+        if isinstance(c, str):
+            c = c.strip()
+            if c in by_name:
+                ids.append(by_name[c])
+                continue
+            if c == NULL_CLASS:
+                ids.append(num_classes)
+                continue
+            try:
+                c = int(c)
+            except ValueError:
+                known = f"known: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else \
+                    "this GPT records no class names; give class ids"
+                raise GenerateError(f"unknown class {c!r} ({known})") from None
+        if not 0 <= int(c) < num_classes:
+            raise GenerateError(f"class id {c} out of range: the GPT has {num_classes} classes (0..{num_classes - 1})")
+        ids.append(int(c))
+    if not ids:
+        raise GenerateError("no classes given")
+    return ids
+
+
+def check_tokenizer(gpt_dir: Path, meta: dict[str, Any], model: GPT, tok_dir: Path, tokenizer: EVATokTokenizer) -> None:
+    """Refuse a tokenizer other than the one the GPT's training data was written with (one-line errors)."""
+    cfg = model.config
+    want_space = meta.get("space") or {"levels": list(cfg.levels), "blocks": cfg.blocks}
+    got_space = tokenizer.space.to_dict()
+    if [int(k) for k in want_space["levels"]] != [int(k) for k in got_space["levels"]] or \
+            int(want_space["blocks"]) != int(got_space["blocks"]):
+        raise GenerateError(f"{tok_dir}: its assignment space {got_space} differs from the one {gpt_dir} was trained on "
+                            f"{want_space}")
+    if int(tokenizer.config.codebook_size) != cfg.codebook_size:
+        raise GenerateError(f"{tok_dir}: codebook of {tokenizer.config.codebook_size} codes, but {gpt_dir} was trained "
+                            f"on {cfg.codebook_size}")
+    want = (meta.get("tokenizer") or {}).get("sha256")
+    if want:
+        got = weights_sha256(tok_dir)
+        if got != want:
+            raise GenerateError(f"{tok_dir}: not the tokenizer {gpt_dir} was trained on (weights sha256 {got[:12]}, "
+                                f"expected {want[:12]})")
+    else:
+        log.warning("%s records no tokenizer sha256; only the space and codebook size were checked", gpt_dir)
+
+
+def _store_attrs(tokenizer: EVATokTokenizer, tok_dir: Path, clip_fps: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    from evatok_cli.encode import store_attrs
+    from evatok_cli.video import ClipSpec
+
+    c = tokenizer.config
+    return store_attrs(tokenizer, tok_dir, ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=clip_fps), extra)
+
+
+def generate_videos(
+    gpt: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path,
+    classes: Sequence[int | str] | None = None,
+    num: int = 1,
+    cfg_scale: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    format: str = "mp4",
+    batch_size: int = 16,
+    device: str = "auto",
+    ema: bool = True,
+    fps: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> GenerateSummary:
+    """Sample ``num`` clips per class and write them as mp4 files and/or a token store.
+
+    Args:
+        gpt: a GPT model directory (or a training output directory: its latest step).
+        out: output directory (created); files are ``class-<name>_<i>.mp4`` and ``samples.zarr``.
+        tokenizer: the tokenizer the GPT was trained with (checked by weights sha256, space, codebook).
+        classes: class ids or names (``null``: unconditional); default: every class.
+        num: samples per class.
+        cfg_scale: classifier-free guidance; default :func:`default_cfg_scale` of the GPT's preset.
+        temperature, top_k, top_p, max_tokens: see :func:`evatok_cli.generate.generate`.
+        seed: seed of the sampling generator.
+        format: ``mp4``, ``store`` or ``both``.
+        batch_size: sequences sampled (and decoded) together.
+        ema: use the GPT's EMA weights when it has them.
+        fps: frame rate of the mp4 files (default: the training clips', 25 when native).
+        on_progress: called with (samples done, total) after every batch.
+
+    Returns:
+        A :class:`GenerateSummary`.
+
+    Raises:
+        GenerateError: bad options, a mismatched tokenizer, or an existing output store.
+    """
+    from evatok_cli.store import Sample, open_writer
+    from evatok_cli.video import write_mp4
+    from evatok_cli.video.dataset import to_uint8
+
+    t0 = time.perf_counter()
+    if format not in FORMATS:
+        raise GenerateError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if num < 1 or batch_size < 1:
+        raise GenerateError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+    gpt_dir, tok_dir = resolve_model_dir(gpt), resolve_model_dir(tokenizer)
+    meta = read_model_meta(gpt_dir)
+    if meta.get("model_kind") != "gpt":
+        raise GenerateError(f"{gpt_dir}: is a {meta.get('model_kind')!r} model, not a GPT")
+    dev = resolve_device(device)
+    model = GPT.from_pretrained(gpt_dir, ema=ema, map_location=dev).eval()
+    tok = EVATokTokenizer.from_pretrained(tok_dir, map_location=dev).eval()
+    check_tokenizer(gpt_dir, meta, model, tok_dir, tok)
+    cfg = model.config
+    names = meta.get("class_names")
+    ids = resolve_classes(classes, names, cfg.num_classes)
+    scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
+    if scale < 0:
+        raise GenerateError(f"cfg scale must be >= 0, got {scale}")
+
+    out = Path(out)
+    store_path = out / STORE_NAME
+    if format in ("store", "both") and store_path.exists():
+        raise GenerateError(f"{store_path} already exists; choose another -o or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    root = out.resolve()
+    clip = meta.get("clip") or {}
+    clip_fps = clip.get("fps", "native")
+    out_fps = fps or (25.0 if clip_fps == "native" else float(clip_fps))
+
+    summary = GenerateSummary(out=str(out), cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                              max_tokens=max_tokens, seed=seed)
+    writer = None
+    if format in ("store", "both"):
+        extra = {"kind": "generate", "generate": {
+            "gpt": str(gpt_dir), "gpt_preset": meta.get("preset"), "gpt_sha256": weights_sha256(gpt_dir), "ema": ema,
+            "cfg_scale": scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": max_tokens,
+            "seed": seed, "batch_size": batch_size}}  # fmt: skip
+        if names is not None:
+            extra["labels"] = list(names)
+        writer = open_writer(store_path, attrs=_store_attrs(tok, tok_dir, clip_fps, extra), num_blocks=cfg.blocks)
+        summary.store = str(store_path)
+
+    def class_name(c: int) -> str:
+        if c == cfg.num_classes:
+            return NULL_CLASS
+        return str(names[c]) if names is not None else str(c)
+
+    labels = [c for c in ids for _ in range(num)]
+    gen = torch.Generator().manual_seed(int(seed))
+    taken: set[str] = set()
+    counters: Counter[int] = Counter()
+    space = tok.space
+    try:
+        for b in range(0, len(labels), batch_size):
+            chunk = labels[b : b + batch_size]
+            samples = generate(model, torch.tensor(chunk), cfg_scale=scale, temperature=temperature, top_k=top_k,
+                               top_p=top_p, max_tokens=max_tokens, generator=gen)
+            frames = None
+            if format in ("mp4", "both"):
+                with torch.inference_mode():
+                    video = tok.decode([t.to(dev) for t in (s[0] for s in samples)],
+                                       torch.stack([s[1] for s in samples]).to(dev))
+                frames = to_uint8(video.float().cpu()).numpy()  # (B, F, H, W, 3)
+            rows = []
+            for j, (c, (tokens, block_lengths)) in enumerate(zip(chunk, samples)):
+                stem = safe_name(f"class-{class_name(c)}_{counters[c]}", taken)
+                counters[c] += 1
+                bl = tuple(int(k) for k in block_lengths.tolist())
+                rec: dict[str, Any] = {"name": stem, "class": c, "class_name": class_name(c), "tokens": int(tokens.numel()),
+                                       "block_lengths": list(bl), "assignment": space.to_index(bl)}
+                if frames is not None:
+                    path = (out / f"{stem}.mp4").resolve()
+                    if path.parent != root:  # defence in depth: safe_name already removed separators
+                        raise GenerateError(f"refusing to write outside {out}: {path}")
+                    write_mp4(path, frames[j], fps=out_fps)
+                    rec["file"] = str(path)
+                    summary.files.append(str(path))
+                if writer is not None:
+                    rows.append(Sample(key=stem, tokens=tokens.numpy().astype(np.int64), block_lengths=bl,
+                                       assignment=rec["assignment"], source=f"generated:{stem}", clip_start=0,
+                                       label=c if c < cfg.num_classes else -1))
+                summary.per_sample.append(rec)
+            if writer is not None:
+                writer.append(rows)
+            summary.samples += len(chunk)
+            if on_progress is not None:
+                on_progress(summary.samples, len(labels))
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    counts = [r["tokens"] for r in summary.per_sample]
+    summary.mean_tokens = float(np.mean(counts))
+    summary.min_tokens, summary.most_tokens = int(min(counts)), int(max(counts))
+    hist = Counter(",".join(map(str, r["block_lengths"])) for r in summary.per_sample)
+    summary.assignments = dict(hist.most_common())
+    summary.wall_s = time.perf_counter() - t0
+    return summary
