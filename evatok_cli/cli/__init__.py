@@ -6,6 +6,14 @@ result). Only subcommands that work are registered.
 Usage:
     evatok --version
     evatok info VIDEO_OR_STORE... [--json]
+    evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy
+    evatok search --tokenizer runs/proxy --data videos/ -o labels.zarr
+    evatok train router --labels labels.zarr --data videos/ --preset small --out runs/router
+    evatok route --router runs/router --data videos/
+    evatok encode videos/ -o tokens.zarr --tokenizer runs/final --router runs/router
+    evatok decode tokens.zarr -o recon/ --tokenizer runs/final
+    evatok train gpt --tokens tokens.zarr --preset tiny --out runs/gpt
+    evatok generate --gpt runs/gpt --tokenizer runs/final --classes 0,1 -o samples/
 """
 
 from __future__ import annotations
@@ -17,7 +25,14 @@ from typing import Annotated
 import typer
 
 from evatok_cli import __version__
+from evatok_cli.cli import decode as _decode
+from evatok_cli.cli import encode as _encode
+from evatok_cli.cli import eval as _eval
+from evatok_cli.cli import generate as _generate
 from evatok_cli.cli import info as _info
+from evatok_cli.cli import search as _search
+from evatok_cli.cli import route as _route
+from evatok_cli.cli import train as _train
 
 app = typer.Typer(
     name="evatok",
@@ -50,6 +65,13 @@ def _root(
 
 
 app.command(name="info")(_info.info)
+app.command(name="search")(_search.search)
+app.command(name="encode")(_encode.encode)
+app.command(name="decode")(_decode.decode)
+app.command(name="route")(_route.route)
+app.command(name="generate")(_generate.generate)
+app.add_typer(_train.app, name="train")
+app.add_typer(_eval.app, name="eval")
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ Usage:
     evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy --steps 40000 --resume
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/uniform --assignment uniform:128
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/final --router runs/router
+    evatok train tokenizer --stage final --preset paper --data ucf/ --out runs/final --router runs/router \
+        --align-teacher weights/vjepa2-vitl-fpc64-256 --disc-teacher weights/videomae-base   # docs/training.md
     torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p
 """
 
@@ -26,7 +28,8 @@ app = typer.Typer(help="Train the models of the method: tokenizer (stages 1 and 
 
 
 def _log_line(rec: dict[str, Any]) -> None:
-    keys = ("loss", "l1", "psnr", "usage", "perplexity", "tokens", "g_adv", "d_loss", "lr", "samples_per_s")
+    keys = ("loss", "l1", "perceptual", "psnr", "usage", "perplexity", "tokens", "g_adv", "d_loss", "align", "g_sem", "d_sem_loss",
+            "lr", "samples_per_s")
     parts = [f"step {rec['step']}"] + [f"{k} {rec[k]:.4g}" for k in keys if k in rec]
     err_console.print("  ".join(parts), markup=False, highlight=False)
 
@@ -46,6 +49,17 @@ def tokenizer(
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
     disc_start: Annotated[int, typer.Option("--disc-start", help="Step at which the PatchGAN loss starts.")] = 20_000,
     no_disc: Annotated[bool, typer.Option("--no-disc", help="Train without the adversarial loss.")] = False,
+    lpips_backbone: Annotated[Path | None, typer.Option("--lpips-backbone", help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss.", show_default=False)] = None,
+    lpips_heads: Annotated[Path | None, typer.Option("--lpips-heads", help="LPIPS linear heads (default: the installed lpips package's).", show_default=False)] = None,
+    lpips_net: Annotated[str, typer.Option("--lpips-net", help="vgg or alex.")] = "vgg",
+    perceptual_weight: Annotated[float, typer.Option("--perceptual-weight", help="Weight of the LPIPS loss.")] = 1.0,
+    align_teacher: Annotated[Path | None, typer.Option("--align-teacher", help="Local V-JEPA2 model directory (transformers format): adds the feature-alignment loss.")] = None,
+    disc_teacher: Annotated[Path | None, typer.Option("--disc-teacher", help="Local VideoMAE model directory (transformers format): adds the semantic discriminator.")] = None,
+    align_weight: Annotated[float, typer.Option("--align-weight", help="Weight of the alignment loss (paper: 0.7).")] = 0.7,
+    align_layer: Annotated[int | None, typer.Option("--align-layer", help="Decoder layer (1-based) to align (default: the preset's middle layer).", show_default=False)] = None,
+    disc: Annotated[str | None, typer.Option("--disc", help="patchgan, semantic or both (default: both with --disc-teacher, else patchgan).", show_default=False)] = None,
+    semantic_disc_start: Annotated[int, typer.Option("--semantic-disc-start", help="Step at which the semantic discriminator starts.")] = 20_000,
+    semantic_disc_weight: Annotated[float, typer.Option("--semantic-disc-weight", help="Generator weight of the semantic discriminator.")] = 0.1,
     fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate (e.g. 3 for WebVid).")] = "native",
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 1000,
@@ -66,6 +80,8 @@ def tokenizer(
         fail(f"unknown preset {preset!r} (choose from {', '.join(TOKENIZER_PRESETS)})", code=2)
     if stage not in ("proxy", "final"):
         fail(f"--stage must be proxy or final, got {stage!r}", code=2)
+    if disc is not None and disc not in ("patchgan", "semantic", "both"):
+        fail(f"--disc must be patchgan, semantic or both, got {disc!r}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_tokenizer(
@@ -74,6 +90,9 @@ def tokenizer(
             fps=fps if fps == "native" else float(fps), checkpoint_every=checkpoint_every, keep_last=keep_last,
             log_every=log_every, stop_at=stop_at, discriminator=not no_disc, stdin=sys.stdin if "-" in data else None,
             on_log=None if quiet else _log_line, lr=lr, warmup=warmup, disc_start=disc_start,
+            lpips_backbone=lpips_backbone, lpips_heads=lpips_heads, lpips_net=lpips_net,
+            perceptual_weight=perceptual_weight, align_teacher=align_teacher, disc_teacher=disc_teacher, align_layer=align_layer, disc=disc,
+            align_weight=align_weight, semantic_disc_start=semantic_disc_start, semantic_disc_weight=semantic_disc_weight,
         )
     except (ResumeError, VideoError, ValueError) as e:
         fail(str(e), code=1)

@@ -6,7 +6,9 @@ The loss (PAPER Eq. 1-2) is
 
 with the perceptual term only when a perceptual loss is given, the adversarial term (transformer
 PatchGAN, hinge) only from ``disc_start`` on, and the alignment term only when an alignment hook is
-given (a callable ``hook(video, dec_features) -> loss``; the V-JEPA2 teacher plugs in there).
+given (a callable ``hook(video, dec_features) -> loss``; the V-JEPA2 teacher plugs in there). A
+frozen-VideoMAE semantic discriminator (``semantic_disc``, PAPER §5) joins or replaces the PatchGAN
+(``disc``: patchgan, semantic or both) with its own start step and weight; docs/training.md.
 
 The proxy stage draws a random assignment per clip (uniform per block by default); the final stage
 takes each clip's assignment from an assignment policy (a fixed/uniform assignment now; a router
@@ -26,6 +28,8 @@ import torch
 from evatok_cli.checkpoint import load_model, save_model
 from evatok_cli.metrics.pixel import psnr_frames
 from evatok_cli.models.discriminator import PatchDiscriminator, d_hinge_loss, g_adversarial_loss, logit_penalty
+from evatok_cli.models.semantic import AlignmentHook, SemanticDiscriminator
+from evatok_cli.models.teachers import load_teacher
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
@@ -58,6 +62,10 @@ class TokenizerTrainConfig:
     disc_start: int = 20_000
     disc_lr: float = 1e-4
     logit_penalty_weight: float = 1e-3
+    disc: str = "patchgan"  # "patchgan", "semantic" (frozen VideoMAE, PAPER §5) or "both"
+    semantic_disc_start: int = 20_000
+    semantic_disc_weight: float = 0.1  # fixed generator weight of the semantic discriminator
+    lecam_weight: float = 1e-3  # LeCam regulariser of the semantic discriminator (semantic.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -66,6 +74,8 @@ class TokenizerTrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.disc not in ("patchgan", "semantic", "both"):
+            raise ValueError(f"disc must be 'patchgan', 'semantic' or 'both', got {self.disc!r}")
 
 
 def random_assignments(levels: tuple[int, ...], blocks: int, seed: int, rank: int) -> AssignmentPolicy:
@@ -116,16 +126,26 @@ class TokenizerTask:
     discriminator: PatchDiscriminator | None = None
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     align_hook: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    semantic_disc: SemanticDiscriminator | None = None
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         dev = self.env.device
+        if self.cfg.disc != "patchgan" and self.semantic_disc is None:
+            raise ValueError(f"disc={self.cfg.disc!r} needs a semantic discriminator (semantic_disc)")
+        if self.cfg.disc == "patchgan" and self.semantic_disc is not None:
+            raise ValueError("a semantic discriminator was given but disc='patchgan' (use 'semantic' or 'both')")
+        if self.cfg.disc == "semantic":
+            self.discriminator = None  # the semantic discriminator replaces the PatchGAN
         self.model.to(dev).train()
         self.ddp = wrap_ddp(self.model, self.env)
         params = list(self.model.parameters())
+        self.align_ddp = self.align_hook
         if isinstance(self.align_hook, torch.nn.Module):
             self.align_hook.to(dev)
             params += [p for p in self.align_hook.parameters() if p.requires_grad]
+            if any(p.requires_grad for p in self.align_hook.parameters()):
+                self.align_ddp = wrap_ddp(self.align_hook, self.env)  # phi's gradients are averaged too
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         self.ema = EMA(self.model, self.cfg.ema_decay)
         self.d_ddp = self.d_opt = None
@@ -133,6 +153,11 @@ class TokenizerTask:
             self.discriminator.to(dev).train()
             self.d_ddp = wrap_ddp(self.discriminator, self.env)
             self.d_opt = torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.disc_lr, betas=self.cfg.betas)
+        self.sd_ddp = self.sd_opt = None
+        if self.semantic_disc is not None:
+            self.semantic_disc.to(dev).train()
+            self.sd_ddp = wrap_ddp(self.semantic_disc, self.env)
+            self.sd_opt = torch.optim.AdamW(self.semantic_disc.parameters(), lr=self.cfg.disc_lr, betas=self.cfg.betas)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     # ------------------------------------------------------------------ one step
@@ -154,9 +179,14 @@ class TokenizerTask:
             loss = loss + c.perceptual_weight * p
             metrics["perceptual"] = p.item()
         if self.align_hook is not None:
-            a = self.align_hook(video, out.dec_features)
+            a = self.align_ddp(video, out.dec_features)
             loss = loss + c.align_weight * a
             metrics["align"] = a.item()
+            metrics.update(getattr(self.align_hook, "last_metrics", {}))
+        use_sem = self.semantic_disc is not None and step >= c.semantic_disc_start
+        if use_sem:
+            g_sem, fake_feats = self._semantic_generator_term(recon, metrics)
+            loss = loss + c.semantic_disc_weight * g_sem
         if use_gan:
             assert self.d_ddp is not None
             for p in self.discriminator.parameters():  # type: ignore[union-attr]
@@ -172,6 +202,8 @@ class TokenizerTask:
         self.ema.update(self.model)
         if use_gan:
             metrics.update(self._discriminator_step(video, recon.detach(), lr))
+        if use_sem:
+            self._semantic_discriminator_step(video, fake_feats, lr, metrics)
         with torch.no_grad():
             psnr = psnr_frames(recon.detach(), video).mean()
         metrics.update(
@@ -204,6 +236,37 @@ class TokenizerTask:
         self.d_opt.step()
         return {"d_loss": d_loss.item(), "d_real": lr_.mean().item(), "d_fake": lf.mean().item()}
 
+    def _semantic_generator_term(self, recon: torch.Tensor, metrics: dict[str, float]) -> tuple[torch.Tensor, list]:
+        # Gradients flow through the frozen VideoMAE into recon; the heads are frozen for this term.
+        assert self.semantic_disc is not None
+        self.semantic_disc.requires_grad_(False)
+        feats = self.semantic_disc.features(recon, grad=True)
+        with self.autocast:
+            g_sem = g_adversarial_loss(self.semantic_disc(feats).float())
+        metrics.update(g_sem=g_sem.item(), sem_teacher_s=self.semantic_disc.teacher.last_time_s)
+        return g_sem, [f.detach() for f in feats]  # reused as the fakes of the discriminator step
+
+    def _semantic_discriminator_step(self, real: torch.Tensor, fake_feats: list, lr: float,
+                                     metrics: dict[str, float]) -> None:
+        sd, c = self.semantic_disc, self.cfg
+        assert sd is not None and self.sd_ddp is not None and self.sd_opt is not None
+        sd.requires_grad_(True)
+        for g in self.sd_opt.param_groups:
+            g["lr"] = lr * c.disc_lr / c.lr
+        real_feats = sd.features(real, grad=False)
+        n = real.shape[0]
+        with self.autocast:  # one forward over [real; fake] (one DDP forward per backward)
+            logits = self.sd_ddp([torch.cat([r, f]) for r, f in zip(real_feats, fake_feats)]).float()
+        lr_, lf = logits[:n], logits[n:]
+        d_loss = d_hinge_loss(lr_, lf)
+        lecam = sd.lecam(lr_, lf)
+        self.sd_opt.zero_grad(set_to_none=True)
+        (d_loss + c.lecam_weight * lecam).backward()
+        torch.nn.utils.clip_grad_norm_(sd.parameters(), c.grad_clip)
+        self.sd_opt.step()
+        metrics.update(d_sem_loss=d_loss.item(), d_sem_real=lr_.mean().item(), d_sem_fake=lf.mean().item(),
+                       lecam=lecam.item(), sem_teacher_s=metrics["sem_teacher_s"] + sd.teacher.last_time_s)
+
     # ------------------------------------------------------------------ state
     def batch_size(self, batch: dict) -> int:
         return int(batch["video"].shape[0])
@@ -223,6 +286,9 @@ class TokenizerTask:
             state["disc_opt"] = self.d_opt.state_dict()
         if isinstance(self.align_hook, torch.nn.Module):
             state["align"] = self.align_hook.state_dict()
+        if self.semantic_disc is not None and self.sd_opt is not None:
+            state["semantic_disc"] = self.semantic_disc.state_dict()
+            state["semantic_disc_opt"] = self.sd_opt.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -233,6 +299,21 @@ class TokenizerTask:
             self.d_opt.load_state_dict(state["disc_opt"])
         if isinstance(self.align_hook, torch.nn.Module):
             self.align_hook.load_state_dict(state["align"])
+        if self.semantic_disc is not None and self.sd_opt is not None:
+            self.semantic_disc.load_state_dict(state["semantic_disc"])
+            self.sd_opt.load_state_dict(state["semantic_disc_opt"])
+
+
+def alignment_hook(path: str | Path, config, env: DistEnv) -> AlignmentHook:
+    """The V-JEPA2 alignment hook (PAPER Eq. 2) for a tokenizer config, teacher loaded from ``path``."""
+    if config.dec_feature_layer == 0:
+        raise ValueError("the alignment loss needs a decoder layer: set align_layer (--align-layer) >= 1")
+    return AlignmentHook.for_tokenizer(load_teacher(path, "vjepa2", device=env.device), config)
+
+
+def semantic_discriminator(path: str | Path, env: DistEnv) -> SemanticDiscriminator:
+    """The VideoMAE semantic discriminator (PAPER §5), teacher loaded from ``path``."""
+    return SemanticDiscriminator(load_teacher(path, "videomae", device=env.device))
 
 
 def train_tokenizer(
@@ -256,7 +337,14 @@ def train_tokenizer(
     stop_at: int | None = None,
     discriminator: bool = True,
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    lpips_backbone: str | Path | None = None,
+    lpips_heads: str | Path | None = None,
+    lpips_net: str = "vgg",
     align_hook: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    align_teacher: str | Path | None = None,
+    disc_teacher: str | Path | None = None,
+    align_layer: int | None = None,
+    disc: str | None = None,
     stdin=None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     **train_overrides: Any,
@@ -271,7 +359,12 @@ def train_tokenizer(
         assignment: ``random`` (proxy default), ``uniform:K`` or ``fixed:k1,...,kT``.
         router: final stage: a router model directory that assigns every training clip.
         resume: continue from the latest complete checkpoint in ``out``.
-        train_overrides: fields of :class:`TokenizerTrainConfig` (``lr``, ``disc_start``, ...).
+        align_teacher: a local V-JEPA2 model directory: adds the alignment loss (``align_weight``).
+        disc_teacher: a local VideoMAE model directory: adds the semantic discriminator.
+        align_layer: decoder layer (1-based) that is aligned (default: the preset's ``dec_feature_layer``).
+        disc: ``patchgan``, ``semantic`` or ``both`` (default: ``both`` with a disc teacher, else ``patchgan``).
+        train_overrides: fields of :class:`TokenizerTrainConfig` (``lr``, ``disc_start``,
+            ``semantic_disc_start``, ``semantic_disc_weight``, ...).
 
     Returns:
         The directory of the final checkpoint.
@@ -288,7 +381,7 @@ def train_tokenizer(
     env = init_distributed(device)
     try:
         torch.manual_seed(seed)  # identical initial weights on every rank
-        config = tokenizer_config(preset)
+        config = tokenizer_config(preset, **({} if align_layer is None else {"dec_feature_layer": align_layer}))
         model = EVATokTokenizer(config)
         space = config.space
         if router is not None and assignment is not None:
@@ -310,14 +403,35 @@ def train_tokenizer(
             raise ValueError(f"no videos found in {', '.join(map(str, data))}")
         spec = ClipSpec(frames=config.frames, height=config.height, width=config.width, fps=fps)
         torch.manual_seed(seed + 1)
-        disc = discriminator_for(preset, config.frames, config.height, config.width) if discriminator else None
+        disc_mode = disc or ("both" if disc_teacher is not None else "patchgan")
+        if disc_mode not in ("patchgan", "semantic", "both"):
+            raise ValueError(f"disc must be patchgan, semantic or both, got {disc_mode!r}")
+        if disc_mode != "patchgan" and disc_teacher is None:
+            raise ValueError(f"--disc {disc_mode} needs --disc-teacher DIR (a VideoMAE model directory)")
+        if disc_mode == "patchgan" and disc_teacher is not None:
+            raise ValueError("--disc patchgan does not use --disc-teacher (choose semantic or both)")
+        if disc_teacher is not None and not discriminator:
+            raise ValueError("a disc teacher was given but the adversarial loss is off (--no-disc)")
+        if align_hook is not None and align_teacher is not None:
+            raise ValueError("give align_hook or align_teacher, not both")
+        use_patchgan = discriminator and disc_mode != "semantic"
+        disc = discriminator_for(preset, config.frames, config.height, config.width) if use_patchgan else None
+        if align_teacher is not None:
+            align_hook = alignment_hook(align_teacher, config, env)
+        semantic = semantic_discriminator(disc_teacher, env) if disc_teacher is not None else None
+        if perceptual is None and lpips_backbone is not None:
+            from evatok_cli.metrics.lpips import LPIPS
+
+            perceptual = LPIPS(net=lpips_net, backbone=lpips_backbone, heads=lpips_heads).to(env.device).loss
         if perceptual is None and env.is_main:
-            log.info("perceptual (LPIPS) loss off: no LPIPS weights given")
-        cfg = TokenizerTrainConfig(steps=steps, **train_overrides)
+            log.info("perceptual (LPIPS) loss off: no LPIPS weights given (--lpips-backbone)")
+        cfg = TokenizerTrainConfig(steps=steps, disc=disc_mode, **train_overrides)
         task = TokenizerTask(
             model=model, cfg=cfg, env=env, assign=policy, preset=preset, stage=stage, discriminator=disc,
-            perceptual=perceptual, align_hook=align_hook,
-            extra_meta={"assignment": assignment, "clip_fps": fps, "seed": seed},
+            perceptual=perceptual, align_hook=align_hook, semantic_disc=semantic,
+            extra_meta={"assignment": assignment, "clip_fps": fps, "seed": seed,
+                        **({"align_teacher": str(align_teacher)} if align_teacher is not None else {}),
+                        **({"disc_teacher": str(disc_teacher)} if disc_teacher is not None else {})},
         )
         batches = clip_batches(refs, spec, seed=seed, local_batch=batch_size, rank=env.rank,
                                world_size=env.world_size, workers=workers)

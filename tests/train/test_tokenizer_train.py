@@ -125,3 +125,21 @@ def test_final_stage_with_router(videos, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "g", steps=1, router=router_dir,
                         assignment="uniform:4", **COMMON)
+
+
+def test_lpips_perceptual_loss_from_weight_files(videos, tmp_path):
+    """--lpips-backbone/--lpips-heads: LPIPS loads from files on disk and its term is trained and logged."""
+    from evatok_cli.metrics.lpips import LPIPS
+
+    ref = LPIPS.random("alex", seed=7)
+    backbone = {f"features.{k}": v for k, v in ref.backbone.features.state_dict().items()}
+    torch.save(backbone, tmp_path / "alexnet.pth")
+    torch.save(ref.heads.state_dict(), tmp_path / "alex_heads.pth")
+    train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "p", steps=2, discriminator=False,
+                    lpips_backbone=tmp_path / "alexnet.pth", lpips_heads=tmp_path / "alex_heads.pth", lpips_net="alex",
+                    **COMMON)
+    recs = _curve(tmp_path / "p")
+    assert all("perceptual" in r and r["perceptual"] > 0 for r in recs)
+    with pytest.raises((ValueError, FileNotFoundError), match="missing.pth"):
+        train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "q", steps=1, discriminator=False,
+                        lpips_backbone=tmp_path / "missing.pth", lpips_net="alex", **COMMON)
