@@ -6,7 +6,8 @@ the tokenizer is described by *block ids* (which temporal block a position belon
 flags (False on padding), and the masks below are small pure functions of those tensors, each
 tested against a dense reference. Masks are boolean, ``True`` = may attend, shaped
 ``(B, 1, Lq, Lk)`` for :func:`torch.nn.functional.scaled_dot_product_attention` (which supports
-backward on CPU with boolean masks).
+backward on CPU with boolean masks). On CUDA, boolean masks can run through FlexAttention instead
+(block-sparse, same result; ``EVATOK_ATTENTION=auto|sdpa|flex``, see docs/kernels.md).
 
 Fully-masked rows (padding queries) would make softmax produce NaN; every mask function therefore
 lets such rows attend to key 0 only. Their outputs are finite garbage that no valid position ever
@@ -14,6 +15,8 @@ reads (valid queries never attend to padding keys, and losses skip padding).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +128,34 @@ def additive_mask(allowed: Tensor, bias: Tensor) -> Tensor:
     return torch.where(allowed, bias, torch.full((), float("-inf"), dtype=bias.dtype, device=bias.device))
 
 
+# ------------------------------------------------------------------------------ backend
+ATTENTION_ENV = "EVATOK_ATTENTION"
+
+
+def attention_backend() -> str:
+    """``EVATOK_ATTENTION``: ``auto`` (default), ``sdpa`` or ``flex`` (read at every call)."""
+    mode = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"{ATTENTION_ENV} must be auto, sdpa or flex, got {mode!r}")
+    return mode
+
+
+def use_flex(q: Tensor) -> bool:
+    """Whether bool-masked attention of queries ``q`` runs FlexAttention instead of SDPA.
+
+    ``sdpa``: never. ``flex``: always (on CPU only without gradients: FlexAttention has no CPU
+    backward). ``auto``: on CUDA when torch has FlexAttention. Float masks always use SDPA.
+    """
+    mode = attention_backend()
+    if mode == "sdpa" or (mode == "auto" and not q.is_cuda):
+        return False
+    from evatok_kernels.flex import flex_available
+
+    if mode == "flex" and not flex_available():
+        raise RuntimeError(f"{ATTENTION_ENV}=flex but this torch has no torch.nn.attention.flex_attention")
+    return flex_available()
+
+
 # ----------------------------------------------------------------------------------- modules
 class Attention(nn.Module):
     """Multi-head attention whose keys/values are projected separately, so they can be cached.
@@ -155,5 +186,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Attend (B, Lq, dim) queries to (B, H, Lk, head_dim) keys/values under a bool mask."""
         B, Lq, D = x.shape
-        out = F.scaled_dot_product_attention(self._split(self.q(x)), k, v, attn_mask=mask)  # (B, H, Lq, dh)
+        q = self._split(self.q(x))
+        if mask is not None and mask.dtype == torch.bool and use_flex(q):
+            from evatok_kernels.flex import flex_attention_dense  # lazy: optional CUDA path
+
+            out = flex_attention_dense(q, k, v, mask)  # same result, block-sparse (docs/kernels.md)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, dh)
         return self.proj(out.transpose(1, 2).reshape(B, Lq, D))

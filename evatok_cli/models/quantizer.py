@@ -12,7 +12,8 @@ unweighted except the commitment's beta (the training loss config weighs them):
   so it is computed in training mode only (0 in eval mode).
 
 The nearest-code search is the single function :func:`nearest_code`, computed in chunks so that
-memory stays bounded for large codebooks; a GPU kernel can be dispatched there later.
+memory stays bounded for large codebooks; on CUDA it dispatches to the fused Triton kernel of
+``evatok_kernels.vq`` (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def nearest_code(z: Tensor, codebook: Tensor, *, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Nearest code of each row of ``z``: the fused Triton kernel on CUDA, else :func:`nearest_code_chunked`.
+
+    CUDA inputs are handed to ``evatok_kernels.vq.nearest_code`` (Triton when importable; same tie
+    rule, same results up to float near-ties; ``EVATOK_VQ_KERNEL=torch`` opts out); everything else
+    stays here.
+    """
+    if z.is_cuda:
+        from evatok_kernels.vq import nearest_code as dispatch  # lazy: optional GPU kernels
+
+        return dispatch(z, codebook, chunk_size=chunk_size)
+    return nearest_code_chunked(z, codebook, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def nearest_code_chunked(z: Tensor, codebook: Tensor, *, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
     """Index of, and squared euclidean distance to, the nearest codebook row for each row of ``z``.
 
     Distances are computed as |z|^2 - 2 z.c + |c|^2 over (chunk_size x chunk_size) tiles of (z,

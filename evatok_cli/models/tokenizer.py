@@ -297,7 +297,7 @@ class EVATokTokenizer(nn.Module):
         lengths = self.check_assignments(assignments, video.shape[0])
         z, valid = self._encode_packed(self.reference(video), lengths)
         q = self.quantizer(z[valid])
-        codes = torch.zeros_like(z).masked_scatter(valid[..., None], q.z_q)  # (B, L, code_dim)
+        codes = torch.zeros_like(z).masked_scatter(valid[..., None], q.z_q.to(z.dtype))  # (B, L, code_dim)
         indices = torch.full(valid.shape, -1, dtype=torch.long, device=z.device).masked_scatter(valid, q.indices)
         recon, feats = self._decode_packed(codes, lengths)
         losses = dict(q.losses)

@@ -324,3 +324,17 @@ def test_more_queries_than_patches_blockwise_and_batched():
 def test_dataclass_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TINY.frames = 4  # type: ignore[misc]
+
+
+def test_forward_backward_under_bf16_autocast():
+    """Training runs under bf16 autocast on CUDA; the same code path must hold on CPU autocast."""
+    from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
+
+    torch.manual_seed(0)
+    m = EVATokTokenizer(tokenizer_config("tiny"))
+    video = torch.rand(2, 3, 8, 32, 32) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(video, torch.tensor([[1, 2, 4, 8], [16, 16, 1, 1]]))
+    loss = (out.recon.float() - video).abs().mean() + out.losses["vq"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
