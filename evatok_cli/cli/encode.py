@@ -47,7 +47,11 @@ def encode(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Encode every clip of the inputs into adaptive-length tokens."""
+    """Encode every clip of the inputs into adaptive-length tokens.
+
+    Exit codes: 0 all inputs encoded; 3 finished, some inputs skipped (listed in the store and the
+    summary); 1 fatal error; 2 usage error. Rerun the same command to resume an interrupted job.
+    """
     from evatok_cli.checkpoint import CheckpointError
     from evatok_cli.encode import EncodeError, encode_videos
     from evatok_cli.store import StoreError
