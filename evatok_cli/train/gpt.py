@@ -30,17 +30,17 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from evatok_cli.checkpoint import load_model, save_model
 from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, drop_class, pad_batch
 from evatok_cli.store import StoreReader, open_store
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
+from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import wsd
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,10 @@ def sequence_batches(stream: SequenceStream, *, local_batch: int, rank: int, wor
 
 # ----------------------------------------------------------------------------------------- task
 @dataclass
-class GPTTask:
+class GPTTask(ModelTask):
     """The :class:`~evatok_cli.train.loop.TrainTask` of the AR stage."""
+
+    kind: ClassVar[str] = "gpt"
 
     model: GPT
     cfg: GPTTrainConfig
@@ -298,21 +300,6 @@ class GPTTask:
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])
-
-    def save_model(self, path: Path) -> None:
-        save_model(path, self.model, self.model.config, kind="gpt", preset=self.preset,
-                   ema=self.ema.weights_for(self.model), extra=self.extra_meta)
-
-    def load_model(self, path: Path) -> None:
-        loaded = load_model(path, kind="gpt", ema=False, map_location=self.env.device)
-        self.model.load_state_dict(loaded.state_dict())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "ema": self.ema.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.ema.load_state_dict(state["ema"])
 
 
 # ---------------------------------------------------------------------------------------- entry

@@ -21,18 +21,18 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from evatok_cli.checkpoint import load_model, save_model
 from evatok_cli.models.router import Router
 from evatok_cli.route import LabelClipDataset, Labels
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
+from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import warmup_cosine
 from evatok_cli.video import ClipSpec, VideoError, VideoRef
 from evatok_cli.video.dataset import to_model_input
@@ -108,8 +108,10 @@ def reward_loss(q_hat: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class RouterTask:
+class RouterTask(ModelTask):
     """The :class:`~evatok_cli.train.loop.TrainTask` of the router stage."""
+
+    kind: ClassVar[str] = "router"
 
     model: Router
     cfg: RouterTrainConfig
@@ -153,21 +155,6 @@ class RouterTask:
 
     def batch_size(self, batch: dict) -> int:
         return int(batch["video"].shape[0])
-
-    def save_model(self, path: Path) -> None:
-        save_model(path, self.model, self.model.config, kind="router", preset=self.preset,
-                   ema=self.ema.weights_for(self.model), extra=self.extra_meta)
-
-    def load_model(self, path: Path) -> None:
-        loaded = load_model(path, kind="router", ema=False, map_location=self.env.device)
-        self.model.load_state_dict(loaded.state_dict())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "ema": self.ema.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.ema.load_state_dict(state["ema"])
 
 
 # ----------------------------------------------------------------------------------------- data

@@ -21,11 +21,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from evatok_cli.checkpoint import load_model, save_model
 from evatok_cli.metrics.pixel import psnr_frames
 from evatok_cli.models.discriminator import PatchDiscriminator, d_hinge_loss, g_adversarial_loss, logit_penalty
 from evatok_cli.models.semantic import AlignmentHook, SemanticDiscriminator
@@ -33,6 +32,7 @@ from evatok_cli.models.teachers import load_teacher
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
+from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import warmup_cosine
 from evatok_cli.video.dataset import to_model_input
 
@@ -114,8 +114,10 @@ def fixed_assignment(assignment: tuple[int, ...]) -> AssignmentPolicy:
 
 
 @dataclass
-class TokenizerTask:
+class TokenizerTask(ModelTask):
     """The :class:`~evatok_cli.train.loop.TrainTask` of the tokenizer stages."""
+
+    kind: ClassVar[str] = "tokenizer"
 
     model: EVATokTokenizer
     cfg: TokenizerTrainConfig
@@ -271,16 +273,11 @@ class TokenizerTask:
     def batch_size(self, batch: dict) -> int:
         return int(batch["video"].shape[0])
 
-    def save_model(self, path: Path) -> None:
-        save_model(path, self.model, self.model.config, kind="tokenizer", preset=self.preset,
-                   ema=self.ema.weights_for(self.model), extra={"stage": self.stage, **self.extra_meta})
-
-    def load_model(self, path: Path) -> None:
-        loaded = load_model(path, kind="tokenizer", ema=False, map_location=self.env.device)
-        self.model.load_state_dict(loaded.state_dict())
+    def model_meta(self) -> dict[str, Any]:
+        return {"stage": self.stage, **self.extra_meta}
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"opt": self.opt.state_dict(), "ema": self.ema.state_dict()}
+        state = super().state_dict()
         if self.discriminator is not None and self.d_opt is not None:
             state["disc"] = self.discriminator.state_dict()
             state["disc_opt"] = self.d_opt.state_dict()
@@ -292,8 +289,7 @@ class TokenizerTask:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.ema.load_state_dict(state["ema"])
+        super().load_state_dict(state)
         if self.discriminator is not None and self.d_opt is not None:
             self.discriminator.load_state_dict(state["disc"])
             self.d_opt.load_state_dict(state["disc_opt"])
