@@ -1,4 +1,4 @@
-"""Stage 2 of EVATok: the proxy reward and the search for each clip's best assignment (PAPER §3.2).
+"""Stage 2 of EVATok: the proxy reward and the search for each clip's best assignment (PAPER §3).
 
 **Reward.** For a clip and an assignment a = (k_1..k_T), the proxy tokenizer reconstructs the clip
 and a metric scores each block of the reconstruction; the *clip metric* M(a) is the mean of the T
@@ -18,14 +18,17 @@ only on (k_1..k_t). Level t of the tree holds the m^t prefixes; each node runs *
 scores that block against the target. M(a) is the mean of the block values along a's path. Cost:
 m + m^2 + ... + m^T block evaluations per clip (780 for m=5, T=4) instead of T * m^T = 2500 for
 decoding every assignment whole (:func:`brute_force_search`, the reference). The tree is walked
-depth-first in chunks of at most ``chunk`` branches, so memory stays bounded by ~T chunks of prefix
-states whatever the batch size.
+depth-first in steps of at most ``chunk`` branches, so memory stays bounded by ~T chunks of prefix
+states whatever the batch size. Near the root a step expands every branch by all m levels at once;
+deeper, a step gives all its branches the *same* level, so no branch is padded to a larger k
+(a mixed step runs every branch's new block at the largest k of the step).
 
 **Beam search** (``width`` W) keeps the W best prefixes of each clip per level. A prefix is ranked
 by the reward of its *neutral completion*: the remaining blocks are assumed to score the calibration
 mean and to get the mean level's length. Because every prefix of a level shares the same number of
 remaining blocks, this is the prefix's own partial reward
-``w_q*s*sum_{s<=t}(v_s - mean)/(T*std) - w_l*sum_{s<=t}(k_s - mean_level)/std_L`` and the ranking
+``w_q*s*sum_{u<=t}(v_u - mean)/(T*std) - w_l*sum_{u<=t}(k_u - mean_level)/std_L`` (v_u the block
+metric values) and the ranking
 does not depend on which fixed completion one assumes. Unexplored assignments get NaN; a W of at
 least m^(T-1) explores the whole tree (= exact).
 
@@ -43,7 +46,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,6 +57,9 @@ from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.metrics import Metric, get_metric
 from evatok_cli.models.blockwise import BlockwiseCodec, PrefixState
 from evatok_cli.models.tokenizer import EVATokTokenizer, TokenizerConfig
+
+if TYPE_CHECKING:
+    from evatok_cli.train.dist import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +249,7 @@ def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
         A :class:`SearchResult`; ``stats.block_evals`` = B * (m + m^2 + ... + m^T).
     """
     metric = _resolve_metric(metric)
-    space = model.config.space
+    space, pt = model.config.space, model.config.temporal_patch
     m, T = space.num_levels, space.blocks
     B, dev = video.shape[0], video.device
     chunk = max(m, chunk or default_chunk(model.config, dev))
@@ -253,19 +259,30 @@ def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
     stats = SearchStats(clips=B)
     codec = BlockwiseCodec(model)
 
+    def record(child: PrefixState, c_prefix: Tensor, c_acc: Tensor) -> None:
+        if child.t == T:
+            out[child.enc.clip, c_prefix] = c_acc / T
+        else:
+            descend(child, c_prefix, c_acc)
+
     def descend(state: PrefixState, prefix: Tensor, acc: Tensor) -> None:
-        per = max(1, chunk // m)  # parents per step
-        for s in range(0, len(state), per):
-            idx = torch.arange(s, min(s + per, len(state)), device=dev)
-            child, k, values = _expand(codec, state, idx, video, metric, levels)
+        n = len(state)
+        if n * m <= chunk:  # few branches (top of the tree): every branch x every level in one step
+            child, k, values = _expand(codec, state, torch.arange(n, device=dev), video, metric, levels)
             stats.block_evals += len(k)
-            c_prefix = prefix[idx].repeat_interleave(m) * m + digits.repeat(len(idx))  # mixed radix
-            c_acc = acc[idx].repeat_interleave(m) + values
-            if child.t == T:
-                out[child.enc.clip, c_prefix] = c_acc / T
-            else:
-                descend(child, c_prefix, c_acc)
-            del child
+            record(child, prefix.repeat_interleave(m) * m + digits.repeat(n), acc.repeat_interleave(m) + values)
+            return
+        # Many branches: steps of up to `chunk` parents, one level at a time. A step whose branches
+        # all get the same k pads nothing (a mixed step runs every branch at the largest k).
+        for s in range(0, n, chunk):
+            idx = torch.arange(s, min(s + chunk, n), device=dev)
+            part = state if len(idx) == n else state.index_select(idx)
+            for j, k in enumerate(space.levels):
+                child, _, pixels = codec.step(part, k)
+                values = metric(pixels, _block_target(video, part.t, pt, child.enc.clip), pt)[:, 0].double()
+                stats.block_evals += len(idx)
+                record(child, prefix[idx] * m + j, acc[idx] + values)
+                del child
 
     video = video.contiguous()
     descend(codec.init(video), torch.zeros(B, dtype=torch.long, device=dev),
@@ -346,6 +363,8 @@ def brute_force_search(model: EVATokTokenizer, video: Tensor, metric: Metric | s
                        chunk: int = 128) -> SearchResult:
     """Reference: decode every assignment of every clip whole and score it (T * m**T blocks per clip).
 
+    Pairs are processed shortest assignment first, so that a forward pass pads little.
+
     Args:
         model, video, metric: as :func:`exact_search`.
         chunk: (clip, assignment) pairs per forward pass.
@@ -356,8 +375,10 @@ def brute_force_search(model: EVATokTokenizer, video: Tensor, metric: Metric | s
     B = video.shape[0]
     table = torch.as_tensor(space.table(), device=dev)
     out = torch.empty(B * N, dtype=torch.float64, device=dev)
+    # (clip, assignment) pairs shortest first, so a forward pass pads little
+    order = torch.as_tensor(np.argsort(np.tile(space.lengths(), B), kind="stable"), device=dev)
     for s in range(0, B * N, chunk):
-        idx = torch.arange(s, min(s + chunk, B * N), device=dev)
+        idx = order[s : s + chunk]
         v = video.index_select(0, idx // N)
         out[idx] = metric(reconstruct(model, v, table[idx % N]), v, pt).double().mean(1)
     return SearchResult(out.view(B, N).cpu(), SearchStats(clips=B, block_evals=B * N * space.blocks))
@@ -450,7 +471,7 @@ class SearchSummary:
     out: str
     format: str
     clips: int = 0  # clips searched by this run
-    resumed: int = 0  # clips already in the store from an earlier run
+    resumed: int = 0  # clips an earlier run already stored (or inputs it recorded as failed)
     failures: int = 0  # inputs that failed in this run (recorded in the store, not retried on resume)
     failed: list[dict[str, str]] = field(default_factory=list)  # {source, reason} of those
     mean_best_tokens: float = 0.0  # over the clips searched by this run
@@ -591,7 +612,7 @@ def search_dataset(
             shutdown(env)
 
 
-def _agree(env: Any, obj: Any) -> Any:
+def _agree(env: DistEnv, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not env.distributed:
         return obj
@@ -602,7 +623,7 @@ def _agree(env: Any, obj: Any) -> Any:
     return box[0]
 
 
-def _gather(env: Any, obj: Any) -> list[Any]:
+def _gather(env: DistEnv, obj: Any) -> list[Any]:
     if not env.distributed:
         return [obj]
     import torch.distributed as dist
@@ -612,7 +633,7 @@ def _gather(env: Any, obj: Any) -> list[Any]:
     return parts
 
 
-def _search(env: Any, tokenizer: str | Path, data: Sequence[str], out: Path, *, fmt: str, metric: str | Metric,
+def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path, *, fmt: str, metric: str | Metric,
             metric_options: dict[str, Any] | None, w_q: float, w_l: float, calibration: int,
             stats: str | Path | CalibrationStats | None, beam: int | None, policy: Any, fps: str | float | None,
             batch_size: int, workers: int, chunk: int | None, seed: int, stdin: IO[str] | None,

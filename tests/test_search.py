@@ -197,7 +197,7 @@ class _Stop(Exception):
     pass
 
 
-def test_interrupted_search_resumes_to_the_same_store(baseline, proxy, good_videos, tmp_path):
+def test_interrupted_search_resumes_to_the_same_store(baseline, proxy, good_videos, tmp_path, monkeypatch):
     out = tmp_path / "labels.wds"
 
     def stop(done, total):
@@ -207,7 +207,9 @@ def test_interrupted_search_resumes_to_the_same_store(baseline, proxy, good_vide
         search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0,
                        on_progress=stop)
     assert not (out / "index.json").exists()
-    # wds commits per shard; flush on the way out left the first clip committed
+    # wds commits per shard; flush on the way out left the first clip committed. The rerun takes
+    # the calibration stored in the unfinished store (so a resume never changes the reward).
+    monkeypatch.setattr("evatok_cli.search.calibrate", lambda *a, **k: pytest.fail("recalibrated on resume"))
     resumed = search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0)
     assert (resumed.resumed, resumed.clips) == (1, 1)
     again = search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0)

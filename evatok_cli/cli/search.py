@@ -93,6 +93,9 @@ def search(
         fail(f"--format must be zarr or wds, got {format!r}", code=2)
     if metric not in ("psnr", "ssim", "lpips"):
         fail(f"--metric must be psnr, ssim or lpips, got {metric!r}", code=2)
+    if metric == "lpips" and lpips_backbone is None:
+        fail("--metric lpips needs --lpips-backbone PATH (torchvision's vgg16-397923af.pth or "
+             "alexnet-owt-7be5be79.pth; weights are never downloaded)", code=2)
     if beam is not None and beam < 1:
         fail(f"--beam must be >= 1, got {beam}", code=2)
     if stats is None and calibration < 2:

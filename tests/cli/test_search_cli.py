@@ -58,6 +58,7 @@ def test_cli_calls_search_dataset_with_exact_kwargs(monkeypatch, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--clips", "some"], "--clips"),
     (["--metric", "mse"], "--metric"),
+    (["--metric", "lpips"], "--lpips-backbone"),
     (["--format", "tar"], "--format"),
     (["--beam", "0"], "--beam"),
     (["--calibration", "1"], "--calibration"),
