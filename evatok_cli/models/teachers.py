@@ -32,6 +32,7 @@ generator term needs) and bf16 autocast on CUDA. The time of its last forward is
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import time
@@ -67,7 +68,7 @@ def sample_frames(num_in: int, num_out: int) -> torch.Tensor:
     return torch.linspace(0, num_in - 1, num_out).round().long()
 
 
-class VideoTeacher:
+class VideoTeacher(abc.ABC):
     """A frozen ``transformers`` video encoder plus the input pipeline it expects.
 
     Call it on (B, 3, F, H, W) clips in [-1, 1]; it returns patch features as (B, t', h', w', D).
@@ -94,15 +95,17 @@ class VideoTeacher:
 
     # ---------------------------------------------------------------- what subclasses define
     @property
+    @abc.abstractmethod
     def image_size(self) -> int:
-        raise NotImplementedError
+        """Square input size the teacher expects."""
 
+    @abc.abstractmethod
     def num_frames(self, clip_frames: int) -> int:
         """Frames the teacher gets for a clip of ``clip_frames`` frames."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _run(self, pixels: torch.Tensor, hidden_states: bool) -> Any:
-        raise NotImplementedError
+        """The wrapped model's forward on preprocessed pixels."""
 
     # ---------------------------------------------------------------- shared
     @property
