@@ -5,8 +5,19 @@ from __future__ import annotations
 import torch
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """Decay used at ``step``: ramps up as (1 + step) / (10 + step), capped at ``decay``.
+
+    Early weights move fast, so a plain 0.999 EMA of a short run would still be mostly the random
+    initialisation (0.999^300 = 0.74); the ramp makes the EMA usable from the first few hundred
+    steps, and as a function of the step it keeps resume exact.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 class EMA:
-    """``ema = decay * ema + (1 - decay) * param`` after every optimizer step; buffers are copied."""
+    """``ema = d * ema + (1 - d) * param`` after every optimizer step, d = :func:`ema_decay_at`;
+    buffers are copied."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999) -> None:
         if not 0.0 <= decay < 1.0:
@@ -15,11 +26,13 @@ class EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int | None = None) -> None:
+        """Fold the model's weights in; ``step`` (0-based) enables the warm-up ramp."""
+        d = self.decay if step is None else ema_decay_at(step, self.decay)
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if v.dtype.is_floating_point:
-                s.mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+                s.mul_(d).add_(v.detach().float(), alpha=1.0 - d)
             else:
                 s.copy_(v)
 

@@ -73,15 +73,6 @@ class GPTTrainConfig:
             raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay warmed up over the first steps, ``min(decay, (1 + step) / (10 + step))``.
-
-    A pure function of the step (so resuming stays exact); it keeps the EMA of short runs close to
-    the trained weights instead of to the random initialisation.
-    """
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A 63-bit seed for the draws of one (step, rank), independent of Python's hash randomisation."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -287,8 +278,7 @@ class GPTTask(ModelTask):
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
-        self.ema.decay = ema_decay_at(step, c.ema_decay)
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
         lengths = batch["lengths"].float()
         return {
             "loss": float(loss.item()),

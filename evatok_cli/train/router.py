@@ -150,7 +150,7 @@ class RouterTask(ModelTask):
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
         return {"loss": loss.item(), "top1": float((routed == best).float().mean()), "grad_norm": float(gnorm), "lr": lr}
 
     def batch_size(self, batch: dict) -> int:

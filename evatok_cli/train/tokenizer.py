@@ -201,7 +201,7 @@ class TokenizerTask(ModelTask):
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
         if use_gan:
             metrics.update(self._discriminator_step(video, recon.detach(), lr))
         if use_sem:
