@@ -281,6 +281,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
         raise EncodeError("give only one of --assignment, --labels-store and --router")
     if budget is not None and router is None:
         raise EncodeError("--budget needs --router (a reward-head router)")
+    policy_name = _policy_name(assignment, labels_store, router, budget, assigner, space)
     if assigner is None:
         if router is not None and budget is not None:
             assigner = _budget_table(router, inputs, clips, fps, budget, w_q, w_l, env, stdin)
@@ -298,7 +299,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
         raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
     labels, names = read_labels(refs, label_from)
     extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed,
-             "assignment_policy": _policy_name(assignment, labels_store, router, budget, assigner, space)}
+             "assignment_policy": policy_name}
     if names is not None:
         extra["labels"] = names
     writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,

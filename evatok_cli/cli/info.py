@@ -30,6 +30,24 @@ def describe(path: Path) -> dict[str, Any]:
     return {"path": str(path), "type": "video", **probe(path).to_dict()}
 
 
+def _metadata_lines(meta: dict[str, Any]) -> str:
+    """The store attrs in a few readable lines (``--json`` has them whole)."""
+    lines = []
+    tok = meta.get("tokenizer", {})
+    if tok:
+        lines.append(f"tokenizer: preset {tok.get('preset') or '?'}, weights sha256 {str(tok.get('sha256', ''))[:12]}")
+    for key in ("space", "clip"):
+        if key in meta:
+            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in meta[key].items()))
+    for k, v in meta.items():
+        if k in ("tokenizer", "space", "clip", "evatok_format"):
+            continue
+        if k == "labels" and isinstance(v, list):
+            v = f"{len(v)} classes ({', '.join(map(str, v[:5]))}{', ...' if len(v) > 5 else ''})"
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+
+
 def _render(rec: dict[str, Any], console: Console) -> None:
     table = Table(title=f"{rec['path']} ({rec['type']})", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -39,6 +57,8 @@ def _render(rec: dict[str, Any], console: Console) -> None:
             continue
         if k == "top_assignments":
             v = "\n".join(f"{tuple(a)}  x{n}" for a, n in v)
+        elif k == "metadata":
+            v = _metadata_lines(v)
         elif isinstance(v, float):
             v = f"{v:.4g}"
         elif isinstance(v, (list, tuple)) and v and isinstance(v[0], float):

@@ -250,3 +250,12 @@ def test_encode_with_router_and_budget(video_dir, tiny_tokenizer, routers, tmp_p
     res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "d.zarr"), "--router",
                               str(routers["classify"]), "--assignment", "uniform:4"] + common)
     assert res.exit_code == 1 and "only one of" in res.stderr
+
+
+def test_store_records_the_assignment_policy(video_dir, tiny_tokenizer, tmp_path):
+    for args, want in ((["--assignment", "fixed:16,4,2,1"], {"fixed": [16, 4, 2, 1]}), ([], {"fixed": [16] * 4})):
+        out = tmp_path / f"s{len(args)}.zarr"
+        res = runner.invoke(app, ["encode", str(video_dir), "-o", str(out), "--tokenizer", str(tiny_tokenizer),
+                                  "--clips", "first", "--workers", "0", "--quiet"] + args)
+        assert res.exit_code == 0, res.output
+        assert open_store(out).attrs["assignment_policy"] == want
