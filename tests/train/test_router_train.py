@@ -164,3 +164,30 @@ def test_cli_train_router_calls_library(tmp_path):
     assert res.exit_code == 2 and "--soft-tau" in res.stderr
     res = CliRunner().invoke(app, ["train", "router", "--labels", "l", "--data", "v", "--out", "o", "--preset", "huge"])
     assert res.exit_code == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_router_in_sync(videos, labels_path, tmp_path):
+    """`evatok train router` under torchrun (gloo): both ranks train and checkpoint (per-rank RNG state).
+
+    Weight synchronisation itself is the shared DDP wrapper's, checked bit for bit in
+    tests/train/test_tokenizer_train.py and tests/train/test_gpt_train.py."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "evatok_cli", "train", "router", "--labels", str(labels_path), "--data", str(videos), "--head",
+           "classify", "--preset", "tiny", "--out", str(out), "--steps", "3", "--batch-size", "2", "--workers", "0",
+           "--checkpoint-every", "3", "--device", "cpu", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    step = out / "step-00000002"
+    assert (step / "rng-rank0.pt").is_file() and (step / "rng-rank1.pt").is_file()
+    assert Router.from_pretrained(step, ema=False).config.head == "classify"
+    recs = _curve(out)
+    assert [r["step"] for r in recs][-1] == 2 and all(np.isfinite(r["loss"]) for r in recs)
