@@ -12,3 +12,13 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress displ
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output path.")]
+
+# The training loop's options, shared by every `evatok train` command.
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")]
+CheckpointEveryOpt = Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")]
+KeepLastOpt = Annotated[int, typer.Option("--keep-last", help="Checkpoints kept (0 = all).")]
+LogEveryOpt = Annotated[int, typer.Option("--log-every", help="Steps between metric lines.")]
+StopAtOpt = Annotated[
+    int | None,
+    typer.Option("--stop-at", help="Exit after this many steps, leaving a checkpoint to --resume (time-limited jobs)."),
+]

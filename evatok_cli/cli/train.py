@@ -20,7 +20,16 @@ from typing import Annotated, Any
 import typer
 
 from evatok_cli.cli._render import err_console, fail
-from evatok_cli.cli.options import DeviceOpt, QuietOpt, SeedOpt
+from evatok_cli.cli.options import (
+    CheckpointEveryOpt,
+    DeviceOpt,
+    KeepLastOpt,
+    LogEveryOpt,
+    QuietOpt,
+    ResumeOpt,
+    SeedOpt,
+    StopAtOpt,
+)
 from evatok_cli.cli.train_router import router as _router
 from evatok_cli.cli.train_gpt import gpt as _gpt
 
@@ -44,7 +53,7 @@ def tokenizer(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 8,
     assignment: Annotated[str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")] = None,
     router: Annotated[Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
+    resume: ResumeOpt = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
     disc_start: Annotated[int, typer.Option("--disc-start", help="Step at which the PatchGAN loss starts.")] = 20_000,
@@ -62,10 +71,10 @@ def tokenizer(
     semantic_disc_weight: Annotated[float, typer.Option("--semantic-disc-weight", help="Generator weight of the semantic discriminator.")] = 0.1,
     fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate (e.g. 3 for WebVid).")] = "native",
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 1000,
-    keep_last: Annotated[int, typer.Option("--keep-last", help="Checkpoints kept (0 = all).")] = 3,
-    log_every: Annotated[int, typer.Option("--log-every")] = 50,
-    stop_at: Annotated[int | None, typer.Option("--stop-at", help="Exit after this many steps, leaving a checkpoint to --resume (time-limited jobs).")] = None,
+    checkpoint_every: CheckpointEveryOpt = 1000,
+    keep_last: KeepLastOpt = 3,
+    log_every: LogEveryOpt = 50,
+    stop_at: StopAtOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,

@@ -16,7 +16,16 @@ from typing import Annotated, Any
 import typer
 
 from evatok_cli.cli._render import err_console, fail
-from evatok_cli.cli.options import DeviceOpt, QuietOpt, SeedOpt
+from evatok_cli.cli.options import (
+    CheckpointEveryOpt,
+    DeviceOpt,
+    KeepLastOpt,
+    LogEveryOpt,
+    QuietOpt,
+    ResumeOpt,
+    SeedOpt,
+    StopAtOpt,
+)
 
 
 def _log_line(rec: dict[str, Any]) -> None:
@@ -35,12 +44,12 @@ def gpt(
     class_dropout: Annotated[float, typer.Option("--class-dropout", help="Probability of the null class (CFG).")] = 0.1,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate (WSD: constant, then linear to 0 over the last 20%).")] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Linear warmup steps.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
+    resume: ResumeOpt = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader workers reading the stores.")] = 1,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 1000,
-    keep_last: Annotated[int, typer.Option("--keep-last", help="Checkpoints kept (0 = all).")] = 3,
-    log_every: Annotated[int, typer.Option("--log-every")] = 50,
-    stop_at: Annotated[int | None, typer.Option("--stop-at", help="Exit after this many steps, leaving a checkpoint to --resume.")] = None,
+    checkpoint_every: CheckpointEveryOpt = 1000,
+    keep_last: KeepLastOpt = 3,
+    log_every: LogEveryOpt = 50,
+    stop_at: StopAtOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,

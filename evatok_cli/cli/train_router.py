@@ -17,7 +17,16 @@ from typing import Annotated, Any
 import typer
 
 from evatok_cli.cli._render import err_console, fail
-from evatok_cli.cli.options import DeviceOpt, QuietOpt, SeedOpt
+from evatok_cli.cli.options import (
+    CheckpointEveryOpt,
+    DeviceOpt,
+    KeepLastOpt,
+    LogEveryOpt,
+    QuietOpt,
+    ResumeOpt,
+    SeedOpt,
+    StopAtOpt,
+)
 
 
 def _log_line(rec: dict[str, Any]) -> None:
@@ -37,14 +46,14 @@ def router(
     soft_tau: Annotated[float | None, typer.Option("--soft-tau", help="Classify head: soft targets softmax(R/T).")] = None,
     w_q: Annotated[float | None, typer.Option("--w-q", help="Quality weight of the targets (default: the labels').")] = None,
     w_l: Annotated[float | None, typer.Option("--w-l", help="Length weight of the targets (default: the labels').")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
+    resume: ResumeOpt = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 3e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 500,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 1000,
-    keep_last: Annotated[int, typer.Option("--keep-last", help="Checkpoints kept (0 = all).")] = 3,
-    log_every: Annotated[int, typer.Option("--log-every")] = 50,
-    stop_at: Annotated[int | None, typer.Option("--stop-at", help="Exit after this many steps, leaving a checkpoint to --resume.")] = None,
+    checkpoint_every: CheckpointEveryOpt = 1000,
+    keep_last: KeepLastOpt = 3,
+    log_every: LogEveryOpt = 50,
+    stop_at: StopAtOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,

@@ -15,6 +15,14 @@ from evatok_cli.models.attention import Attention
 
 
 # --------------------------------------------------------------------------------- patchify
+def init_linear(m: nn.Module) -> None:
+    """ViT-style init for ``module.apply``: truncated-normal (std 0.02) Linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def patchify(video: Tensor, pt: int, ps: int) -> Tensor:
     """(B, 3, F, H, W) -> (B, T*h*w, 3*pt*ps*ps), block-major then row-major patches."""
     B, C, F, H, W = video.shape

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import load_model, register_model_kind, save_model
-from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, patchify
+from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, init_linear, patchify
 
 HEADS = ("classify", "reward")
 
@@ -118,14 +118,8 @@ class Router(nn.Module):
         self.layers = nn.ModuleList(PatchLayer(c.dim, c.heads, c.mlp_ratio) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.num_assignments)
-        self.apply(self._init_weights)
+        self.apply(init_linear)
         nn.init.zeros_(self.head.weight)  # start from uniform logits / Q-hat = 0 (the z-score mean)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
 
     @property
     def space(self) -> AssignmentSpace:

@@ -38,7 +38,15 @@ from evatok_cli.models.attention import (
     patch_block_ids,
 )
 from evatok_cli.models.blockwise import DecoderState, EncoderState
-from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, QFormerLayer, depatchify, patchify, query_pool_matrix
+from evatok_cli.models.qformer import (
+    PatchLayer,
+    PosEmbed3D,
+    QFormerLayer,
+    depatchify,
+    init_linear,
+    patchify,
+    query_pool_matrix,
+)
 from evatok_cli.models.quantizer import VectorQuantizer
 
 
@@ -179,13 +187,7 @@ class EVATokTokenizer(nn.Module):
         self.register_buffer("pool_rows", torch.cat([query_pool_matrix(k, h, w) for k in c.levels]), persistent=False)
         self.register_buffer("patch_blocks", patch_block_ids(T, h * w), persistent=False)
         self.register_buffer("patch_pos", torch.arange(h * w).repeat(T), persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear)
 
     # ------------------------------------------------------------------------ properties
     @property
