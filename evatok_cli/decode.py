@@ -36,6 +36,10 @@ class DecodeError(Exception):
     """A problem with the decode job as a whole; the message names the path."""
 
 
+class TokenizerMismatchError(DecodeError):
+    """The tokenizer given is not the one that wrote the store (weights sha256 differ)."""
+
+
 def safe_name(key: str, taken: set[str]) -> str:
     """A file stem made from a sample key: only [A-Za-z0-9_-], never empty, unique in ``taken``."""
     stem = _UNSAFE.sub("_", key).strip("_")[:150] or "sample"
@@ -95,9 +99,12 @@ def decode_store(
     model_dir = resolve_model_dir(tokenizer)
     dev = resolve_device(device)
     model = EVATokTokenizer.from_pretrained(model_dir, map_location=dev)
-    want = store.attrs.get("tokenizer", {}).get("sha256")
-    if want and want != weights_sha256(model_dir):
-        raise DecodeError(f"{model_dir}: not the tokenizer that wrote {store_path} (weights sha256 differ)")
+    recorded = store.attrs.get("tokenizer", {})
+    want, got = recorded.get("sha256"), weights_sha256(model_dir)
+    if want and want != got:
+        raise TokenizerMismatchError(
+            f"{model_dir}: not the tokenizer that wrote {store_path} (weights sha256 {got[:12]}, the store's "
+            f"{want[:12]}, preset {recorded.get('preset') or '?'})")
     clip = store.attrs["clip"]
     spec = ClipSpec(frames=clip["frames"], height=clip["height"], width=clip["width"], fps=clip["fps"])
     out_fps = fps or (25.0 if clip["fps"] == "native" else float(clip["fps"]))

@@ -1,6 +1,7 @@
 """``evatok decode``: token store -> one mp4 per sample.
 
 Usage:
+    evatok decode tokens.zarr -o recon/ --limit 8      # a store written with the shipped demo tokenizer
     evatok decode tokens.zarr -o recon/ --tokenizer runs/final --limit 8
     evatok decode tokens.zarr -o recon/ --tokenizer runs/final --keys KEY1 --keys KEY2 --side-by-side
     evatok decode tokens.zarr -o recon/ --tokenizer runs/final --metrics --json
@@ -13,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
 
@@ -20,7 +22,7 @@ from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
 def decode(
     store: Annotated[Path, typer.Argument(help="Token store written by `evatok encode`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the mp4 files.", show_default=False)],
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="The tokenizer that wrote the store.", show_default=False)],
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The tokenizer that wrote the store (default: the shipped demo tokenizer).", show_default=False)] = None,
     keys: Annotated[list[str] | None, typer.Option("--keys", help="Decode only these sample keys (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Decode only the first N samples.")] = None,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Source clip left, reconstruction right.")] = False,
@@ -32,15 +34,20 @@ def decode(
 ) -> None:
     """Decode token-store samples back to video files."""
     from evatok_cli.checkpoint import CheckpointError
-    from evatok_cli.decode import DecodeError, decode_store
+    from evatok_cli.decode import DecodeError, TokenizerMismatchError, decode_store
     from evatok_cli.store import StoreError
     from evatok_cli.video import VideoError
 
     if keys and limit is not None:
         fail("give --keys or --limit, not both", code=2)
+    demo = tokenizer is None
+    tokenizer = with_demo_models(tokenizer=tokenizer, quiet=quiet)["tokenizer"]
     try:
         summary = decode_store(store, out, tokenizer=tokenizer, keys=keys, limit=limit, side_by_side=side_by_side,
                                metrics=metrics, batch_size=batch_size, device=device)
+    except TokenizerMismatchError as e:
+        hint = "; --tokenizer was omitted, so the shipped demo tokenizer was tried: pass the tokenizer that wrote the store with --tokenizer DIR"
+        fail(str(e) + (hint if demo else ""), code=1)
     except (DecodeError, StoreError, CheckpointError, VideoError, ValueError) as e:
         fail(str(e), code=1)
     if json_:

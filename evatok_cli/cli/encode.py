@@ -1,6 +1,7 @@
 """``evatok encode``: pre-tokenize a video dataset into a token store (the main job).
 
 Usage:
+    evatok encode videos/ -o tokens.zarr     # the shipped demo tokenizer and router (docs/models.md)
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final
     find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
     evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --router runs/router --label-from parent-dir --json
@@ -21,6 +22,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 
@@ -28,11 +30,11 @@ from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 def encode(
     inputs: Annotated[list[str], typer.Argument(help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output store (.zarr directory, or a directory of tar shards with --format wds).", show_default=False)],
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="Tokenizer model directory (or a training --out directory).", show_default=False)],
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer model directory (or a training --out directory); default: the shipped demo tokenizer.", show_default=False)] = None,
     format: Annotated[str, typer.Option("--format", help="zarr or wds.")] = "zarr",
     assignment: Annotated[str | None, typer.Option("--assignment", help="uniform:K or fixed:k1,...,kT (default: uniform at the largest level).")] = None,
     labels_store: Annotated[Path | None, typer.Option("--labels-store", help="Assignments from an `evatok search` labels store.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Router model directory: one predicted assignment per clip.")] = None,
+    router: Annotated[Path | None, typer.Option("--router", help="Router model directory: one predicted assignment per clip (default with the demo tokenizer and no other policy: the shipped demo router).")] = None,
     w_q: Annotated[float | None, typer.Option("--w-q", help="Quality weight for a reward-head router (default: the router's).")] = None,
     w_l: Annotated[float | None, typer.Option("--w-l", help="Length weight for a reward-head router (default: the router's).")] = None,
     budget: Annotated[float | None, typer.Option("--budget", help="Mean tokens per clip over the job (reward-head router).")] = None,
@@ -60,6 +62,11 @@ def encode(
     if format not in ("zarr", "wds"):
         fail(f"--format must be zarr or wds, got {format!r}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    wanted: dict[str, Path | None] = {"tokenizer": tokenizer}
+    if tokenizer is None and assignment is None and labels_store is None and router is None:
+        wanted["router"] = None  # the demo tokenizer goes with the demo router (adaptive lengths)
+    models = with_demo_models(quiet=quiet, optional=("router",), **wanted)
+    tokenizer, router = models["tokenizer"], models.get("router", router)
     show = rank0 and not quiet and err_console.is_terminal
     progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), console=err_console, transient=True, disable=not show)

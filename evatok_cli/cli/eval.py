@@ -1,6 +1,7 @@
 """``evatok eval``: reconstruction and generation metrics under named protocols (PAPER §7).
 
 Usage:
+    evatok eval recon --data videos/ --num-clips 8     # the shipped demo tokenizer (docs/models.md)
     evatok eval recon --tokenizer runs/final --data ucf101/train --protocol ucf-rfvd \\
         --i3d weights/i3d_torchscript.pt --lpips-weights weights/vgg16-397923af.pth --lpips-heads weights/vgg.pth \\
         --router runs/router -o reports/rfvd.json
@@ -25,6 +26,7 @@ from typing import Annotated
 
 import typer
 
+from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
 
@@ -80,8 +82,8 @@ def _emit(report, out: Path | None, json_: bool, quiet: bool, plot: Path | None 
 
 @app.command("recon")
 def recon(
-    tokenizer: TokenizerOpt,
     data: DataOpt,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer model directory (or its training output directory); default: the shipped demo tokenizer.", show_default=False)] = None,
     router: Annotated[Path | None, typer.Option("--router", help="Router model directory: each clip gets the router's assignment.", show_default=False)] = None,
     assignment: Annotated[str | None, typer.Option("--assignment", help="uniform:K or fixed:k1,...,kT (default: uniform at the largest level).", show_default=False)] = None,
     w_q: Annotated[float | None, typer.Option("--w-q", help="Reward-head router: quality weight (default: the router's).", show_default=False)] = None,
@@ -112,6 +114,7 @@ def recon(
         fail("give either --assignment or --router, not both", code=2)
     if batch_size < 1 or workers < 0 or (num_clips is not None and num_clips < 1):
         fail("--batch-size and --num-clips must be >= 1, --workers >= 0", code=2)
+    tokenizer = with_demo_models(tokenizer=tokenizer, quiet=quiet)["tokenizer"]
     try:
         report = evaluate_reconstruction(
             tokenizer, data, protocol=protocol, assignment=assignment, router=router, w_q=w_q, w_l=w_l,

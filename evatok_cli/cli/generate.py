@@ -1,6 +1,7 @@
 """``evatok generate``: sample class-conditional videos with a trained GPT (EVATok §4.1, PAPER §6).
 
 Usage:
+    evatok generate --num 2 -o samples/          # the shipped demo GPT and tokenizer (docs/models.md)
     evatok generate --gpt runs/gpt --tokenizer runs/final --classes 0,5,17 --num 4 -o samples/
     evatok generate --gpt runs/gpt --tokenizer runs/final --classes ride,talk --num 8 --cfg 3.0 -o samples/
     evatok generate --gpt runs/gpt --tokenizer runs/final --num 100 --format store --max-tokens 512 -o gen/ --json
@@ -13,14 +14,15 @@ from typing import Annotated
 
 import typer
 
+from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 
 
 def generate(
-    gpt: Annotated[Path, typer.Option("--gpt", help="GPT model directory (or its training output directory).", show_default=False)],
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="The tokenizer the GPT's token stores were written with.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (class-<name>_<i>.mp4, samples.zarr).", show_default=False)],
+    gpt: Annotated[Path | None, typer.Option("--gpt", help="GPT model directory (or its training output directory); default: the shipped demo GPT.", show_default=False)] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The tokenizer the GPT's token stores were written with (default: the shipped demo tokenizer).", show_default=False)] = None,
     classes: Annotated[str | None, typer.Option("--classes", help="Comma-separated class ids or names ('null': unconditional); default: all.", show_default=False)] = None,
     num: Annotated[int, typer.Option("--num", help="Samples per class.")] = 1,
     cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale (default: 2.5 for tiny and gpt-b, 1.75 for larger presets; PAPER §6).", show_default=False)] = None,
@@ -48,6 +50,9 @@ def generate(
     wanted = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
     if wanted is not None and not wanted:
         fail("--classes is empty", code=2)
+    demo_tok_only = tokenizer is None and gpt is not None
+    models = with_demo_models(gpt=gpt, tokenizer=tokenizer, quiet=quiet)
+    gpt, tokenizer = models["gpt"], models["tokenizer"]
     try:
         summary = generate_videos(
             gpt, out, tokenizer=tokenizer, classes=wanted, num=num, cfg_scale=cfg, temperature=temperature,
@@ -55,7 +60,9 @@ def generate(
             device=device, ema=not no_ema,
         )
     except (GenerateError, CheckpointError, StoreError, ValueError) as e:
-        fail(str(e), code=1)
+        about_tok = demo_tok_only and str(e).startswith(str(tokenizer))  # check_tokenizer's refusals name it first
+        hint = " (--tokenizer was omitted, so the shipped demo tokenizer was used: pass the GPT's tokenizer with --tokenizer DIR)"
+        fail(str(e) + (hint if about_tok else ""), code=1)
     if json_:
         print_json(summary.to_dict())
     if not quiet:

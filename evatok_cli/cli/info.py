@@ -1,9 +1,11 @@
-"""``evatok info``: what a video file or a token store holds.
+"""``evatok info``: what a video file or a token store holds, and which demo models are shipped.
 
 Usage:
     evatok info clip.mp4                 # probe: frames, fps, size, duration, codec
     evatok info tokens.zarr              # store: samples, token counts, common assignments, metadata
     evatok info a.mp4 tokens.zarr --json # one JSON object per path on stdout
+    evatok info --models                 # the shipped demo models and their cards (docs/models.md)
+    evatok info --models --json          # {"dir": ..., "models": [...]} on one line
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from evatok_cli.cli._render import err_console, print_json
+from evatok_cli.cli._render import err_console, fail, print_json
 from evatok_cli.cli.options import JsonOpt
 
 
@@ -67,17 +69,63 @@ def _render(rec: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _render_models(recs: list[dict[str, Any]], root: Path, console: Console) -> None:
+    for r in recs:
+        table = Table(title=f"demo {r['kind']} ({r['path']})", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")  # a sha256 wraps rather than being cut
+        table.add_row("preset", str(r["preset"]))
+        table.add_row("parameters", f"{r['parameters'] / 1e6:.3g}M")
+        table.add_row("size", f"{_size(r['bytes'])} ({r['dtype'] or 'float32'} weights)")
+        table.add_row("sha256", r["sha256"])
+        for k, v in r["card"].items():
+            table.add_row(k, ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else str(v))
+        if not r["card"]:
+            table.add_row("card", "(none)")
+        console.print(table)
+    console.print(f"{len(recs)} demo models in {root}, {_size(sum(r['bytes'] for r in recs))} in all", highlight=False)
+
+
+def _models(json_: bool, console: Console) -> None:
+    from evatok_cli.checkpoint import CheckpointError
+    from evatok_cli.demo import demo_models, demo_root
+
+    root = demo_root()
+    try:
+        recs = demo_models()
+    except CheckpointError as e:
+        fail(f"a shipped demo model is broken: {e}", code=1)
+    if json_:
+        print_json({"dir": str(root), "models": recs})
+    elif recs:
+        _render_models(recs, root, console)
+    if not recs:
+        err_console.print(f"no demo models are shipped in {root} (this build has none); pass your own models with "
+                          "--tokenizer/--router/--gpt DIR (docs/models.md)", markup=False, soft_wrap=True)
+
+
 def info(
-    paths: Annotated[list[Path], typer.Argument(help="Video files or token stores.", show_default=False)],
+    paths: Annotated[list[Path] | None, typer.Argument(help="Video files or token stores.", show_default=False)] = None,
+    models: Annotated[
+        bool, typer.Option("--models", help="List the shipped demo models (kind, preset, size, sha256, card).")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Describe video files (probe) and token stores (token statistics and metadata)."""
+    """Describe video files (probe), token stores (token statistics and metadata) and the demo models."""
     from evatok_cli.store import StoreError
     from evatok_cli.video import VideoError
 
     console = Console()
+    if not paths and not models:
+        fail("give video files or token stores, or --models", code=2)
+    if models:
+        _models(json_, console)
     failed = 0
-    for path in paths:
+    for path in paths or []:
         try:
             rec = describe(path)
         except (VideoError, StoreError) as e:

@@ -5,6 +5,7 @@ Usage:
     evatok train tokenizer --stage proxy --preset small --data videos/ --out runs/proxy --steps 40000 --resume
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/uniform --assignment uniform:128
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/final --router runs/router
+    evatok train tokenizer --stage final --preset small --data mine/ --out runs/mine --init runs/final --steps 2000
     evatok train tokenizer --stage final --preset paper --data ucf/ --out runs/final --router runs/router \
         --align-teacher weights/vjepa2-vitl-fpc64-256 --disc-teacher weights/videomae-base   # docs/training.md
     torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p
@@ -53,6 +54,7 @@ def tokenizer(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 8,
     assignment: Annotated[str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")] = None,
     router: Annotated[Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this tokenizer's weights (EMA when present; a model or training --out directory, same preset), fresh optimizer and schedule; ignored when --resume finds a checkpoint.", show_default=False)] = None,
     resume: ResumeOpt = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
@@ -95,7 +97,7 @@ def tokenizer(
     try:
         final = train_tokenizer(
             stage=stage, preset=preset, data=data, out=out, steps=steps, batch_size=batch_size,
-            assignment=assignment, router=router, resume=resume, seed=seed, device=device, workers=workers,
+            assignment=assignment, router=router, init=init, resume=resume, seed=seed, device=device, workers=workers,
             fps=fps if fps == "native" else float(fps), checkpoint_every=checkpoint_every, keep_last=keep_last,
             log_every=log_every, stop_at=stop_at, discriminator=not no_disc, stdin=sys.stdin if "-" in data else None,
             on_log=None if quiet else _log_line, lr=lr, warmup=warmup, disc_start=disc_start,

@@ -312,6 +312,64 @@ def semantic_discriminator(path: str | Path, env: DistEnv) -> SemanticDiscrimina
     return SemanticDiscriminator(load_teacher(path, "videomae", device=env.device))
 
 
+# Config fields that do not shape the weights: an --init source may differ in them.
+_WEIGHT_NEUTRAL = frozenset({"dec_feature_layer", "nearest_chunk"})
+
+
+def init_weights(model: EVATokTokenizer, init: str | Path, preset: str) -> dict[str, Any]:
+    """Load the weights of tokenizer ``init`` (EMA when present) into ``model``: ``--init``.
+
+    ``init`` is a model directory or a training output directory (its latest step); its config must
+    be ``model``'s (up to fields that do not shape the weights). Returns the ``init_from`` record
+    kept in the run's config.json: path, preset, weights sha256 (of its ``model.safetensors``, the
+    identity used everywhere) and which weights were loaded.
+    """
+    from evatok_cli.checkpoint import EMA_NAME, CheckpointError, load_model, read_model_meta, weights_sha256
+    from evatok_cli.config import config_to_dict
+    from evatok_cli.train.checkpoints import resolve_model_dir
+
+    src = resolve_model_dir(init)
+    try:
+        meta = read_model_meta(src)
+    except CheckpointError as e:
+        raise ValueError(f"--init: {e}") from None
+    if meta.get("model_kind") != "tokenizer":
+        raise ValueError(f"--init {src}: is a {meta.get('model_kind')!r} model, not a tokenizer")
+    theirs, ours = meta.get("config") or {}, config_to_dict(model.config)
+    diff = [k for k in sorted(set(theirs) | set(ours)) if k not in _WEIGHT_NEUTRAL and theirs.get(k) != ours.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff[:4])
+        raise ValueError(f"--init {src}: its tokenizer (preset {meta.get('preset') or '?'}) does not match preset "
+                         f"{preset!r}: {shown}{', ...' if len(diff) > 4 else ''}; train with --preset "
+                         f"{meta.get('preset') or 'of that model'} or start from another model")
+    try:
+        loaded = load_model(src, kind="tokenizer", ema=True)
+    except CheckpointError as e:
+        raise ValueError(f"--init: {e}") from None
+    model.load_state_dict(loaded.state_dict())
+    return {"path": str(src), "preset": meta.get("preset"), "sha256": weights_sha256(src),
+            "weights": "ema" if (src / EMA_NAME).is_file() else "model"}
+
+
+def _init_record(init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool,
+                 env: DistEnv) -> dict[str, Any] | None:
+    """``--init`` before step 0; a checkpoint found by ``--resume`` wins (its ``init_from`` is kept)."""
+    from evatok_cli.checkpoint import read_model_meta
+    from evatok_cli.train.checkpoints import latest_step_dir
+
+    latest = latest_step_dir(out) if resume else None
+    if latest is not None:
+        if init is not None and env.is_main:
+            log.info("--init %s ignored: resuming from %s", init, latest)
+        return read_model_meta(latest).get("init_from")
+    if init is None:
+        return None
+    record = init_weights(model, init, preset)
+    if env.is_main:
+        log.info("initialised from %s (%s weights, sha256 %s)", record["path"], record["weights"], record["sha256"][:12])
+    return record
+
+
 def train_tokenizer(
     *,
     stage: str,
@@ -322,6 +380,7 @@ def train_tokenizer(
     batch_size: int = 8,
     assignment: str | None = None,
     router: str | Path | None = None,
+    init: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -354,6 +413,9 @@ def train_tokenizer(
         out: output directory; checkpoints are ``out/step-NNNNNNNN/`` model directories.
         assignment: ``random`` (proxy default), ``uniform:K`` or ``fixed:k1,...,kT``.
         router: final stage: a router model directory that assigns every training clip.
+        init: start from this tokenizer's weights (EMA when present; a model directory or a training
+            output directory) with a fresh optimizer and schedule; same preset. Ignored (logged)
+            when ``resume`` finds a checkpoint. Recorded as ``init_from`` in config.json.
         resume: continue from the latest complete checkpoint in ``out``.
         align_teacher: a local V-JEPA2 model directory: adds the alignment loss (``align_weight``).
         disc_teacher: a local VideoMAE model directory: adds the semantic discriminator.
@@ -379,6 +441,7 @@ def train_tokenizer(
         torch.manual_seed(seed)  # identical initial weights on every rank
         config = tokenizer_config(preset, **({} if align_layer is None else {"dec_feature_layer": align_layer}))
         model = EVATokTokenizer(config)
+        init_from = _init_record(init, model, preset, Path(out), resume, env)
         space = config.space
         if router is not None and assignment is not None:
             raise ValueError("give --router or --assignment, not both")
@@ -426,6 +489,7 @@ def train_tokenizer(
             model=model, cfg=cfg, env=env, assign=policy, preset=preset, stage=stage, discriminator=disc,
             perceptual=perceptual, align_hook=align_hook, semantic_disc=semantic,
             extra_meta={"assignment": assignment, "clip_fps": fps, "seed": seed,
+                        **({"init_from": init_from} if init_from is not None else {}),
                         **({"align_teacher": str(align_teacher)} if align_teacher is not None else {}),
                         **({"disc_teacher": str(disc_teacher)} if disc_teacher is not None else {})},
         )
