@@ -15,6 +15,7 @@ Usage:
     python bench/router.py                      # tiny, small and paper (paper ~1 min on 2 CPU cores)
     python bench/router.py --presets tiny small --reps 10
     python bench/router.py --device cuda --batch 16
+    python bench/router.py --presets paper --router input_downsample=4   # try other router fields
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_preset(name: str, batch: int, reps: int, device: torch.device) -> None:
+def bench_preset(name: str, batch: int, reps: int, device: torch.device, overrides: dict[str, int]) -> None:
     torch.manual_seed(0)
     tok = EVATokTokenizer(tokenizer_config(name)).to(device).eval()
     c = tok.config
-    router = Router(router_config(name)).to(device).eval()
+    router = Router(router_config(name, **overrides)).to(device).eval()
     video = torch.rand(batch, 3, c.frames, c.height, c.width, device=device) * 2 - 1
     levels = (c.levels[2], c.levels[3])
     assign = {k: torch.full((batch, c.blocks), k, dtype=torch.long, device=device) for k in levels}
@@ -64,8 +65,8 @@ def bench_preset(name: str, batch: int, reps: int, device: torch.device) -> None
     t_router = min(times["router"])
     rc = router.config
     print(f"{name}: clips {c.frames}x{c.height}x{c.width}, batch {batch}; router {router.num_parameters() / 1e6:.2f}M "
-          f"(dim {rc.dim}, depth {rc.depth}, {rc.temporal_patch}x{rc.spatial_patch}x{rc.spatial_patch} patches -> "
-          f"{rc.num_patches} tokens), tokenizer {tok.num_parameters() / 1e6:.1f}M")
+          f"(dim {rc.dim}, depth {rc.depth}, input pooled {rc.input_downsample}x, {rc.temporal_patch}x{rc.spatial_patch}x"
+          f"{rc.spatial_patch} patches -> {rc.num_patches} tokens), tokenizer {tok.num_parameters() / 1e6:.1f}M")
     print(f"  router forward  {t_router * 1e3:9.2f} ms")
     for k in levels:
         t = min(times[f"encode@{k}"])
@@ -93,13 +94,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default: 20 tiny, 10 small, 2 paper)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--router", nargs="*", default=[], metavar="FIELD=INT",
+                    help="replace integer RouterConfig fields of every preset, e.g. input_downsample=2 depth=1")
     args = ap.parse_args()
+    overrides = {k: int(v) for k, v in (a.split("=", 1) for a in args.router)}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, float32")
     for name in args.presets:
-        bench_preset(name, args.batch, args.reps or {"tiny": 20, "small": 10}.get(name, 2), device)
+        bench_preset(name, args.batch, args.reps or {"tiny": 20, "small": 10}.get(name, 2), device, overrides)
     bench_policies()
 
 

@@ -32,13 +32,16 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.video import ClipReader, ClipSpec, VideoError, VideoRef, clip_key, probe, resampled_length
+
+if TYPE_CHECKING:
+    from evatok_cli.train.dist import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -409,11 +412,16 @@ def resolve_sources(sources: Iterable[str], refs: Sequence[VideoRef]) -> dict[st
     return out
 
 
-def label_clips(labels: Labels, refs: Sequence[VideoRef], spec: ClipSpec) -> tuple[list[tuple[int, VideoRef, int]], list[tuple[str, str]]]:
+def label_clips(labels: Labels, refs: Sequence[VideoRef], spec: ClipSpec, *, rank: int = 0,
+                world_size: int = 1) -> tuple[list[tuple[int, VideoRef, int]], list[tuple[str, str]]]:
     """The labels' clips that can be read from ``refs``: ``(row, ref, clip_start)`` in source order.
 
     Each source is probed once; a source not found in ``refs``, unreadable, or too short for a
     clip is skipped (logged) and reported in the second list as ``(source, reason)``.
+
+    Args:
+        rank, world_size: keep only this rank's share: source ``g`` (in order of first appearance
+            in the labels) belongs to rank ``g % world_size``; the other sources are not probed.
     """
     found = resolve_sources(labels.sources, refs)
     by_source: dict[str, list[int]] = {}
@@ -421,7 +429,9 @@ def label_clips(labels: Labels, refs: Sequence[VideoRef], spec: ClipSpec) -> tup
         by_source.setdefault(s, []).append(i)
     items: list[tuple[int, VideoRef, int]] = []
     skipped: list[tuple[str, str]] = []
-    for source, rows in by_source.items():
+    for g, (source, rows) in enumerate(by_source.items()):
+        if g % world_size != rank:
+            continue
         ref = found.get(source)
         if ref is None:
             skipped.append((source, "not found in --data"))
@@ -505,15 +515,41 @@ def collate_label_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any]
 class RouteResult:
     """What :func:`route` returns.
 
+    Under torchrun the clips are routed on every rank, but ``records`` and ``predictions`` are
+    gathered on rank 0 only (``is_main``); the other ranks get empty ones and the same ``summary``.
+
     Attributes:
-        records: one dict per routed clip: ``key, source, clip_start, assignment (list), index, tokens``.
-        summary: ``clips, mean_tokens, head, w_q, w_l, budget, lambda, failures`` (+ ``eval`` with --eval).
+        records: one dict per routed clip: ``key, source, clip_start, assignment (list), index, tokens``,
+            in the order of a one-process run.
+        summary: ``clips, mean_tokens, head, w_q, w_l, budget, lambda, failures, world_size``
+            (+ ``eval`` with --eval).
         predictions: (N, m^T) float32 router outputs, aligned with ``records``.
+        is_main: this process holds the results (rank 0, or the only process).
     """
 
     records: list[dict[str, Any]]
     summary: dict[str, Any]
     predictions: np.ndarray
+    is_main: bool = True
+
+
+class _Ordered:
+    """A map-style dataset whose items also carry ``order``: their place in a one-process run."""
+
+    def __init__(self, dataset: Any, order: Sequence[tuple[int, int]]) -> None:
+        self.dataset, self.order = dataset, list(order)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "order": self.order[i]}
+
+
+def _ordered_collate(collate: Any, items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    batch, bad = collate(items)  # failures keep their "order"
+    batch["order"] = [it["order"] for it in items if "error" not in it]
+    return batch, bad
 
 
 def route(
@@ -533,6 +569,11 @@ def route(
 ) -> RouteResult:
     """Route every clip of ``data`` (``evatok route``); deterministic.
 
+    Runs as one process or under ``torchrun`` (call it on every rank): rank r routes videos
+    r, r + world, ... (with ``eval_labels``: the labels' sources, in the same way), then rank 0
+    gathers every clip's prediction and chooses the assignments, so the budget and the evaluation
+    cover the whole set and the result is that of a one-process run.
+
     Args:
         router: a router model directory, or a training output directory (its latest step).
         data: video files, directories, ``-`` (paths on stdin) or WebDataset tars.
@@ -543,23 +584,40 @@ def route(
         budget: mean tokens per clip over the whole set (reward head only; :func:`budget_assignments`).
         eval_labels: a labels store: route its clips and add :func:`evaluate`'s metrics to the summary.
         batch_size: clips per forward pass.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (torchrun: one device per local rank).
         workers: DataLoader decoding workers.
         ema: use the EMA weights when the checkpoint has them.
 
     Returns:
-        A :class:`RouteResult`.
+        A :class:`RouteResult` (under torchrun: records and predictions on rank 0 only).
 
     Raises:
         ValueError: ``budget`` with a classify-head router, no clips, bad options.
     """
-    import torch
+    import torch.distributed as dist
+
+    from evatok_cli.train.dist import init_distributed, shutdown
+
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    env = init_distributed(device)
+    try:
+        return _route(env, router, data, clips=clips, w_q=w_q, w_l=w_l, budget=budget, eval_labels=eval_labels,
+                      batch_size=batch_size, workers=workers, ema=ema, stdin=stdin)
+    finally:
+        if owns_group:
+            shutdown(env)
+
+
+def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str | int, w_q: float | None,
+           w_l: float | None, budget: float | None, eval_labels: str | Path | None, batch_size: int, workers: int,
+           ema: bool, stdin: Any) -> RouteResult:
+    from functools import partial
+
     from torch.utils.data import DataLoader
 
     from evatok_cli.checkpoint import read_model_meta
     from evatok_cli.models.router import Router
     from evatok_cli.train.checkpoints import resolve_model_dir
-    from evatok_cli.train.dist import resolve_device
     from evatok_cli.video import list_inputs, parse_clip_policy, to_model_input
     from evatok_cli.video.dataset import ClipIndexDataset, collate_clips
 
@@ -568,10 +626,10 @@ def route(
     cfg_head = meta.get("config", {}).get("head")
     if budget is not None and cfg_head != "reward":
         raise ValueError(f"--budget needs a reward-head router; {path} has a {cfg_head!r} head (train one with --head reward)")
-    dev = resolve_device(device)
+    dev = env.device
     model = Router.from_pretrained(path, ema=ema, map_location=dev).eval()
     c, space = model.config, model.space
-    if c.head == "classify" and (w_q is not None or w_l is not None) and eval_labels is None:
+    if c.head == "classify" and (w_q is not None or w_l is not None) and eval_labels is None and env.is_main:
         log.warning("a classify-head router fixed its trade-off at training: w_q/w_l change nothing without --eval")
     trained = meta.get("labels", {})
     w_q = float(trained.get("w_q", DEFAULT_W_Q)) if w_q is None else float(w_q)
@@ -579,50 +637,114 @@ def route(
     refs = list_inputs(data, stdin=stdin)
     if not refs:
         raise ValueError(f"no videos found in {', '.join(map(str, data))}")
+    rank, world = env.rank, env.world_size
     labels = None
-    failures: list[tuple[str, str]] = []
+    # Every clip and failure carries an order key (group, position): group = the video's number in
+    # `refs` (or the source's number in the labels), position = its place within this rank's share.
+    # Sorting the gathered keys restores the order of a one-process run.
+    failures: list[tuple[tuple[int, int], str, str]] = []
     if eval_labels is not None:
         labels = load_labels(eval_labels)
         if labels.space != space:
             raise ValueError(f"{eval_labels}: space {labels.space.to_dict()} differs from the router's {space.to_dict()}")
         spec = labels.clip_spec()
-        items, failures = label_clips(labels, refs, spec)
+        group = {s: g for g, s in enumerate(dict.fromkeys(labels.sources))}
+        items, skipped = label_clips(labels, refs, spec, rank=rank, world_size=world)
+        failures += [((group[s], -1), s, r) for s, r in skipped]
+        order = [(group[labels.sources[row]], i) for i, (row, _, _) in enumerate(items)]
         dataset: Any = LabelClipDataset(items, spec)
-        collate = collate_label_clips
+        collate: Any = collate_label_clips
     else:
         spec = ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=meta.get("clip", {}).get("fps", "native"))
-        dataset = ClipIndexDataset(refs, spec, parse_clip_policy(clips))
+        dataset = ClipIndexDataset(refs[rank::world], spec, parse_clip_policy(clips))
+        order = [(v * world + rank, i) for i, (v, _, _) in enumerate(dataset.index)]
         collate = collate_clips
     if (spec.frames, spec.height, spec.width) != (c.frames, c.height, c.width):
         raise ValueError(f"clips are {spec.frames}x{spec.height}x{spec.width} but the router takes {c.frames}x{c.height}x{c.width}")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
-    preds, recs, rows = [], [], []
+    loader = DataLoader(_Ordered(dataset, order), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=partial(_ordered_collate, collate))
+    preds = [np.zeros((0, len(space)), dtype=np.float32)]
+    recs: list[dict[str, Any]] = []
+    keys: list[tuple[int, int]] = []
+    rows: list[int] = []
     for batch, bad in loader:
-        failures += [(it["source"], it["error"]) for it in bad]
+        failures += [(it["order"], it["source"], it["error"]) for it in bad]
         if batch["video"].shape[0] == 0:
             continue
-        preds.append(model.predict(to_model_input(batch["video"]).to(dev)).cpu().numpy())
+        preds.append(model.predict(to_model_input(batch["video"]).to(dev)).cpu().numpy().astype(np.float32))
         starts = [int(s) for s in batch["clip_start"]]
         recs += [{"key": clip_key(s, st), "source": s, "clip_start": st} for s, st in zip(batch["source"], starts)]
+        keys += batch["order"]
         if labels is not None:
             rows += batch["row"].tolist()
-    if not recs:
-        raise ValueError("no clip could be read" + (f" (first failure: {failures[0][0]}: {failures[0][1]})" if failures else ""))
-    pred = np.concatenate(preds).astype(np.float32)
+
+    mine = {"keys": keys, "recs": recs, "rows": rows, "pred": np.concatenate(preds), "failures": failures}
+    parts = _gather_to_main(env, mine)
+    summary: dict[str, Any] | None = None
+    error = None
+    pred = np.zeros((0, len(space)), dtype=np.float32)
+    if env.is_main:
+        keys = [k for p in parts for k in p["keys"]]
+        perm = sorted(range(len(keys)), key=keys.__getitem__)
+        recs = [r for p in parts for r in p["recs"]]
+        recs = [recs[i] for i in perm]
+        pred = np.concatenate([p["pred"] for p in parts])[perm]
+        rows = [r for p in parts for r in p["rows"]]
+        rows = [rows[i] for i in perm] if labels is not None else []
+        failed = sorted((f for p in parts for f in p["failures"]), key=lambda f: f[0])  # stable: per-rank order kept
+        failures_out = [{"source": s, "reason": r} for _, s, r in failed]
+        if not recs:
+            error = "no clip could be read" + (f" (first failure: {failures_out[0]['source']}: "
+                                               f"{failures_out[0]['reason']})" if failures_out else "")
+        else:
+            summary = _choose(recs, pred, rows, labels, space, head=c.head, w_q=w_q, w_l=w_l, budget=budget,
+                              failures=failures_out, world_size=world)
+    summary, error = _broadcast_from_main(env, (summary, error))
+    if error is not None:
+        raise ValueError(error)
+    assert summary is not None
+    return RouteResult(recs if env.is_main else [], summary, pred, is_main=env.is_main)
+
+
+def _choose(recs: list[dict[str, Any]], pred: np.ndarray, rows: list[int], labels: Labels | None,
+            space: AssignmentSpace, *, head: str, w_q: float, w_l: float, budget: float | None,
+            failures: list[dict[str, str]], world_size: int) -> dict[str, Any]:
+    """Fill each record's assignment (argmax or budget) and return the summary (+ ``eval``)."""
     lam = None
     if budget is not None:
         idx, lam = budget_assignments(pred, space, budget)
     else:
-        idx = choose_assignments(pred, c.head, space, w_q, w_l)
+        idx = choose_assignments(pred, head, space, w_q, w_l)
     lengths = space.lengths()
     for r, a in zip(recs, idx):
         r.update(assignment=list(space.to_tuple(int(a))), index=int(a), tokens=int(lengths[a]))
     summary: dict[str, Any] = {
-        "clips": len(recs), "mean_tokens": float(lengths[idx].mean()), "head": c.head, "w_q": w_q, "w_l": w_l,
-        "budget": budget, "lambda": lam, "failures": [{"source": s, "reason": r} for s, r in failures],
+        "clips": len(recs), "mean_tokens": float(lengths[idx].mean()), "head": head, "w_q": w_q, "w_l": w_l,
+        "budget": budget, "lambda": lam, "failures": failures, "world_size": world_size,
     }
     if labels is not None:
         for r, row in zip(recs, rows):
             r["key"] = labels.keys[row]
-        summary["eval"] = evaluate(idx, labels, w_q, w_l, rows=rows, scores=routing_scores(pred, c.head, space, w_q, w_l))
-    return RouteResult(recs, summary, pred)
+        summary["eval"] = evaluate(idx, labels, w_q, w_l, rows=rows, scores=routing_scores(pred, head, space, w_q, w_l))
+    return summary
+
+
+def _gather_to_main(env: DistEnv, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on rank 0 (other ranks get [])."""
+    if not env.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts or []
+
+
+def _broadcast_from_main(env: DistEnv, obj: Any) -> Any:
+    if not env.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -21,7 +21,10 @@ decoding every assignment whole (:func:`brute_force_search`, the reference). The
 depth-first in steps of at most ``chunk`` branches, so memory stays bounded by ~T chunks of prefix
 states whatever the batch size. Near the root a step expands every branch by all m levels at once;
 deeper, a step gives all its branches the *same* level, so no branch is padded to a larger k
-(a mixed step runs every branch's new block at the largest k of the step).
+(a mixed step runs every branch's new block at the largest k of the step). The last block (the
+m^T leaves, most of the work) runs every level of up to ``chunk`` parents in one pass
+(``BlockwiseCodec.step_levels``): the m children attend to their parent's cached prefix instead of
+each copying it, and no child state is built.
 
 **Beam search** (``width`` W) keeps the W best prefixes of each clip per level. A prefix is ranked
 by the reward of its *neutral completion*: the remaining blocks are assumed to score the calibration
@@ -265,8 +268,26 @@ def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
         else:
             descend(child, c_prefix, c_acc)
 
+    def leaves(state: PrefixState, prefix: Tensor, acc: Tensor) -> None:
+        # The last block: each step tries every level of up to `chunk` parents in one pass that
+        # shares the parents' prefixes (no copies, no padding, no child states; step_levels).
+        n = len(state)
+        for s in range(0, n, chunk):
+            part = state if n <= chunk else state.narrow(s, min(chunk, n - s))  # views, no copy
+            P = len(part)
+            _, pixels = codec.step_levels(part, levels)  # (P, m, 3, pt, H, W)
+            target = _block_target(video, T - 1, pt, part.enc.clip.repeat_interleave(m))
+            values = metric(pixels.flatten(0, 1), target, pt)[:, 0].double()  # (P*m,) parent-major
+            stats.block_evals += P * m
+            rows = slice(s, s + P)
+            out[part.enc.clip.repeat_interleave(m), (prefix[rows, None] * m + digits).flatten()] = (
+                (acc[rows, None] + values.view(P, m)).flatten() / T)
+
     def descend(state: PrefixState, prefix: Tensor, acc: Tensor) -> None:
         n = len(state)
+        if state.t == T - 1:
+            leaves(state, prefix, acc)
+            return
         if n * m <= chunk:  # few branches (top of the tree): every branch x every level in one step
             child, k, values = _expand(codec, state, torch.arange(n, device=dev), video, metric, levels)
             stats.block_evals += len(k)
@@ -276,10 +297,11 @@ def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
         # all get the same k pads nothing (a mixed step runs every branch at the largest k).
         for s in range(0, n, chunk):
             idx = torch.arange(s, min(s + chunk, n), device=dev)
-            part = state if len(idx) == n else state.index_select(idx)
+            part = state if len(idx) == n else state.narrow(s, len(idx))  # views, no copy
+            target = _block_target(video, part.t, pt, part.enc.clip)  # the same for every level
             for j, k in enumerate(space.levels):
                 child, _, pixels = codec.step(part, k)
-                values = metric(pixels, _block_target(video, part.t, pt, child.enc.clip), pt)[:, 0].double()
+                values = metric(pixels, target, pt)[:, 0].double()
                 stats.block_evals += len(idx)
                 record(child, prefix[idx] * m + j, acc[idx] + values)
                 del child

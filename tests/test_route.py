@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -120,6 +124,17 @@ def router_dir(tmp_path_factory) -> Path:
     model = Router(router_config("tiny"))
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a non-degenerate argmax
     d = tmp_path_factory.mktemp("router") / "r"
+    model.save_pretrained(d, preset="tiny", extra={"labels": {"w_q": W_Q, "w_l": W_L}, "clip": {"fps": "native"}})
+    return d
+
+
+@pytest.fixture(scope="module")
+def reward_router_dir(tmp_path_factory) -> Path:
+    """An untrained tiny reward-head router (for --budget)."""
+    torch.manual_seed(1)
+    model = Router(router_config("tiny", head="reward"))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    d = tmp_path_factory.mktemp("router") / "rr"
     model.save_pretrained(d, preset="tiny", extra={"labels": {"w_q": W_Q, "w_l": W_L}, "clip": {"fps": "native"}})
     return d
 
@@ -300,3 +315,45 @@ def test_cli_route_calls_library(tmp_path):
     m.assert_called_once_with(Path("r"), ["v1", "v2"], clips="all", w_q=None, w_l=None, budget=64.0, eval_labels=None,
                               batch_size=16, device="auto", workers=0, stdin=None)
     assert json.loads(res.stdout)["budget"] == 64.0
+
+
+# ------------------------------------------------------------------------------------ torchrun
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "evatok_cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(router_dir, reward_router_dir, videos, labels_path, footage, tmp_path):
+    """`evatok route` under torchrun (gloo): the same lines, budget and evaluation as one process."""
+    three = tmp_path / "three"  # rank 0 routes videos 0 and 2, rank 1 video 1 (and the broken one)
+    three.mkdir()
+    for name, src in (("a.mp4", footage["carphone"]), ("b.mp4", footage["bikes"]), ("c.mp4", footage["carphone"])):
+        (three / name).symlink_to(src)
+    (three / "d.mp4").write_bytes(b"not a video")
+    plain = ["route", "--router", str(router_dir), "--data", str(three), "--clips", "2", "--batch-size", "3",
+             "--device", "cpu"]
+    budget = ["route", "--router", str(reward_router_dir), "--data", str(videos), "--eval", str(labels_path),
+              "--budget", "20", "--device", "cpu", "--json"]
+    runner = CliRunner()
+    one = runner.invoke(app, plain)
+    assert one.exit_code == 0, one.output
+    assert len(one.stdout.strip().splitlines()) == 6
+    one_b = runner.invoke(app, budget + ["-o", str(tmp_path / "one.jsonl")])
+    assert one_b.exit_code == 0, one_b.output
+
+    two = _torchrun(plain)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout  # rank 0 prints every clip, in the one-process order
+    two_b = _torchrun(budget + ["-o", str(tmp_path / "two.jsonl")])
+    assert two_b.returncode == 0, two_b.stderr[-3000:]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    s1, s2 = json.loads(one_b.stdout), json.loads(two_b.stdout.strip().splitlines()[-1])
+    assert (s1.pop("world_size"), s2.pop("world_size")) == (1, 2)
+    assert s1["clips"] == 8 and s1["mean_tokens"] <= 20 and s1["lambda"] > 0  # the budget binds over all clips
+    assert s2.pop("lambda") == pytest.approx(s1.pop("lambda"), rel=1e-5)
+    assert s2 == s1  # including the evaluation over all clips

@@ -2,13 +2,15 @@
 
 Without ``-o`` one JSON line per clip goes to stdout (``key, source, clip_start, assignment, index,
 tokens``); the summary (clips, mean tokens, budget, evaluation) goes to stderr, or with ``-o`` and
-``--json`` to stdout as one JSON object.
+``--json`` to stdout as one JSON object. Under torchrun every rank routes its share of the videos
+and rank 0 writes everything, in the order (and with the budget) of a one-process run.
 
 Usage:
     evatok route --router runs/router --data videos/ > assignments.jsonl
     evatok route --router runs/rr --data videos/ --w-q 1.6 --w-l 0.4 --clips all -o assignments.jsonl
     evatok route --router runs/rr --data videos/ --budget 512 -o assignments.jsonl     # reward head only
     evatok route --router runs/router --data videos/ --eval val_labels.zarr -o a.jsonl --json
+    torchrun --nproc_per_node 8 -m evatok_cli route --router runs/rr --data videos/ --budget 512 -o a.jsonl
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def route(
         )
     except (CheckpointError, StoreError, VideoError, ValueError) as e:
         fail(str(e), code=1)
+    if not result.is_main:  # torchrun: rank 0 holds every clip's record and writes them
+        return
     if out is None:
         for r in result.records:
             print_json(r)

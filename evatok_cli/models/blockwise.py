@@ -5,14 +5,17 @@ pixels of blocks <= t and on (k_1..k_t). A *prefix state* caches what later bloc
 blocks done so far (per-layer keys/values); the tokenizer's ``encode_block`` / ``decode_block``
 advance it by one block. States are batched along their first dimension, and ``index_select`` /
 ``repeat_interleave`` turn B prefixes into B' branches, e.g. ``state.repeat_interleave(m)`` before
-trying the m levels of the next block. All rows of a state are at the same block t.
+trying the m levels of the next block; ``narrow`` takes a run of branches without copying. All
+rows of a state are at the same block t.
 
-:class:`BlockwiseCodec` bundles the two halves: ``init(video)`` then ``step(state, k)`` per block.
+:class:`BlockwiseCodec` bundles the two halves: ``init(video)`` then ``step(state, k)`` per block, and
+``step_levels(state, levels)`` for a last block tried at every level at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,13 +28,22 @@ if TYPE_CHECKING:
 S = TypeVar("S")
 
 
-def _select(state: S, index: Tensor, shared: tuple[str, ...]) -> S:
-    changes = {
-        f.name: getattr(state, f.name).index_select(0, index)
-        for f in dataclasses.fields(state)  # type: ignore[arg-type]
-        if f.name not in shared
-    }
+def _rows(state: S, fn: Callable[[Tensor], Tensor], shared: tuple[str, ...]) -> S:
+    """``state`` with ``fn`` applied to every per-branch tensor (each layer's, for cache tuples)."""
+    changes = {}
+    for f in dataclasses.fields(state):  # type: ignore[arg-type]
+        if f.name not in shared:
+            v = getattr(state, f.name)
+            changes[f.name] = tuple(fn(x) for x in v) if isinstance(v, tuple) else fn(v)
     return dataclasses.replace(state, **changes)  # type: ignore[type-var]
+
+
+def _select(state: S, index: Tensor, shared: tuple[str, ...]) -> S:
+    return _rows(state, lambda x: x.index_select(0, index), shared)
+
+
+def _narrowed(state: S, start: int, length: int, shared: tuple[str, ...]) -> S:
+    return _rows(state, lambda x: x.narrow(0, start, length), shared)
 
 
 def _repeat_index(n: int, repeats: int | Tensor, device: torch.device) -> Tensor:
@@ -40,29 +52,30 @@ def _repeat_index(n: int, repeats: int | Tensor, device: torch.device) -> Tensor
     )
 
 
+# Caches are tuples with one tensor per layer: a block step concatenates each layer's cache with the
+# block's new keys/values (attention needs them contiguous) and keeps that result as the new cache, so
+# no second copy stacks the layers.
 @dataclass(frozen=True)
 class EncoderState:
     """Encoder prefix state of B branches over C distinct clips, after ``t`` blocks.
 
     Attributes:
         ref: (C, N, D_enc) reference (patch) features of each clip, all T blocks (shared).
-        ref_k: (C, enc_depth, H, N, dh) cross-attention keys of ``ref`` per Q-Former layer (shared).
-        ref_v: same shape, values.
+        ref_k: per Q-Former layer, (C, H, N, dh) cross-attention keys of ``ref`` (shared).
+        ref_v: same, values.
         clip: (B,) which clip (row of ``ref``) each branch encodes.
-        self_k: (B, enc_depth, H, L, dh) self-attention keys of the prefix queries per layer.
-        self_v: same shape, values.
-        block_ids: (B, L) block of each cached query.
+        self_k: per Q-Former layer, (B, H, L, dh) self-attention keys of the prefix queries.
+        self_v: same, values.
         valid: (B, L) False on padding (branches with shorter prefixes).
         block_lengths: (B, t) tokens given to each finished block.
     """
 
     ref: Tensor
-    ref_k: Tensor
-    ref_v: Tensor
+    ref_k: tuple[Tensor, ...]
+    ref_v: tuple[Tensor, ...]
     clip: Tensor
-    self_k: Tensor
-    self_v: Tensor
-    block_ids: Tensor
+    self_k: tuple[Tensor, ...]
+    self_v: tuple[Tensor, ...]
     valid: Tensor
     block_lengths: Tensor
 
@@ -80,6 +93,10 @@ class EncoderState:
         """Branches ``index`` (B',) of this state (clip features stay shared, not copied)."""
         return _select(self, index.to(self.clip.device), self._SHARED)
 
+    def narrow(self, start: int, length: int) -> EncoderState:
+        """Branches ``start .. start + length - 1`` as views (nothing copied)."""
+        return _narrowed(self, start, length, self._SHARED)
+
     def repeat_interleave(self, repeats: int | Tensor) -> EncoderState:
         """Each branch repeated ``repeats`` times in place (``[0,0,1,1,..]`` for 2)."""
         return self.index_select(_repeat_index(len(self), repeats, self.clip.device))
@@ -90,21 +107,19 @@ class DecoderState:
     """Decoder prefix state of B branches after ``t`` blocks.
 
     Attributes:
-        self_k: (B, dec_depth, H, t*h*w, dh) self-attention keys of the prefix's 3D queries.
-        self_v: same shape, values.
-        tok_k: (B, dec_depth, H, L, dh) cross-attention keys of the prefix's 1D tokens.
-        tok_v: same shape, values.
+        self_k: per decoder layer, (B, H, t*h*w, dh) self-attention keys of the prefix's 3D queries.
+        self_v: same, values.
+        tok_k: per decoder layer, (B, H, L, dh) cross-attention keys of the prefix's 1D tokens.
+        tok_v: same, values.
         tok_valid: (B, L) False on padding.
-        tok_block_ids: (B, L) block of each cached token.
         block_lengths: (B, t) tokens of each finished block.
     """
 
-    self_k: Tensor
-    self_v: Tensor
-    tok_k: Tensor
-    tok_v: Tensor
+    self_k: tuple[Tensor, ...]
+    self_v: tuple[Tensor, ...]
+    tok_k: tuple[Tensor, ...]
+    tok_v: tuple[Tensor, ...]
     tok_valid: Tensor
-    tok_block_ids: Tensor
     block_lengths: Tensor
 
     @property
@@ -116,6 +131,9 @@ class DecoderState:
 
     def index_select(self, index: Tensor) -> DecoderState:
         return _select(self, index.to(self.tok_valid.device), ())
+
+    def narrow(self, start: int, length: int) -> DecoderState:
+        return _narrowed(self, start, length, ())
 
     def repeat_interleave(self, repeats: int | Tensor) -> DecoderState:
         return self.index_select(_repeat_index(len(self), repeats, self.tok_valid.device))
@@ -137,6 +155,10 @@ class PrefixState:
 
     def index_select(self, index: Tensor) -> PrefixState:
         return PrefixState(self.enc.index_select(index), self.dec.index_select(index))
+
+    def narrow(self, start: int, length: int) -> PrefixState:
+        """Branches ``start .. start + length - 1`` as views (nothing copied)."""
+        return PrefixState(self.enc.narrow(start, length), self.dec.narrow(start, length))
 
     def repeat_interleave(self, repeats: int | Tensor) -> PrefixState:
         return PrefixState(self.enc.repeat_interleave(repeats), self.dec.repeat_interleave(repeats))
@@ -173,3 +195,18 @@ class BlockwiseCodec:
         enc, tokens = self.model.encode_block(state.enc, k)
         dec, pixels = self.model.decode_block(state.dec, tokens, k)
         return PrefixState(enc, dec), tokens, pixels
+
+    @torch.no_grad()
+    def step_levels(self, state: PrefixState, levels: Tensor | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Block ``state.t`` of every branch with every level, in one pass; no child states.
+
+        The same numbers as ``step`` on ``state.repeat_interleave(m)`` with ``levels`` repeated, but
+        the m children share their parent's cached prefix instead of copying it: the exact search's
+        last block (the leaves of the prefix tree, m^T of its m + ... + m^T block evaluations).
+
+        Returns:
+            ``(tokens, pixels)``: (B, sum(levels)) int64 token ids, level after level, and
+            (B, m, 3, pt, H, W) reconstructed frames of the block, one per level.
+        """
+        tokens = self.model.encode_block_levels(state.enc, levels)
+        return tokens, self.model.decode_block_levels(state.dec, tokens, levels)

@@ -1,6 +1,7 @@
 """The EVATok router: a ViT that predicts a clip's token assignment in one forward pass (EVATok §3.3).
 
 video (B, 3, F, H, W) in [-1, 1]
+  -> spatial area pooling by ``input_downsample`` (a router needs coarse content only)
   -> 3D patches (temporal_patch x spatial_patch^2) -> linear embedding + factorized 3D positions
   -> [CLS] prepended -> ``depth`` pre-norm transformer layers (full attention)
   -> LayerNorm(CLS) -> linear head over the m^T assignments of the space
@@ -35,14 +36,17 @@ HEADS = ("classify", "reward")
 # ------------------------------------------------------------------------------------ config
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig:
-    """Architecture of a :class:`Router` (defaults: the paper's ViT-S router, ~21.8M params).
+    """Architecture of a :class:`Router` (defaults: the paper's ViT-S body, ~21.8M params, unpooled).
 
     The clip geometry (``frames``, ``height``, ``width``) and the space (``levels``, ``blocks``)
     come from the labels store it is trained on; the rest from a preset (:data:`ROUTER_PRESETS`).
 
     Args:
         frames, height, width: clip geometry (F, H, W).
-        temporal_patch, spatial_patch: 3D patch size (pt, ps); F % pt == H % ps == W % ps == 0.
+        temporal_patch, spatial_patch: 3D patch size (pt, ps) on the pooled frames; F % pt == 0 and
+            H, W multiples of ps * input_downsample.
+        input_downsample: spatial area-pooling factor d applied to the frames before the patches:
+            (F/pt) x (H/(d*ps)) x (W/(d*ps)) tokens. 1 (no pooling) in configs saved before it existed.
         dim, depth, heads, mlp_ratio: transformer width, layers, attention heads, MLP expansion.
         levels, blocks: the assignment space (m levels, T blocks): the head has m**T outputs.
         head: ``classify`` (logits) or ``reward`` (predicted quality z-scores Q).
@@ -53,6 +57,7 @@ class RouterConfig:
     width: int = 128
     temporal_patch: int = 4
     spatial_patch: int = 8
+    input_downsample: int = 1
     dim: int = 384
     depth: int = 12
     heads: int = 6
@@ -63,14 +68,17 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
-        for name in ("frames", "height", "width", "temporal_patch", "spatial_patch", "dim", "depth", "heads", "blocks"):
+        for name in ("frames", "height", "width", "temporal_patch", "spatial_patch", "input_downsample", "dim", "depth",
+                     "heads", "blocks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"RouterConfig.{name} must be a positive int, got {v!r}")
         if self.frames % self.temporal_patch:
             raise ValueError(f"frames={self.frames} is not a multiple of temporal_patch={self.temporal_patch}")
-        if self.height % self.spatial_patch or self.width % self.spatial_patch:
-            raise ValueError(f"height/width {self.height}x{self.width} not multiples of spatial_patch={self.spatial_patch}")
+        cell = self.spatial_patch * self.input_downsample
+        if self.height % cell or self.width % cell:
+            raise ValueError(f"height/width {self.height}x{self.width} not multiples of spatial_patch * input_downsample"
+                             f" = {self.spatial_patch} * {self.input_downsample}")
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
         if self.mlp_ratio <= 0:
@@ -91,7 +99,8 @@ class RouterConfig:
     @property
     def grid(self) -> tuple[int, int, int]:
         """(t, h, w) patches."""
-        return self.frames // self.temporal_patch, self.height // self.spatial_patch, self.width // self.spatial_patch
+        cell = self.spatial_patch * self.input_downsample
+        return self.frames // self.temporal_patch, self.height // cell, self.width // cell
 
     @property
     def num_patches(self) -> int:
@@ -133,6 +142,8 @@ class Router(nn.Module):
         c = self.config
         if video.dim() != 5 or tuple(video.shape[1:]) != (3, c.frames, c.height, c.width):
             raise ValueError(f"expected video (B, 3, {c.frames}, {c.height}, {c.width}), got {tuple(video.shape)}")
+        if c.input_downsample > 1:  # area pooling: (B, 3, F, H/d, W/d)
+            video = nn.functional.avg_pool3d(video, (1, c.input_downsample, c.input_downsample))
         x = self.patch_embed(patchify(video, c.temporal_patch, c.spatial_patch)) + self.pos()  # (B, N, D)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # (B, 1 + N, D)
         for layer in self.layers:
@@ -169,9 +180,10 @@ ROUTER_PRESETS: dict[str, RouterConfig] = {
     # the small tokenizer's 16x64x64 clips, levels {8..128}: 4x16x16 patches (one per block) -> 64 tokens; 0.8M params.
     "small": RouterConfig(frames=16, height=64, width=64, temporal_patch=4, spatial_patch=16, dim=96, depth=4, heads=2,
                           levels=(8, 16, 32, 64, 128), blocks=4),
-    # ViT-S (PAPER §4: "19.9M"): 16x128x128, the tokenizer's 4x8x8 patches -> 1024 tokens, 625 classes: 21.8M
-    # (a dim-384 depth-12 ViT body alone is 21.3M; coarser patches would push the embedding past +10%).
-    "paper": RouterConfig(),
+    # ViT-S (PAPER §4: "19.9M"): 16x128x128 pooled 4x to 16x32x32, 4x8x8 patches -> 64 tokens, 625 classes: 21.8M
+    # (a dim-384 depth-12 ViT body alone is 21.3M; coarser patches would push the embedding past +10%, so the
+    # pooling, not the patch size, brings the forward under 10% of an encode; docs/pipeline.md "Router").
+    "paper": RouterConfig(input_downsample=4),
 }
 
 

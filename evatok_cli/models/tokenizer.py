@@ -34,7 +34,6 @@ from evatok_cli.models.attention import (
     locality_mask,
     packed_layout,
     padding_fraction,
-    padding_mask,
     patch_block_ids,
 )
 from evatok_cli.models.blockwise import DecoderState, EncoderState
@@ -282,10 +281,11 @@ class EVATokTokenizer(nn.Module):
         pixels = self.to_pixels(self.dec_norm(x))
         return depatchify(pixels, T, h, w, c.temporal_patch, c.spatial_patch), feats
 
-    def _cross_mask(self, allowed: Tensor, local: Tensor, layer: int, dtype: torch.dtype) -> Tensor:
-        """Decoder cross-attention mask of one layer: bool, or float with the locality bias."""
+    def _cross_mask(self, allowed: Tensor | None, local: Tensor, layer: int, dtype: torch.dtype) -> Tensor | None:
+        """Decoder cross-attention mask of one layer: bool (None: no mask), or float with the locality bias."""
         if self.dec_local_bias is None:
             return allowed
+        assert allowed is not None, "the locality bias needs the bool mask"
         return additive_mask(allowed, self.dec_local_bias[layer].to(dtype) * local.to(dtype))
 
     # ------------------------------------------------------------------------ public API
@@ -334,12 +334,12 @@ class EVATokTokenizer(nn.Module):
     def encode_prefix_init(self, video: Tensor) -> EncoderState:
         """Reference features of B clips and an empty encoder prefix state (t = 0)."""
         ref = self.reference(video)  # (C, N, De)
-        kv = [layer.cross_kv(ref) for layer in self.enc_layers]
-        ref_k, ref_v = torch.stack([k for k, _ in kv], 1), torch.stack([v for _, v in kv], 1)  # (C, depth, H, N, dh)
+        kv = [layer.cross_kv(ref) for layer in self.enc_layers]  # per layer (C, H, N, dh) each
         C, dev = ref.shape[0], ref.device
-        empty = ref_k[:, :, :, :0]
+        empty = tuple(k[:, :, :0] for k, _ in kv)
         ids = torch.zeros(C, 0, dtype=torch.long, device=dev)
-        return EncoderState(ref, ref_k, ref_v, torch.arange(C, device=dev), empty, empty, ids, ids.bool(), ids)
+        return EncoderState(ref, tuple(k for k, _ in kv), tuple(v for _, v in kv), torch.arange(C, device=dev),
+                            empty, empty, ids.bool(), ids)
 
     def _block_k(self, k: Tensor | int, batch: int) -> Tensor:
         k = torch.full((batch,), int(k)) if isinstance(k, int) else torch.as_tensor(k)
@@ -354,41 +354,75 @@ class EVATokTokenizer(nn.Module):
         Returns:
             ``(new_state, tokens)`` with tokens (B, max k) int64, -1 past each branch's k.
         """
-        c, t, n = self.config, state.t, self.config.patches_per_block
-        if t >= c.blocks:
-            raise ValueError(f"all {c.blocks} blocks are already encoded")
         k = self._block_k(k, len(state))
-        B, kmax = k.shape[0], int(k.max())
-        idx = torch.arange(kmax, device=k.device)
+        idx = torch.arange(int(k.max()), device=k.device)
         q_valid = idx[None] < k[:, None]  # (B, kmax)
         rows = torch.where(q_valid, self.level_offset[k][:, None] + idx, 0)
-        ref_t = state.ref.index_select(0, state.clip)[:, t * n : (t + 1) * n]  # (B, n, De)
-        x = self._query_seeds(self.pool_rows[rows], ref_t, rows, t)
-        q_bid = torch.full_like(rows, t)
-        kv_bid, kv_valid = torch.cat([state.block_ids, q_bid], 1), torch.cat([state.valid, q_valid], 1)
-        self_mask = block_causal_mask(q_bid, kv_bid, q_valid, kv_valid)
-        cross_mask = block_causal_mask(q_bid, self.patch_blocks[: (t + 1) * n], q_valid)
-        ks, vs = [], []
+        # Every cached key and every patch up to block t is in a block <= t, so the block-causal masks
+        # of the full forward reduce to the keys' padding flags (each row sees at least its own first
+        # query). Padding queries go unmasked: their outputs are never read (masked as keys, token -1).
+        kv_valid = torch.cat([state.valid, q_valid], 1)  # (B, L + kmax)
+        z, caches = self._encode_step(state, rows, None if bool(kv_valid.all()) else kv_valid[:, None, None, :], True)
+        tokens = self.quantizer.quantize(z).masked_fill(~q_valid, -1)
+        ks, vs = zip(*caches)
+        new = dataclasses.replace(state, self_k=ks, self_v=vs, valid=kv_valid,
+                                  block_lengths=torch.cat([state.block_lengths, k[:, None]], 1))
+        return new, tokens
+
+    def _level_rows(self, levels: Tensor) -> tuple[Tensor, Tensor]:
+        """(Q,) (level, index) rows of ``levels``' queries side by side, and (Q,) the level slot of each."""
+        slot = torch.arange(len(levels), device=levels.device).repeat_interleave(levels)
+        starts = levels.cumsum(0) - levels
+        return self.level_offset[levels][slot] + torch.arange(len(slot), device=levels.device) - starts[slot], slot
+
+    @torch.no_grad()
+    def encode_block_levels(self, state: EncoderState, levels: Tensor | Any) -> Tensor:
+        """Encode block ``state.t`` of every branch once per level, in one pass and without new states.
+
+        The m children of a branch share its cached prefix instead of each copying it: their queries
+        sit side by side (Q = sum of the levels) and a child's queries see the prefix and each other.
+        What the exact search runs at the last block (its leaves), where no child state is needed.
+
+        Returns:
+            (B, Q) int64 tokens: the k_1 tokens of level 1, then the k_2 of level 2, ...
+        """
+        levels = self._block_k(levels, len(levels))
+        rows, slot = self._level_rows(levels)
+        B, Q = len(state), len(rows)
+        own = (slot[:, None] == slot[None, :]).expand(B, Q, Q)  # (B, Q, Q) a child's own queries
+        mask = torch.cat([state.valid[:, None, :].expand(B, Q, -1), own], 2)[:, None]  # (B, 1, Q, L + Q)
+        return self.quantizer.quantize(self._encode_step(state, rows, mask, False)[0])
+
+    def _encode_step(self, state: EncoderState, rows: Tensor, self_mask: Tensor | None,
+                     keep: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Queries ``rows`` ((B, Lq) or (Lq,)) of block ``state.t`` -> ((B, Lq, code_dim), then per layer
+        the new cache (keys, values) when ``keep``, else [])."""
+        c, t, n, B = self.config, state.t, self.config.patches_per_block, len(state)
+        if t >= c.blocks:
+            raise ValueError(f"all {c.blocks} blocks are already encoded")
+        ref_t = state.ref[:, t * n : (t + 1) * n].index_select(0, state.clip)  # (B, n, De): slice, then gather
+        pool = self.pool_rows[rows]
+        x = self._query_seeds(pool if pool.dim() == 3 else pool.expand(B, -1, -1), ref_t, rows, t)  # (B, Lq, De)
+        x = x.expand(B, -1, -1) if x.dim() == 2 else x
+        caches = []
         for i, layer in enumerate(self.enc_layers):
             sk, sv = layer.self_kv(x)
-            ks.append(torch.cat([state.self_k[:, i], sk], 2))
-            vs.append(torch.cat([state.self_v[:, i], sv], 2))
-            x = layer.attend_self(x, ks[-1], vs[-1], self_mask)
-            ck = state.ref_k[:, i, :, : (t + 1) * n].index_select(0, state.clip)
-            cv = state.ref_v[:, i, :, : (t + 1) * n].index_select(0, state.clip)
-            x = layer.ffn(layer.attend_cross(x, ck, cv, cross_mask))
-        tokens = self.quantizer.quantize(self.quant_in(self.enc_norm(x))).masked_fill(~q_valid, -1)
-        new = dataclasses.replace(state, self_k=torch.stack(ks, 1), self_v=torch.stack(vs, 1), block_ids=kv_bid,
-                                  valid=kv_valid, block_lengths=torch.cat([state.block_lengths, k[:, None]], 1))
-        return new, tokens
+            sk, sv = torch.cat([state.self_k[i], sk], 2), torch.cat([state.self_v[i], sv], 2)  # (B, H, L + Lq, dh)
+            x = layer.attend_self(x, sk, sv, self_mask)
+            if keep:
+                caches.append((sk, sv))
+            ck = state.ref_k[i][:, :, : (t + 1) * n].index_select(0, state.clip)  # (B, H, (t+1)*n, dh)
+            cv = state.ref_v[i][:, :, : (t + 1) * n].index_select(0, state.clip)
+            x = layer.ffn(layer.attend_cross(x, ck, cv, None))  # every query sees every patch <= t
+        return self.quant_in(self.enc_norm(x)), caches
 
     @torch.no_grad()
     def decode_prefix_init(self, batch: int) -> DecoderState:
         """Empty decoder prefix state (t = 0) for ``batch`` branches."""
         c, p = self.config, self.to_pixels.weight
-        empty = p.new_zeros(batch, c.dec_depth, c.dec_heads, 0, c.dec_width // c.dec_heads)
+        empty = tuple(p.new_zeros(batch, c.dec_heads, 0, c.dec_width // c.dec_heads) for _ in range(c.dec_depth))
         ids = torch.zeros(batch, 0, dtype=torch.long, device=p.device)
-        return DecoderState(empty, empty, empty, empty, ids.bool(), ids, ids)
+        return DecoderState(empty, empty, empty, empty, ids.bool(), ids)
 
     @torch.no_grad()
     def decode_block(self, state: DecoderState, tokens: Tensor, k: Tensor | int) -> tuple[DecoderState, Tensor]:
@@ -397,36 +431,83 @@ class EVATokTokenizer(nn.Module):
         Returns:
             ``(new_state, pixels)`` with pixels (B, 3, temporal_patch, H, W).
         """
-        c, t, n, (h, w) = self.config, state.t, self.config.patches_per_block, self.config.grid
-        if t >= c.blocks:
-            raise ValueError(f"all {c.blocks} blocks are already decoded")
         k = self._block_k(k, len(state))
-        B, kmax = k.shape[0], int(k.max())
+        B, kmax, n = k.shape[0], int(k.max()), self.config.patches_per_block
         idx = torch.arange(kmax, device=k.device)
         t_valid = idx[None] < k[:, None]
         rows = torch.where(t_valid, self.level_offset[k][:, None] + idx, 0)
-        ids = tokens[:, :kmax].masked_fill(~t_valid, 0)
-        tok = self._token_context(self.quantizer.lookup(ids), rows, t)  # (B, kmax, Dd)
-        x = self.dec_init(tok[:, :1]) + self.dec_pos.block(t)  # (B, n, Dd)
-        tok_valid = torch.cat([state.tok_valid, t_valid], 1)
-        tok_bid = torch.cat([state.tok_block_ids, torch.full_like(rows, t)], 1)
-        cover = torch.cat([state.tok_valid.new_zeros(B, state.tok_valid.shape[1], n), self.pool_rows[rows] > 0], 1)
-        cross_mask = padding_mask(torch.ones(B, n, dtype=torch.bool, device=k.device), tok_valid)
-        local = locality_mask(self.patch_blocks[t * n : (t + 1) * n], self.patch_pos[:n], tok_bid, cover)
-        sks, svs, tks, tvs = [], [], [], []
+        tok_valid = torch.cat([state.tok_valid, t_valid], 1)  # (B, L)
+        # All keys are in blocks <= t: the block-causal masks reduce to the tokens' padding flags.
+        allowed = tok_valid[:, None, None, :]  # (B, 1, 1, L)
+        cover = (self.pool_rows[rows] > 0).transpose(1, 2)  # (B, n, kmax): a new token covers the query's patch
+        local = torch.cat([cover.new_zeros(B, n, state.tok_valid.shape[1]), cover], 2)[:, None]  # (B, 1, n, L)
+        if self.dec_local_bias is None and bool(tok_valid.all()):
+            allowed = None
+        x, caches = self._decode_step(state, tokens[:, :kmax].masked_fill(~t_valid, 0), rows,
+                                                  torch.zeros(B, 1, dtype=torch.long, device=k.device), None,
+                                                  allowed, local, True)
+        sks, svs, tks, tvs = zip(*caches)
+        new = DecoderState(sks, svs, tks, tvs, tok_valid, torch.cat([state.block_lengths, k[:, None]], 1))
+        return new, x[:, 0]
+
+    @torch.no_grad()
+    def decode_block_levels(self, state: DecoderState, tokens: Tensor, levels: Tensor | Any) -> Tensor:
+        """Decode block ``state.t`` of every branch once per level from :meth:`encode_block_levels`' tokens.
+
+        Each child's 3D queries see the prefix, each other and the child's own tokens (one pass,
+        the prefix shared, no new states).
+
+        Returns:
+            (B, m, 3, temporal_patch, H, W) pixels, one block per level.
+        """
+        levels = self._block_k(levels, len(levels))
+        rows, slot = self._level_rows(levels)
+        B, m, n, L0 = len(state), len(levels), self.config.patches_per_block, state.tok_valid.shape[1]
+        q_slot = torch.arange(m, device=slot.device).repeat_interleave(n)  # (m*n,) the child of each 3D query
+        own = q_slot[:, None] == q_slot[None, :]  # (mn, mn)
+        self_mask = torch.cat([own.new_ones(m * n, state.t * n), own], 1)[None, None]  # (1, 1, mn, t*n + mn)
+        mine = (q_slot[:, None] == slot[None, :]).expand(B, -1, -1)  # (B, mn, Q) the child's own tokens
+        allowed = torch.cat([state.tok_valid[:, None, :].expand(B, m * n, L0), mine], 2)[:, None]  # (B, 1, mn, L0 + Q)
+        cover = (self.pool_rows[rows] > 0).T.repeat(m, 1) & mine  # (B, mn, Q)
+        local = torch.cat([cover.new_zeros(B, m * n, L0), cover], 2)[:, None]
+        first = (levels.cumsum(0) - levels)[None].expand(B, -1)  # (B, m) each child's first token
+        return self._decode_step(state, tokens, rows, first, self_mask, allowed, local, False)[0]
+
+    def _decode_step(self, state: DecoderState, ids: Tensor, rows: Tensor, first: Tensor, self_mask: Tensor | None,
+                     allowed: Tensor | None, local: Tensor,
+                     keep: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]]:
+        """Block ``state.t`` of c children per branch, each seeded by its token ``first`` ((B, c)).
+
+        Args:
+            ids: (B, Lt) token ids; rows: their (level, index) rows ((B, Lt) or (Lt,)).
+            self_mask, allowed: bool masks of the self- and cross-attention (None: attend everything;
+                ``allowed`` is needed with the locality bias).
+            local: (B, 1, c*n, L) bool, where the locality bias applies.
+            keep: return the new caches (else []: nothing is held past its layer).
+
+        Returns:
+            ((B, c, 3, pt, H, W) pixels, per layer the new (self keys, self values, token keys, token values)).
+        """
+        cf, t, n, (h, w) = self.config, state.t, self.config.patches_per_block, self.config.grid
+        if t >= cf.blocks:
+            raise ValueError(f"all {cf.blocks} blocks are already decoded")
+        B, c = first.shape
+        tok = self._token_context(self.quantizer.lookup(ids), rows, t)  # (B, Lt, Dd)
+        seed = self.dec_init(tok.gather(1, first[..., None].expand(-1, -1, tok.shape[-1])))  # (B, c, Dd)
+        x = (seed[:, :, None, :] + self.dec_pos.block(t)).reshape(B, c * n, -1)  # (B, c*n, Dd)
+        caches = []
         for i, layer in enumerate(self.dec_layers):
             sk, sv = layer.self_kv(x)
-            sks.append(torch.cat([state.self_k[:, i], sk], 2))
-            svs.append(torch.cat([state.self_v[:, i], sv], 2))
-            x = layer.attend_self(x, sks[-1], svs[-1], None)  # blocks <= t, no padding
+            sk, sv = torch.cat([state.self_k[i], sk], 2), torch.cat([state.self_v[i], sv], 2)
+            x = layer.attend_self(x, sk, sv, self_mask)
             tk, tv = layer.cross_kv(tok)
-            tks.append(torch.cat([state.tok_k[:, i], tk], 2))
-            tvs.append(torch.cat([state.tok_v[:, i], tv], 2))
-            x = layer.ffn(layer.attend_cross(x, tks[-1], tvs[-1], self._cross_mask(cross_mask, local, i, x.dtype)))
-        pixels = depatchify(self.to_pixels(self.dec_norm(x)), 1, h, w, c.temporal_patch, c.spatial_patch)
-        new = DecoderState(torch.stack(sks, 1), torch.stack(svs, 1), torch.stack(tks, 1), torch.stack(tvs, 1),
-                           tok_valid, tok_bid, torch.cat([state.block_lengths, k[:, None]], 1))
-        return new, pixels
+            tk, tv = torch.cat([state.tok_k[i], tk], 2), torch.cat([state.tok_v[i], tv], 2)
+            x = layer.ffn(layer.attend_cross(x, tk, tv, self._cross_mask(allowed, local, i, x.dtype)))
+            if keep:
+                caches.append((sk, sv, tk, tv))
+        pixels = self.to_pixels(self.dec_norm(x)).reshape(B * c, n, -1)  # (B*c, n, patch_dim)
+        pixels = depatchify(pixels, 1, h, w, cf.temporal_patch, cf.spatial_patch)
+        return pixels.reshape(B, c, *pixels.shape[1:]), caches
 
     # ------------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | Path, *, preset: str | None = None,

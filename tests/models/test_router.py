@@ -30,6 +30,8 @@ def test_paper_preset_size_on_meta():
     c = model.config
     assert (c.dim, c.depth, c.heads, c.num_assignments) == (384, 12, 6, 625)
     assert (c.frames, c.height, c.width) == (16, 128, 128)
+    # frames pooled 4x (16x32x32), 4x8x8 patches: 64 tokens (router latency <= 10% of an encode)
+    assert (c.input_downsample, c.temporal_patch, c.spatial_patch, c.num_patches) == (4, 4, 8, 64)
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "paper"])
@@ -42,7 +44,7 @@ def test_presets_match_tokenizer_presets(name):
 @pytest.mark.parametrize(
     "bad",
     [dict(head="softmax"), dict(frames=7), dict(height=30), dict(dim=30, heads=4), dict(levels=(2, 1)), dict(depth=0),
-     dict(mlp_ratio=0.0)],
+     dict(mlp_ratio=0.0), dict(input_downsample=0), dict(input_downsample=4)],  # 32 is not a multiple of 16 * 4
 )
 def test_config_validation(bad):
     with pytest.raises(ValueError):
@@ -109,3 +111,32 @@ def test_replace_geometry_and_space():
     assert cfg.num_assignments == 4 and cfg.grid == (4, 4, 4)
     assert dataclasses.replace(cfg, head="reward").head == "reward"
     assert Router(cfg)(torch.zeros(1, 3, 8, 32, 32)).shape == (1, 4)
+
+
+def test_input_downsample_pools_before_the_patches():
+    """input_downsample=2 on 8x32x32 clips = the same weights on the 2x2 area-pooled 8x16x16 clips."""
+    torch.manual_seed(0)
+    pooled = Router(router_config("tiny", input_downsample=2, spatial_patch=8)).eval()
+    assert pooled.config.grid == (4, 2, 2) and pooled.config.num_patches == 16
+    torch.nn.init.normal_(pooled.head.weight)
+    plain = Router(router_config("tiny", height=16, width=16, spatial_patch=8))
+    plain.load_state_dict(pooled.state_dict())
+    x = torch.rand(2, 3, 8, 32, 32) * 2 - 1
+    want = plain.eval().predict(torch.nn.functional.avg_pool3d(x, (1, 2, 2)))
+    torch.testing.assert_close(pooled.predict(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_config_saved_before_input_downsample_loads(tmp_path):
+    """A config.json written before the field existed (a router trained earlier) loads unpooled."""
+    torch.manual_seed(0)
+    model = Router(router_config("small"))
+    torch.nn.init.normal_(model.head.weight)
+    path = model.save_pretrained(tmp_path / "r", preset="small")
+    meta = json.loads((path / "config.json").read_text())
+    del meta["config"]["input_downsample"]
+    (path / "config.json").write_text(json.dumps(meta))
+    old = Router.from_pretrained(path)
+    assert old.config.input_downsample == 1 and old.config == model.config
+    x = torch.rand(1, 3, 16, 64, 64) * 2 - 1
+    assert torch.equal(old.predict(x), model.eval().predict(x))
+    assert config_from_dict(RouterConfig, {"head": "reward"}).input_downsample == 1

@@ -256,6 +256,30 @@ def test_blockwise_prefix_tree_branching(tiny64):
     assert len(state.enc.ref) == 2  # clip features stay shared, never copied per branch
 
 
+@pytest.mark.parametrize("bias", [4.0, 0.0])
+def test_step_levels_equals_repeated_steps(tiny64, bias):
+    """Every level at once with shared prefixes (the exact search's leaves) = m separate children."""
+    model = tiny64 if bias else _model(torch.float64, dec_locality_bias=0.0)
+    levels = torch.tensor(model.config.levels)
+    m = len(levels)
+    codec = BlockwiseCodec(model)
+    state = codec.init(_video(2, seed=8, dtype=torch.float64))
+    # a mixed prefix (padding in the caches) of 3 blocks, then the last block at every level
+    for t, k in enumerate(([16, 1], [2, 8], [4, 4])):
+        state, _, _ = codec.step(state, torch.tensor(k))
+    for part in (state, state.narrow(1, 1)):
+        tokens, pixels = codec.step_levels(part, levels)
+        assert tokens.shape == (len(part), int(levels.sum())) and pixels.shape == (len(part), m, 3, 2, 32, 32)
+        _, want_tok, want_pix = codec.step(part.repeat_interleave(m), levels.repeat(len(part)))
+        starts = (levels.cumsum(0) - levels).tolist()
+        for b in range(len(part)):
+            for j, k in enumerate(levels.tolist()):
+                assert torch.equal(tokens[b, starts[j] : starts[j] + k], want_tok[b * m + j, :k])
+        torch.testing.assert_close(pixels.flatten(0, 1), want_pix, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="not a level"):
+        codec.step_levels(state, (1, 3))
+
+
 def test_blockwise_rejects_extra_blocks(tiny):
     codec = BlockwiseCodec(tiny)
     state = codec.init(_video(1))
