@@ -72,7 +72,7 @@ from evatok_cli.protocols import (
     plan_clips,
     select_clips,
 )
-from evatok_cli.train.dist import DistEnv, init_distributed, shutdown
+from evatok_cli.train.dist import DistEnv, all_gather_objects, broadcast_object, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _prepare_clips(inputs: Sequence[str | Path], protocol: Protocol, num_clips: 
 
     refs = list_inputs([str(i) for i in inputs], stdin=stdin)
     # every rank must plan the same clips (stdin, for one, reaches rank 0 only under torchrun)
-    if len(set(_gather(listing_sha256(refs), env))) > 1:
+    if len(set(all_gather_objects(listing_sha256(refs), env))) > 1:
         raise EvalError("the ranks see different inputs (under torchrun give files or folders, not '-')")
     if not refs:
         raise EvalError(f"no video inputs found in {', '.join(map(str, inputs))}")
@@ -183,25 +183,6 @@ def _prepare_clips(inputs: Sequence[str | Path], protocol: Protocol, num_clips: 
     return _Clips(refs, items, failures, len(clips), why, listing_sha256(refs), ran)
 
 
-# -------------------------------------------------------------------------------- distributed
-def _gather(obj: Any, env: DistEnv) -> list[Any]:
-    if not env.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any, env: DistEnv) -> Any:
-    if not env.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -282,7 +263,7 @@ def _score(model, clips: _Clips, points: Sequence[Point], env: DistEnv, *, metri
 
 def _reduce(scored: _Scored, env: DistEnv) -> _Scored:
     """All ranks' records (sorted by position) and failures; FVD statistics summed over ranks."""
-    parts = _gather((scored.records, scored.failures), env)
+    parts = all_gather_objects((scored.records, scored.failures), env)
     records = [sorted((r for recs, _ in parts for r in recs[p]), key=lambda r: r["pos"])
                for p in range(len(scored.records))]
     failures = [f for _, fs in parts for f in fs]
@@ -572,7 +553,7 @@ def _real_stats(sel: _Clips, fvd, env: DistEnv, *, batch_size: int, workers: int
         if batch["video"] is not None:
             fvd.update(stats, to_model_input(batch["video"]).to(env.device))
     stats.all_reduce()
-    return stats, [f for part in _gather(failures, env) for f in part]
+    return stats, [f for part in all_gather_objects(failures, env) for f in part]
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -688,7 +669,7 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
     key = real_stats_key(sel, proto, w.info["i3d"])
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"real-{key[:32]}.safetensors"
-    hit = bool(_broadcast(use_cache and env.is_main and path.is_file(), env))
+    hit = bool(broadcast_object(use_cache and env.is_main and path.is_file(), env))
     real_failures: list[dict[str, str]] = []
     if hit:  # only rank 0 needs them: it alone computes the FVD
         real_stats = FeatureStats.load(path) if env.is_main else None
@@ -725,7 +706,7 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
             samples.append({"index": lo + j, "class": int(label), "tokens": int(tokens.numel()),
                             "block_lengths": [int(k) for k in bl.tolist()]})
     fake.all_reduce()
-    samples = sorted((s for part in _gather(samples, env) for s in part), key=lambda s: s["index"])
+    samples = sorted((s for part in all_gather_objects(samples, env) for s in part), key=lambda s: s["index"])
 
     deviations = why + sel.deviations + w.deviations
     if real_failures:
@@ -798,7 +779,7 @@ def _router_predictions(router, sel: _Clips, env: DistEnv, *, batch_size: int, w
             if batch["video"] is not None:
                 preds.append(router.predict(to_model_input(batch["video"]).to(env.device)).cpu().numpy())
                 pos += batch["pos"]
-    parts = _gather((pos, np.concatenate(preds) if preds else None), env)
+    parts = all_gather_objects((pos, np.concatenate(preds) if preds else None), env)
     out = np.full((len(sel.items), len(router.space)), np.nan, dtype=np.float32)
     for p, pr in parts:
         if pr is not None:

@@ -611,6 +611,8 @@ def route(
 def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str | int, w_q: float | None,
            w_l: float | None, budget: float | None, eval_labels: str | Path | None, batch_size: int, workers: int,
            ema: bool, stdin: Any) -> RouteResult:
+    from evatok_cli.train.dist import broadcast_object, gather_objects_to_main
+
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -679,7 +681,7 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
             rows += batch["row"].tolist()
 
     mine = {"keys": keys, "recs": recs, "rows": rows, "pred": np.concatenate(preds), "failures": failures}
-    parts = _gather_to_main(env, mine)
+    parts = gather_objects_to_main(mine, env)
     summary: dict[str, Any] | None = None
     error = None
     pred = np.zeros((0, len(space)), dtype=np.float32)
@@ -699,7 +701,7 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
         else:
             summary = _choose(recs, pred, rows, labels, space, head=c.head, w_q=w_q, w_l=w_l, budget=budget,
                               failures=failures_out, world_size=world)
-    summary, error = _broadcast_from_main(env, (summary, error))
+    summary, error = broadcast_object((summary, error), env)
     if error is not None:
         raise ValueError(error)
     assert summary is not None
@@ -727,24 +729,3 @@ def _choose(recs: list[dict[str, Any]], pred: np.ndarray, rows: list[int], label
             r["key"] = labels.keys[row]
         summary["eval"] = evaluate(idx, labels, w_q, w_l, rows=rows, scores=routing_scores(pred, head, space, w_q, w_l))
     return summary
-
-
-def _gather_to_main(env: DistEnv, obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order, on rank 0 (other ranks get [])."""
-    if not env.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    parts: list[Any] | None = [None] * env.world_size if env.is_main else None
-    dist.gather_object(obj, parts, dst=0)
-    return parts or []
-
-
-def _broadcast_from_main(env: DistEnv, obj: Any) -> Any:
-    if not env.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -634,32 +634,13 @@ def search_dataset(
             shutdown(env)
 
 
-def _agree(env: DistEnv, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not env.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(env: DistEnv, obj: Any) -> list[Any]:
-    if not env.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * env.world_size
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
 def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path, *, fmt: str, metric: str | Metric,
             metric_options: dict[str, Any] | None, w_q: float, w_l: float, calibration: int,
             stats: str | Path | CalibrationStats | None, beam: int | None, policy: Any, fps: str | float | None,
             batch_size: int, workers: int, chunk: int | None, seed: int, stdin: IO[str] | None,
             on_progress: Callable[[int, int], None] | None) -> SearchSummary:
+    from evatok_cli.train.dist import all_gather_objects, broadcast_object
+
     from evatok_cli.checkpoint import read_model_meta, weights_sha256
     from evatok_cli.store import Sample, open_store, open_writer
     from evatok_cli.train.checkpoints import resolve_model_dir
@@ -689,7 +670,7 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
         calib = stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
         _check_stats(calib, met.name, sha)
     else:
-        calib = _agree(env, _reusable_calibration(_stored_attrs(out), met.name, sha, seed, calibration))
+        calib = broadcast_object(_reusable_calibration(_stored_attrs(out), met.name, sha, seed, calibration), env)
         if calib is None:
             calib = calibrate(model, refs, spec, met, count=calibration, seed=seed, batch_size=batch_size,
                               workers=workers, rank=env.rank, world_size=env.world_size, proxy_sha256=sha)
@@ -757,7 +738,7 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
 
     mine = {"clips": work.clips, "evals": work.block_evals, "tokens": tokens_sum, "resumed": resumed,
             "failed": failed, "search_s": search_s}
-    parts = _gather(env, mine)
+    parts = all_gather_objects(mine, env)
     clips_total = sum(p["clips"] for p in parts)
     summary.clips = clips_total
     summary.resumed = sum(p["resumed"] for p in parts)

@@ -95,3 +95,30 @@ def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     dist.all_reduce(t)
     t /= env.world_size
     return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's picklable ``obj`` on every rank (``obj`` itself in one process)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    parts: list = [None] * env.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def gather_objects_to_main(obj, env: DistEnv) -> list:
+    """Every rank's picklable ``obj`` in rank order on rank 0; other ranks get []."""
+    if not env.distributed:
+        return [obj]
+    parts: list | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts or []
