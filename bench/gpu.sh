@@ -13,7 +13,7 @@
 # Setup: uses the first python that imports torch with CUDA (PYTHON, else python3, else python).
 # Only when none imports torch at all is `torch` installed from PyPI (the Linux wheels there are
 # CUDA builds). Then `pip install -e .[dev] triton`; where that fails (no network), evatok is
-# imported from the source tree instead (PYTHONPATH, with evatok_kernels -> kernels/).
+# imported from the source tree instead (PYTHONPATH=kernels/:., so evatok_kernels is kernels/evatok_kernels/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -71,9 +71,7 @@ if [[ $DEVICE == cuda ]]; then
     || log "pip install -e .[dev] triton failed (no network?): importing from the source tree"
 fi
 if ! "$PY" -c "import evatok_kernels, evatok_cli" 2> /dev/null; then
-  SHIM=$(mktemp -d)
-  ln -s "$REPO/kernels" "$SHIM/evatok_kernels"
-  export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$REPO/kernels:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
 {
   echo "python: $(command -v "$PY")"

@@ -67,3 +67,28 @@ def test_wheel_and_sdist_carry_the_demo_models(tmp_path):
     with tarfile.open(sdist) as t:
         in_sdist = {n.split(prefix, 1)[1] for n in t.getnames() if prefix in n and t.getmember(n).isfile()}
     assert set(shipped) <= in_sdist
+
+
+def test_repository_root_never_shadows_the_pypi_kernels_package():
+    """From the repository root (where `python -m pytest` runs), `import kernels` must never be our
+    folder: transformers >= 5 imports Hugging Face's `kernels` package whenever it is installed."""
+    code = (
+        "import importlib.metadata as md, pathlib, sys\n"
+        "root = pathlib.Path.cwd().resolve()\n"
+        "import kernels\n"
+        "files = [pathlib.Path(p).resolve() for p in ([kernels.__file__] if getattr(kernels, '__file__', None) else [])]\n"
+        "assert not any(root / 'kernels' in f.parents for f in files), files  # (a venv may live in root)\n"
+        "try:\n"
+        "    md.version('kernels')\n"
+        "except md.PackageNotFoundError:\n"
+        "    print('no-pypi-kernels')\n"
+        "else:\n"
+        "    assert files, 'the PyPI kernels package is installed but a namespace folder won'\n"
+        "    import transformers.modeling_utils  # what broke when our folder shadowed it\n"
+        "    print('pypi-kernels', files[0])\n"
+        "import evatok_kernels\n"
+        "assert evatok_kernels.__name__ == 'evatok_kernels'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/ must not be a package: see docs/kernels.md"
