@@ -62,6 +62,7 @@ import av
 import numpy as np
 
 from evatok_cli.video import write_mp4
+from evatok_cli.video.clips import EXACT_AREA
 
 KINDS = ("static", "pan_slow", "pan_fast", "zoom", "rotate", "shake", "sprite", "cut", "fade", "repeat", "footage")
 SPLITS = {"train": 0, "heldout": 1}
@@ -102,26 +103,43 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of area (box) resampling along one axis; rows sum to 1."""
+def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Area (box) resampling along one axis as taps: (index, weight), each (taps, n_out) float64;
+    the weights of an output sum to 1 (unused taps have weight 0)."""
     edges = np.arange(n_out + 1) * (n_in / n_out)
     j = np.arange(n_in)
     lo, hi = np.maximum(edges[:-1, None], j[None]), np.minimum(edges[1:, None], j[None] + 1)
-    w = np.clip(hi - lo, 0.0, None)
-    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+    w = np.clip(hi - lo, 0.0, None)  # (n_out, n_in)
+    w = w / w.sum(1, keepdims=True)
+    first = np.argmax(w > 0, axis=1)
+    taps = int(max(np.count_nonzero(row) for row in w))
+    index = np.minimum(first[None] + np.arange(taps)[:, None], n_in - 1)  # (taps, n_out)
+    weight = np.where(first[None] + np.arange(taps)[:, None] < n_in, np.take_along_axis(w.T, index, 0), 0.0)
+    return index, weight
+
+
+def _area_axis0(x: np.ndarray, n_out: int) -> np.ndarray:
+    index, weight = _area_taps(x.shape[0], n_out)
+    out = np.zeros((n_out, *x.shape[1:]))
+    for idx, wt in zip(index, weight):  # one tap at a time: a fixed order of plain + and *
+        out += wt.reshape(-1, *([1] * (x.ndim - 1))) * x[idx]
+    return out
 
 
 def area_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased resize of (H, W, C) by exact pixel-area averaging (float32 out)."""
-    a, b = _area_matrix(img.shape[0], height), _area_matrix(img.shape[1], width)
-    rows = np.tensordot(a, img.astype(np.float32), axes=(1, 0))  # (height, W, C)
-    return np.tensordot(b, rows, axes=(1, 1)).transpose(1, 0, 2)  # (height, width, C)
+    """Antialiased resize of (H, W, C) by exact pixel-area averaging (float32 out).
+
+    Elementwise float64 arithmetic in a fixed order, not a BLAS matrix product: BLAS kernels
+    round differently from one CPU to another, and the corpus must be the same on every machine.
+    """
+    rows = _area_axis0(img.astype(np.float64), height)  # (height, W, C)
+    return _area_axis0(rows.transpose(1, 0, 2), width).transpose(1, 0, 2).astype(np.float32)
 
 
 def decode_image(path: Path, fmt: str = "rgb24") -> np.ndarray:
     """The first (only) frame of an image file, decoded by PyAV's image2 demuxer."""
     with av.open(str(path)) as container:
-        return next(container.decode(video=0)).to_ndarray(format=fmt)
+        return next(container.decode(video=0)).to_ndarray(format=fmt, interpolation=EXACT_AREA, threads=1)
 
 
 def _fit_short_side(h: int, w: int, short: int) -> tuple[int, int]:
@@ -170,7 +188,7 @@ class Sources:
                 stream = container.streams.video[0]
                 h, w = _fit_short_side(stream.codec_context.height, stream.codec_context.width, short)
                 for frame in container.decode(stream):
-                    frames.append(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA"))
+                    frames.append(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation=EXACT_AREA, threads=1))
             n = len(frames)
             cut = int(n * TRAIN_FRACTION)
             first, end = (0, cut) if self.split == "train" else (cut, n)
@@ -208,7 +226,9 @@ def camera(img: np.ndarray, cx, cy, zoom, angle, size: int) -> np.ndarray:
     cx, cy, zoom, angle = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (cx, cy, zoom, angle)))
     g = np.arange(size) - (size - 1) / 2
     u, v = np.meshgrid(g, g)  # (S, S): x and y offsets of each output pixel
-    c, s, z = (a[:, None, None] for a in (np.cos(angle), np.sin(angle), zoom))
+    # math.cos/sin (the C library's) rather than numpy's, whose vectorised versions differ by CPU
+    cos, sin = (np.array([f(float(a)) for a in angle]) for f in (math.cos, math.sin))
+    c, s, z = (a[:, None, None] for a in (cos, sin, zoom))
     x = cx[:, None, None] + z * (c * u - s * v)  # (F, S, S)
     y = cy[:, None, None] + z * (s * u + c * v)
     return bilinear(img, x, y)
@@ -306,7 +326,7 @@ def kind_zoom(c: Ctx) -> Clip:
     hi = min(2.2, max_zoom(img, c.size)) * c.rng.uniform(0.75, 1.0)
     lo = max(0.45, hi / c.rng.uniform(1.4, 2.5))
     direction = "in" if c.rng.random() < 0.5 else "out"
-    z = lo * (hi / lo) ** (np.arange(c.frames) / max(c.frames - 1, 1))  # geometric: steady speed
+    z = lo * np.array([(hi / lo) ** (t / max(c.frames - 1, 1)) for t in range(c.frames)])  # geometric: steady speed
     z = z[::-1] if direction == "in" else z  # zoom = image px per output px: falling = zooming in
     cx, cy, _ = pan_path(c.rng, img, c.size, hi, 0.0, c.frames)  # a centre where the widest view fits
     return camera(img, cx, cy, z, 0.0, c.size), [name], {"direction": direction, "zoom_from": z[0], "zoom_to": z[-1]}
@@ -334,7 +354,7 @@ def kind_shake(c: Ctx) -> Clip:
     cx, cy, _ = pan_path(c.rng, img, c.size, zoom + 2 * margin / c.size, 0.0, c.frames)
     cx = cx + jitter[:, 0] * sigma * zoom
     cy = cy + jitter[:, 1] * sigma * zoom
-    angle = np.radians(jitter[:, 2] * sigma_deg)
+    angle = jitter[:, 2] * sigma_deg * (math.pi / 180)
     return camera(img, cx, cy, zoom, angle, c.size), [name], {"zoom": zoom, "sigma_px": sigma, "rho": rho, "sigma_deg": sigma_deg}
 
 

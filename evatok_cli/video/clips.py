@@ -36,7 +36,7 @@ from typing import Literal, Union
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from evatok_cli.video.errors import VideoError, decode_errors
 from evatok_cli.video.probe import VideoInfo, VideoSource, open_container, stream_info
@@ -118,6 +118,10 @@ class Clip:
         return clip_key(self.source, self.start)
 
 
+# Area scaling with swscale's bit-exact C paths: the same pixels on every CPU (its SIMD paths may
+# round differently from one instruction set to another), one thread (slices never change results).
+EXACT_AREA = Interpolation.AREA | Interpolation.BITEXACT | Interpolation.ACCURATE_RND
+
 def parse_clip_policy(text: str | int) -> ClipPolicy:
     """Parse ``"all"``, ``"first"``, ``"random"`` or a positive integer ``"N"``.
 
@@ -161,13 +165,17 @@ def source_indices(start: int, count: int, native_fps: float, target_fps: float 
 
 
 def make_rng(seed: Seed, source: str = "") -> np.random.Generator:
-    """The generator behind ``"random"``: a given Generator, or one seeded by (seed, source).
+    """The generator behind ``"random"``: a given Generator, or one seeded by (seed, source name).
 
     Mixing the source into an int seed gives different videos independent starts under one seed.
+    Only the file's name (or the tar member's) is mixed in, never the directory: the same video
+    gets the same clips wherever the dataset (or the virtual environment holding test footage)
+    happens to live, so runs reproduce across machines and checkouts.
     """
     if isinstance(seed, np.random.Generator):
         return seed
-    digest = int.from_bytes(hashlib.sha1(source.encode("utf-8")).digest()[:8], "little")
+    name = source.rsplit("::", 1)[-1].replace("\\", "/").rsplit("/", 1)[-1]
+    digest = int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "little")
     return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, digest])
 
 
@@ -349,7 +357,7 @@ class ClipReader:
         sw, sh, x0, y0 = _cover_geometry(frame.width, frame.height, self.spec.width, self.spec.height)
         with decode_errors(self.name, "while converting a frame"):
             rgb = self._reformatter.reformat(
-                frame, width=sw, height=sh, format="rgb24", interpolation="AREA", threads=1
+                frame, width=sw, height=sh, format="rgb24", interpolation=EXACT_AREA, threads=1
             ).to_ndarray()
         return rgb[y0 : y0 + self.spec.height, x0 : x0 + self.spec.width]
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -31,6 +30,26 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB (even H, W) -> the (H * 3 // 2, W) yuv420p planes, BT.601 limited range.
+
+    Integer arithmetic (the 8-bit BT.601 coefficients scaled by 256, chroma from the 2x2 mean) so
+    the bytes handed to the encoder are the same on every CPU; swscale's SIMD paths for this
+    conversion round differently from one instruction set to another, which made the same frames
+    encode to different files on different machines.
+    """
+    h, w = rgb.shape[:2]
+    c = rgb.astype(np.int32)
+    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    q = c.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # 4x the 2x2 mean
+    r, g, b = q[..., 0], q[..., 1], q[..., 2]
+    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128
+    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
+    planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()])
+    return np.clip(planes, 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def _encode(container: av.container.OutputContainer, frames: np.ndarray, fps: float | Fraction, crf: int, preset: str) -> None:
     rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
     if rate <= 0:
@@ -42,10 +61,8 @@ def _encode(container: av.container.OutputContainer, frames: np.ndarray, fps: fl
     cc = stream.codec_context
     cc.colorspace = 6  # SMPTE170M (BT.601): what swscale uses by default when reading back
     cc.color_range = 1  # limited (MPEG) range
-    reformatter = VideoReformatter()
     for i, rgb in enumerate(frames):
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        yuv = reformatter.reformat(frame, format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG")
+        yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(rgb), format="yuv420p")
         yuv.pts = i
         container.mux(stream.encode(yuv))
     container.mux(stream.encode(None))
