@@ -29,7 +29,7 @@ from evatok_cli.checkpoint import read_model_meta, weights_sha256
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.store import Sample, StoreError, open_store, open_writer
 from evatok_cli.train.checkpoints import resolve_model_dir
-from evatok_cli.train.dist import DistEnv, init_distributed, shutdown
+from evatok_cli.train.dist import DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shutdown
 from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
@@ -411,11 +411,6 @@ def _reduce(summary: EncodeSummary, env: DistEnv) -> None:
     """Sum counts over ranks (so rank 0 reports the whole job)."""
     if not env.distributed:
         return
-    import torch.distributed as dist
-
-    t = torch.tensor([summary.clips, summary.failures, summary.tokens, summary.skipped_done], dtype=torch.float64)
-    dist.all_reduce(t)
-    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (int(x) for x in t.tolist())
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, summary.failed)
-    summary.failed = [f for part in gathered for f in part]
+    totals = all_reduce_sum([summary.clips, summary.failures, summary.tokens, summary.skipped_done], env)
+    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (int(x) for x in totals)
+    summary.failed = [f for part in all_gather_objects(summary.failed, env) for f in part]

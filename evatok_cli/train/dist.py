@@ -97,6 +97,15 @@ def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum numbers over ranks; the tensor lives on the job's device (NCCL rejects CPU tensors)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def broadcast_object(obj, env: DistEnv):
     """Rank 0's picklable ``obj`` on every rank (``obj`` itself in one process)."""
     if not env.distributed:
