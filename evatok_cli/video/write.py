@@ -33,19 +33,19 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) RGB (even H, W) -> the (H * 3 // 2, W) yuv420p planes, BT.601 limited range.
 
-    Integer arithmetic (the 8-bit BT.601 coefficients scaled by 256, chroma from the 2x2 mean) so
+    Integer arithmetic (BT.601's coefficients in 16-bit fixed point, chroma from the 2x2 mean) so
     the bytes handed to the encoder are the same on every CPU; swscale's SIMD paths for this
     conversion round differently from one instruction set to another, which made the same frames
     encode to different files on different machines.
     """
     h, w = rgb.shape[:2]
-    c = rgb.astype(np.int32)
+    c = rgb.astype(np.int64)
     r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    y = ((16829 * r + 33039 * g + 6416 * b + (1 << 15)) >> 16) + 16
     q = c.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))  # 4x the 2x2 mean
     r, g, b = q[..., 0], q[..., 1], q[..., 2]
-    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128
-    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
+    u = ((-9714 * r - 19070 * g + 28784 * b + (1 << 17)) >> 18) + 128
+    v = ((28784 * r - 24103 * g - 4681 * b + (1 << 17)) >> 18) + 128
     planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()])
     return np.clip(planes, 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
 
