@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.assignments import AssignmentSpace, label_spread
 from evatok_cli.metrics import Metric, get_metric
 from evatok_cli.models.blockwise import BlockwiseCodec, PrefixState
 from evatok_cli.models.tokenizer import EVATokTokenizer, TokenizerConfig
@@ -506,6 +506,7 @@ class SearchSummary:
     world_size: int = 1
     beam: int | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    spread: dict[str, Any] = field(default_factory=dict)  # assignments.label_spread of this run's labels
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -701,7 +702,7 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
             todo.append(i)
     loader = DataLoader(Subset(ds, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
     work = SearchStats()
-    tokens_sum, done, failed = 0, 0, []
+    tokens_sum, done, failed, chosen = 0, 0, [], []
     lengths = space.lengths()
     t_search = time.perf_counter()
     with writer:
@@ -731,13 +732,14 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
                 work.clips += res.stats.clips
                 work.block_evals += res.stats.block_evals
                 tokens_sum += int(lengths[best].sum())
+                chosen.extend(int(a) for a in best)
             done += len(batch["key"]) + len(failures)
             if on_progress is not None:
                 on_progress(done, len(todo))
     search_s = time.perf_counter() - t_search
 
     mine = {"clips": work.clips, "evals": work.block_evals, "tokens": tokens_sum, "resumed": resumed,
-            "failed": failed, "search_s": search_s}
+            "failed": failed, "search_s": search_s, "chosen": chosen}
     parts = all_gather_objects(mine, env)
     clips_total = sum(p["clips"] for p in parts)
     summary.clips = clips_total
@@ -748,6 +750,10 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
     summary.search_s = max(p["search_s"] for p in parts)
     summary.clips_per_s = clips_total / summary.search_s if summary.search_s > 0 else 0.0
     summary.block_evals_per_clip = sum(p["evals"] for p in parts) / clips_total if clips_total else 0.0
+    summary.spread = label_spread(space, [a for p in parts for a in p["chosen"]])
+    if summary.spread["collapsed"] and env.is_main:
+        log.warning("the labels collapsed: %s (w_q=%g, w_l=%g); a router trained on them learns a constant. %s",
+                    summary.spread["reason"], w_q, w_l, summary.spread["suggestion"])
     summary.wall_s = time.perf_counter() - t0
     if clips_total == 0 and summary.resumed == 0 and summary.failed:
         first = summary.failed[0]

@@ -57,6 +57,15 @@ def _render_summary(s: dict[str, Any]) -> None:
         f"calibration {cal['metric']} mean {cal['mean']:.4g} std {cal['std']:.4g} over {cal['count']} pairs",
         markup=False, highlight=False,
     )
+    sp = s.get("spread") or {}
+    if sp.get("top"):
+        err_console.print(
+            f"labels: {sp['distinct']} distinct assignments over {sp['clips']} clips; most common "
+            f"{tuple(sp['top']['assignment'])} {sp['top']['share']:.0%}, shortest {sp['shortest_share']:.0%}, "
+            f"longest {sp['longest_share']:.0%}", markup=False, highlight=False)
+    if sp.get("collapsed"):
+        err_console.print(f"warning: the labels collapsed: {sp['reason']}; {sp['suggestion']}", markup=False,
+                          highlight=False)
 
 
 def search(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.assignments import AssignmentSpace, label_spread
 from evatok_cli.cli import app
 from evatok_cli.search import SearchSummary, rewards
 from evatok_cli.store import open_store
@@ -116,3 +116,29 @@ def test_search_directory_with_broken_file(tiny_tokenizer, mixed_dir, tmp_path):
     # a different reward into the same store is refused
     res = runner.invoke(app, [*args, "--w-q", "1.0", "--quiet"])
     assert res.exit_code == 1 and "different" in res.stderr
+
+
+def test_collapsed_labels_are_reported_with_a_suggestion(tiny_tokenizer, footage, tmp_path):
+    """A length weight that swamps the quality term puts every clip on the shortest assignment: the
+    search still finishes, and says so on stderr and in its JSON (issue: the router then learns a
+    constant and route --eval reports 100% everywhere, which nothing used to flag)."""
+    out = tmp_path / "labels.zarr"
+    res = runner.invoke(app, ["search", "--tokenizer", str(tiny_tokenizer), "--data", str(footage["bikes"]),
+                              "--data", str(footage["carphone"]), "--clips", "4", "-o", str(out), "--calibration", "8",
+                              "--workers", "0", "--device", "cpu", "--w-l", "100", "--json"])
+    assert res.exit_code == 0, res.output
+    spread = json.loads(res.stdout)["spread"]
+    assert spread["clips"] == 8 and spread["shortest_share"] == 1.0 and spread["distinct"] == 1
+    assert spread["collapsed"] is True and "lower --w-l" in spread["suggestion"]
+    assert "the labels collapsed: 100% of the clips got the shortest assignment" in res.stderr
+
+
+def test_label_spread_rules():
+    space = AssignmentSpace(levels=(1, 2, 4), blocks=2)
+    spread = label_spread(space, np.arange(9))  # every assignment once
+    assert spread["distinct"] == 9 and not spread["collapsed"] and spread["entropy_bits"] == pytest.approx(np.log2(9), abs=1e-3)
+    longest = label_spread(space, [8] * 6 + [0, 1, 2, 3])
+    assert longest["collapsed"] and longest["longest_share"] == 0.6 and "raise --w-l" in longest["suggestion"]
+    middle = label_spread(space, [4] * 5 + [0, 1, 2, 3, 8])
+    assert middle["collapsed"] and middle["top"] == {"assignment": [2, 2], "share": 0.5}
+    assert not label_spread(space, [0] * 7)["collapsed"]  # too few clips to judge
