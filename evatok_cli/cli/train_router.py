@@ -3,6 +3,7 @@
 Usage:
     evatok train router --labels labels.zarr --data videos/ --head classify --preset paper --out runs/router
     evatok train router --labels labels.zarr --data videos/ --head reward --preset small --out runs/rr --steps 20000
+    evatok train router --labels labels.zarr --data videos/ --head reward --reward-form blocks --out runs/rb
     evatok train router --labels labels.zarr --data videos/ --head classify --soft-tau 0.1 --w-q 1.4 --w-l 0.6 --out r
     torchrun --nproc_per_node 8 -m evatok_cli train router --labels l.zarr --data webvid/ --preset paper --out runs/r
 """
@@ -43,6 +44,7 @@ def router(
     preset: Annotated[str, typer.Option("--preset", help="tiny, small or paper (ViT-S).")] = "small",
     steps: Annotated[int, typer.Option("--steps", help="Total optimisation steps.")] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 32,
+    reward_form: Annotated[str, typer.Option("--reward-form", help="Reward head: joint (one output per assignment) or blocks (one per block and level, averaged).")] = "joint",
     soft_tau: Annotated[float | None, typer.Option("--soft-tau", help="Classify head: soft targets softmax(R/T).")] = None,
     w_q: Annotated[float | None, typer.Option("--w-q", help="Quality weight of the targets (default: the labels').")] = None,
     w_l: Annotated[float | None, typer.Option("--w-l", help="Length weight of the targets (default: the labels').")] = None,
@@ -59,7 +61,7 @@ def router(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a router that predicts each clip's best token assignment (stage 3)."""
-    from evatok_cli.models.router import HEADS, ROUTER_PRESETS
+    from evatok_cli.models.router import HEADS, REWARD_FORMS, ROUTER_PRESETS
     from evatok_cli.store import StoreError
     from evatok_cli.train.loop import ResumeError
     from evatok_cli.train.router import train_router
@@ -71,11 +73,15 @@ def router(
         fail(f"--head must be classify or reward, got {head!r}", code=2)
     if soft_tau is not None and head != "classify":
         fail("--soft-tau applies to --head classify only", code=2)
+    if reward_form not in REWARD_FORMS:
+        fail(f"--reward-form must be joint or blocks, got {reward_form!r}", code=2)
+    if reward_form != "joint" and head != "reward":
+        fail("--reward-form applies to --head reward only", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_router(
             labels=labels, data=data, head=head, preset=preset, out=out, steps=steps, batch_size=batch_size,
-            soft_tau=soft_tau, w_q=w_q, w_l=w_l, resume=resume, seed=seed, device=device, workers=workers,
+            reward_form=reward_form, soft_tau=soft_tau, w_q=w_q, w_l=w_l, resume=resume, seed=seed, device=device, workers=workers,
             checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at,
             stdin=sys.stdin if "-" in data else None, on_log=None if quiet else _log_line, lr=lr, warmup=warmup,
         )

@@ -11,7 +11,12 @@ Two heads share the body (PAPER §4 speaks only of the first):
 - ``classify``: logits over the m^T joint assignment classes (one class per clip, not per block);
   trained with cross-entropy on the searched argmax label (or soft targets).
 - ``reward``: regresses the per-assignment quality z-scores Q (m^T,); the quality/length trade-off
-  (w_q, w_l) or a token budget is then chosen at inference (``evatok_cli.route``).
+  (w_q, w_l) or a token budget is then chosen at inference (``evatok_cli.route``). Two forms:
+  ``joint`` (one output per assignment) and ``blocks`` (one output u[t, k] per block and level, with
+  Q(a) = mean_t u[t, a_t]: T*m = 20 numbers instead of 625). The clip metric is a mean over frames
+  and the block-causal tokenizer makes block t's quality depend on the blocks before it only a
+  little, so Q is close to additive over blocks; ``blocks`` builds that in and learns it from
+  every explored assignment of every clip at once.
 
 Routing policies (argmax of a reward, budgets) live outside the module (STYLE rule 9).
 """
@@ -31,6 +36,7 @@ from evatok_cli.checkpoint import load_model, register_model_kind, save_model
 from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, init_linear, patchify
 
 HEADS = ("classify", "reward")
+REWARD_FORMS = ("joint", "blocks")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -50,6 +56,8 @@ class RouterConfig:
         dim, depth, heads, mlp_ratio: transformer width, layers, attention heads, MLP expansion.
         levels, blocks: the assignment space (m levels, T blocks): the head has m**T outputs.
         head: ``classify`` (logits) or ``reward`` (predicted quality z-scores Q).
+        reward_form: reward head only: ``joint`` (m**T outputs) or ``blocks`` (T*m outputs averaged
+            over blocks; see the module docstring).
     """
 
     frames: int = 16
@@ -65,6 +73,7 @@ class RouterConfig:
     levels: tuple[int, ...] = (32, 64, 128, 256, 512)
     blocks: int = 4
     head: str = "classify"
+    reward_form: str = "joint"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
@@ -85,6 +94,10 @@ class RouterConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.reward_form not in REWARD_FORMS:
+            raise ValueError(f"reward_form must be one of {REWARD_FORMS}, got {self.reward_form!r}")
+        if self.reward_form != "joint" and self.head != "reward":
+            raise ValueError(f"reward_form={self.reward_form!r} needs head='reward', got head={self.head!r}")
         AssignmentSpace(self.levels, self.blocks)  # validates the levels
 
     @property
@@ -126,7 +139,12 @@ class Router(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, c.dim) * 0.02)
         self.layers = nn.ModuleList(PatchLayer(c.dim, c.heads, c.mlp_ratio) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, c.num_assignments)
+        blocks = c.reward_form == "blocks"
+        self.head = nn.Linear(c.dim, c.blocks * len(c.levels) if blocks else c.num_assignments)
+        if blocks:  # (m**T, T): the column of u[t, a_t] in the flat (T*m) head output, per assignment
+            table = torch.as_tensor(c.space.table()).long()  # (m**T, T) levels
+            level_idx = torch.searchsorted(torch.tensor(c.levels), table)
+            self.register_buffer("block_cols", level_idx + torch.arange(c.blocks) * len(c.levels), persistent=False)
         self.apply(init_linear)
         nn.init.zeros_(self.head.weight)  # start from uniform logits / Q-hat = 0 (the z-score mean)
 
@@ -148,7 +166,10 @@ class Router(nn.Module):
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # (B, 1 + N, D)
         for layer in self.layers:
             x = layer(x, None)
-        return self.head(self.norm(x[:, 0]))  # (B, m**T)
+        out = self.head(self.norm(x[:, 0]))  # (B, m**T), or (B, T*m) per-block qualities u
+        if self.config.reward_form == "blocks":
+            out = out[:, self.block_cols].mean(-1)  # (B, m**T, T) -> (B, m**T): Q(a) = mean_t u[t, a_t]
+        return out
 
     @torch.no_grad()
     def predict(self, video: Tensor) -> Tensor:

@@ -240,6 +240,7 @@ def train_router(
     out: Path,
     steps: int,
     batch_size: int = 32,
+    reward_form: str = "joint",
     soft_tau: float | None = None,
     w_q: float | None = None,
     w_l: float | None = None,
@@ -265,6 +266,8 @@ def train_router(
         head: ``classify`` or ``reward``.
         preset: router preset (``tiny``, ``small``, ``paper``); clip geometry and space come from the labels.
         out: output directory; checkpoints are ``out/step-NNNNNNNN/`` model directories.
+        reward_form: reward head: ``joint`` (one output per assignment) or ``blocks`` (one per block
+            and level, averaged over blocks; :class:`~evatok_cli.models.router.RouterConfig`).
         soft_tau: classify head: soft targets softmax(R / tau) instead of the argmax label.
         w_q, w_l: reward weights for the classify targets (default: the labels store's); for the reward
             head they only set the routing defaults recorded in the checkpoint (and the logged top-1).
@@ -293,7 +296,7 @@ def train_router(
     spec = lab.clip_spec()
     space = lab.space
     config = router_config(preset, frames=spec.frames, height=spec.height, width=spec.width, levels=space.levels,
-                           blocks=space.blocks, head=head)
+                           blocks=space.blocks, head=head, reward_form=reward_form)
     targets = make_targets(lab, head, w_q=w_q, w_l=w_l, soft_tau=soft_tau)
     refs = list_inputs(data, stdin=stdin)
     if not refs:
