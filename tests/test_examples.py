@@ -20,6 +20,9 @@ import av
 import numpy as np
 import pytest
 
+from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.store import open_store
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -196,3 +199,35 @@ def test_reproduce_small_quick(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "+ evatok train" not in again.stderr and "+ evatok search" not in again.stderr
+
+
+def test_router_study_reads_points_off_the_labels(tmp_path, footage):
+    """examples/router_study.py: uniform, oracle and routed points from one labels store; a router
+    that routes every clip to its labelled best sits on the oracle; one at uniform:4 on the curve."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_route import make_labels_store  # a test helper module, importable only from tests/
+
+    videos = tmp_path / "v" / "kind"
+    videos.mkdir(parents=True)
+    (videos / "bikes.mp4").symlink_to(footage["bikes"])
+    labels = make_labels_store(tmp_path / "labels.zarr", [videos])
+    store = open_store(labels)
+    best = tmp_path / "best.jsonl"
+    best.write_text("".join(json.dumps({"key": s.key, "index": s.assignment}) + "\n" for s in store))
+    space = AssignmentSpace.from_dict(store.attrs["space"])
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps({"key": s.key, "index": space.to_index(space.uniform(4))}) + "\n" for s in store))
+    out = tmp_path / "rep" / "study"
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "router_study.py"), "--labels", str(labels),
+                          "--routed", f"best={best}", "--routed", f"flat={flat}", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["clips"] == 4 and [p["level"] for p in rep["uniform"]] == list(space.levels)
+    assert rep["higher_is_better"] is False  # the fake labels are LPIPS-like
+    flat_point = next(p for p in rep["routers"] if p["name"] == "flat")
+    u4 = next(p for p in rep["uniform"] if p["level"] == 4)
+    assert flat_point["tokens"] == u4["tokens"] == 16 and flat_point["metric"] == pytest.approx(u4["metric"])
+    assert flat_point["margin_over_uniform"] == pytest.approx(0.0, abs=1e-12)
+    assert flat_point["tokens_per_block"] == [4, 4, 4, 4] and flat_point["tokens_per_kind"] == {"kind": 16.0}
+    assert out.with_suffix(".md").read_text().startswith("# Router study on 4 clips")
