@@ -231,3 +231,21 @@ def test_router_study_reads_points_off_the_labels(tmp_path, footage):
     assert flat_point["margin_over_uniform"] == pytest.approx(0.0, abs=1e-12)
     assert flat_point["tokens_per_block"] == [4, 4, 4, 4] and flat_point["tokens_per_kind"] == {"kind": 16.0}
     assert out.with_suffix(".md").read_text().startswith("# Router study on 4 clips")
+
+
+def test_label_weights_sweep_moves_the_labels_with_the_length_weight(tmp_path, footage):
+    """examples/label_weights.py recomputes every clip's best assignment per w_l from the store: a
+    larger length weight never gives more tokens, and a huge one collapses onto the shortest."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_route import make_labels_store  # a test helper module, importable only from tests/
+
+    labels = make_labels_store(tmp_path / "labels.zarr", [footage["bikes"], footage["carphone"]])
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "label_weights.py"), str(labels), "--w-l",
+                          "0,0.4,0.8,100", "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    tokens = [r["mean_tokens"] for r in rows]
+    assert tokens == sorted(tokens, reverse=True) and tokens[0] > tokens[-1]
+    assert rows[-1]["shortest_share"] == 1.0 and rows[-1]["collapsed"] is True
+    assert rows[2]["w_l"] == 0.8 and rows[2]["mean_tokens"] == pytest.approx(
+        np.mean([sum(s.block_lengths) for s in open_store(labels)]))  # the store's own labels at its own weights
