@@ -147,7 +147,9 @@ def load_model(
     state = load_file(str(weights), device=str(map_location))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.preset = meta.get("preset")  # type: ignore[attr-defined]
     return model.to(map_location).eval()
 
@@ -240,7 +242,8 @@ def _retarget_tokenizer(src_dir: Path, record: Any, tok_dir: Path) -> dict[str, 
     if record["sha256"] not in (source_sha, new_sha):
         raise CheckpointError(
             f"{src_dir}: was trained on tokens of tokenizer weights {record['sha256'][:12]}, but {tok_dir} was "
-            f"exported from {str(source_sha)[:12]} (export the tokenizer step that wrote its token stores)")
+            f"exported from {str(source_sha)[:12]} (export the tokenizer step that wrote its token stores)"
+        )
     return {**record, "sha256": new_sha, "source_sha256": record["sha256"]}
 
 

@@ -104,7 +104,8 @@ def decode_store(
     if want and want != got:
         raise TokenizerMismatchError(
             f"{model_dir}: not the tokenizer that wrote {store_path} (weights sha256 {got[:12]}, the store's "
-            f"{want[:12]}, preset {recorded.get('preset') or '?'})")
+            f"{want[:12]}, preset {recorded.get('preset') or '?'})"
+        )
     clip = store.attrs["clip"]
     spec = ClipSpec(frames=clip["frames"], height=clip["height"], width=clip["width"], fps=clip["fps"])
     out_fps = fps or (25.0 if clip["fps"] == "native" else float(clip["fps"]))

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import read_model_meta, weights_sha256
 from evatok_cli.models.tokenizer import EVATokTokenizer
-from evatok_cli.store import Sample, StoreError, open_store, open_writer
+from evatok_cli.store import Sample, open_store, open_writer
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.train.dist import DistEnv, init_distributed, shutdown
-from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,24 @@ class LabelsAssigner:
     def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         missing = [k for k in keys if k not in self.by_key]
         if missing:
-            raise EncodeError(f"{self.path}: no assignment for clip {missing[0]} (was it searched with the same inputs and --clips?)")
+            raise EncodeError(
+                f"{self.path}: no assignment for clip {missing[0]} (was it searched with the same inputs and --clips?)"
+            )
         return torch.tensor([self.space.to_tuple(self.by_key[k]) for k in keys], dtype=torch.long)
 
 
 class RouterAssigner:
     """Assignments predicted by a router in one forward pass (PAPER §3.3)."""
 
-    def __init__(self, path: Path, space: AssignmentSpace, clip: tuple[int, int, int], device: torch.device,
-                 w_q: float | None = None, w_l: float | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        space: AssignmentSpace,
+        clip: tuple[int, int, int],
+        device: torch.device,
+        w_q: float | None = None,
+        w_l: float | None = None,
+    ) -> None:
         from evatok_cli.route import RouterPolicy
 
         try:
@@ -157,7 +166,11 @@ def read_labels(refs: Sequence[VideoRef], label_from: str | None) -> tuple[list[
     ids = {n: i for i, n in enumerate(names)}
 
     def lookup(r: VideoRef) -> int:
-        for cand in (r.source, str(Path(r.source).resolve()) if "::" not in r.source else r.source, Path(r.source).name):
+        for cand in (
+            r.source,
+            str(Path(r.source).resolve()) if "::" not in r.source else r.source,
+            Path(r.source).name,
+        ):
             if cand in rows:
                 return ids[rows[cand]]
         return -1
@@ -256,17 +269,59 @@ def encode_videos(
     t0 = time.perf_counter()
     env = init_distributed(device)
     try:
-        return _encode(inputs, Path(out), env=env, t0=t0, tokenizer=Path(tokenizer), format=format,
-                       assignment=assignment, labels_store=labels_store, router=router, w_q=w_q, w_l=w_l,
-                       budget=budget, assigner=assigner, clips=clips, fps=fps,
-                       label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
-                       stdin=stdin, on_progress=on_progress)
+        return _encode(
+            inputs,
+            Path(out),
+            env=env,
+            t0=t0,
+            tokenizer=Path(tokenizer),
+            format=format,
+            assignment=assignment,
+            labels_store=labels_store,
+            router=router,
+            w_q=w_q,
+            w_l=w_l,
+            budget=budget,
+            assigner=assigner,
+            clips=clips,
+            fps=fps,
+            label_from=label_from,
+            batch_size=batch_size,
+            workers=workers,
+            seed=seed,
+            strict=strict,
+            stdin=stdin,
+            on_progress=on_progress,
+        )
     finally:
         shutdown(env)
 
 
-def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, format: str, assignment, labels_store,
-            router, w_q, w_l, budget, assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress) -> EncodeSummary:
+def _encode(
+    inputs,
+    out: Path,
+    *,
+    env: DistEnv,
+    t0: float,
+    tokenizer: Path,
+    format: str,
+    assignment,
+    labels_store,
+    router,
+    w_q,
+    w_l,
+    budget,
+    assigner,
+    clips,
+    fps,
+    label_from,
+    batch_size,
+    workers,
+    seed,
+    strict,
+    stdin,
+    on_progress,
+) -> EncodeSummary:
     if batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {batch_size}")
     inputs = [str(i) for i in inputs]
@@ -298,12 +353,19 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
     if not refs:
         raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
     labels, names = read_labels(refs, label_from)
-    extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed,
-             "assignment_policy": policy_name}
+    extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed, "assignment_policy": policy_name}
     if names is not None:
         extra["labels"] = names
-    writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,
-                         rank=env.rank, world_size=env.world_size, barrier=env.barrier, commit_every=4 * batch_size)
+    writer = open_writer(
+        out,
+        format=format,
+        attrs=store_attrs(model, model_dir, spec, extra),
+        num_blocks=space.blocks,
+        rank=env.rank,
+        world_size=env.world_size,
+        barrier=env.barrier,
+        commit_every=4 * batch_size,
+    )
     summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
     if writer.finished:
         summary.nothing_to_do = True
@@ -326,8 +388,14 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
         log.info("resuming: %d clips already done", summary.skipped_done)
     # each worker reads one contiguous stretch of the clips, so a video is decoded about once
     order = [todo[i] for i in worker_contiguous_order(len(todo), batch_size, workers)]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate_clips,
-                        prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=workers,
+        collate_fn=collate_clips,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     model.eval()
     pad_total = tok_total = 0
     try:
@@ -352,18 +420,30 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
                 tok_total += longest * len(group)
                 for g, tok, bl in zip(group, tokens, block_lengths.tolist()):
                     samples[g] = Sample(
-                        key=batch["key"][g], tokens=tok.cpu().numpy(), block_lengths=tuple(bl),
-                        assignment=space.to_index(bl), source=batch["source"][g],
-                        clip_start=int(batch["clip_start"][g]), label=label_of.get(batch["source"][g], -1),
+                        key=batch["key"][g],
+                        tokens=tok.cpu().numpy(),
+                        block_lengths=tuple(bl),
+                        assignment=space.to_index(bl),
+                        source=batch["source"][g],
+                        clip_start=int(batch["clip_start"][g]),
+                        label=label_of.get(batch["source"][g], -1),
                     )
             writer.append([s for s in samples if s is not None])  # decode order, whatever the grouping
             summary.clips += len(samples)
             summary.tokens += int(sum(lengths))
             if on_progress is not None and env.is_main:
                 el = time.perf_counter() - t0
-                on_progress({"clips": summary.clips, "total": len(todo), "failures": summary.failures,
-                             "tokens": summary.tokens, "clips_per_s": summary.clips / el,
-                             "tokens_per_s": summary.tokens / el, "mean_tokens": summary.tokens / max(1, summary.clips)})
+                on_progress(
+                    {
+                        "clips": summary.clips,
+                        "total": len(todo),
+                        "failures": summary.failures,
+                        "tokens": summary.tokens,
+                        "clips_per_s": summary.clips / el,
+                        "tokens_per_s": summary.tokens / el,
+                        "mean_tokens": summary.tokens / max(1, summary.clips),
+                    }
+                )
         writer.close()
     except BaseException:
         writer.abort()
@@ -376,8 +456,10 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
     summary.clips_per_s = summary.clips / summary.wall_s
     summary.tokens_per_s = summary.tokens / summary.wall_s
     if summary.clips == 0 and summary.skipped_done == 0 and summary.failures:
-        raise EncodeError(f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
-                          f"{summary.failed[0]['reason']})")
+        raise EncodeError(
+            f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
+            f"{summary.failed[0]['reason']})"
+        )
     return summary
 
 
@@ -400,10 +482,22 @@ def _budget_table(router, inputs, clips, fps, budget, w_q, w_l, env: DistEnv, st
 
     if env.distributed:
         raise EncodeError("--budget runs in one process (the budget is shared by all clips); run it without torchrun")
-    result = route(router, [str(i) for i in inputs], clips=clips, w_q=w_q, w_l=w_l, budget=budget,
-                   device=str(env.device), stdin=stdin)
-    log.info("budget %.1f: routed %d clips, mean %.1f tokens", budget, len(result.records),
-             result.summary.get("mean_tokens", float("nan")))
+    result = route(
+        router,
+        [str(i) for i in inputs],
+        clips=clips,
+        w_q=w_q,
+        w_l=w_l,
+        budget=budget,
+        device=str(env.device),
+        stdin=stdin,
+    )
+    log.info(
+        "budget %.1f: routed %d clips, mean %.1f tokens",
+        budget,
+        len(result.records),
+        result.summary.get("mean_tokens", float("nan")),
+    )
     return TableAssigner({r["key"]: tuple(r["assignment"]) for r in result.records}, f"budget routing of {router}")
 
 

@@ -93,7 +93,7 @@ def parse_random(spec: str | Path | None) -> int | None:
     if spec is None or not str(spec).startswith(RANDOM_PREFIX):
         return None
     try:
-        return int(str(spec)[len(RANDOM_PREFIX):])
+        return int(str(spec)[len(RANDOM_PREFIX) :])
     except ValueError:
         raise EvalError(f"{spec!r}: expected random:SEED with an integer seed") from None
 
@@ -111,12 +111,22 @@ def load_fvd(i3d: str | Path, variant: str, *, batch_size: int | None = None):
     seed = parse_random(i3d)
     if seed is not None:
         fvd = FVD.random(seed, resolution=RANDOM_I3D_RESOLUTION, batch_size=batch_size)
-        info = {"variant": fvd.variant, "path": str(i3d), "sha256": fvd.weights_sha256, "resolution": fvd.resolution,
-                "random": True}
+        info = {
+            "variant": fvd.variant,
+            "path": str(i3d),
+            "sha256": fvd.weights_sha256,
+            "resolution": fvd.resolution,
+            "random": True,
+        }
         return fvd, info
     fvd = FVD.load(i3d, variant=variant, batch_size=batch_size)
-    return fvd, {"variant": variant, "path": str(i3d), "sha256": fvd.weights_sha256, "resolution": fvd.resolution,
-                 "random": False}
+    return fvd, {
+        "variant": variant,
+        "path": str(i3d),
+        "sha256": fvd.weights_sha256,
+        "resolution": fvd.resolution,
+        "random": False,
+    }
 
 
 def load_lpips(weights: str | Path, heads: str | Path | None = None, net: str = "vgg"):
@@ -128,12 +138,24 @@ def load_lpips(weights: str | Path, heads: str | Path | None = None, net: str = 
     if seed is not None:
         m = LPIPS.random(net, seed)
         tag = f"random(seed={seed})"
-        return m, {"net": net, "backbone": str(weights), "backbone_sha256": tag, "heads": str(weights),
-                   "heads_sha256": tag, "random": True}
+        return m, {
+            "net": net,
+            "backbone": str(weights),
+            "backbone_sha256": tag,
+            "heads": str(weights),
+            "heads_sha256": tag,
+            "random": True,
+        }
     heads_path = heads if heads is not None else lpips_package_heads(net)
     m = LPIPS(net, backbone=weights, heads=heads_path)
-    return m, {"net": net, "backbone": str(weights), "backbone_sha256": _sha(weights), "heads": str(heads_path),
-               "heads_sha256": _sha(heads_path), "random": False}
+    return m, {
+        "net": net,
+        "backbone": str(weights),
+        "backbone_sha256": _sha(weights),
+        "heads": str(heads_path),
+        "heads_sha256": _sha(heads_path),
+        "random": False,
+    }
 
 
 def _model_record(path: Path | None) -> dict[str, Any] | None:
@@ -160,8 +182,9 @@ class _Clips:
         return self.items[env.rank :: env.world_size]
 
 
-def _prepare_clips(inputs: Sequence[str | Path], protocol: Protocol, num_clips: int | None, env: DistEnv,
-                   stdin=None) -> _Clips:
+def _prepare_clips(
+    inputs: Sequence[str | Path], protocol: Protocol, num_clips: int | None, env: DistEnv, stdin=None
+) -> _Clips:
     from evatok_cli.video import list_inputs
 
     refs = list_inputs([str(i) for i in inputs], stdin=stdin)
@@ -181,8 +204,6 @@ def _prepare_clips(inputs: Sequence[str | Path], protocol: Protocol, num_clips: 
         why.append(f"{len(failures)} videos could not be used (first: {f['source']}: {f['reason']})")
     ran = protocol if num_clips is None else dataclasses.replace(protocol, num_clips=num_clips, sampling="subset")
     return _Clips(refs, items, failures, len(clips), why, listing_sha256(refs), ran)
-
-
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -222,16 +243,33 @@ def _clip_metrics(names: Sequence[str], recon: torch.Tensor, video: torch.Tensor
     return out
 
 
-def _score(model, clips: _Clips, points: Sequence[Point], env: DistEnv, *, metrics: Sequence[str], lpips, fvd,
-           router=None, batch_size: int, workers: int, spec: Any) -> _Scored:
+def _score(
+    model,
+    clips: _Clips,
+    points: Sequence[Point],
+    env: DistEnv,
+    *,
+    metrics: Sequence[str],
+    lpips,
+    fvd,
+    router=None,
+    batch_size: int,
+    workers: int,
+    spec: Any,
+) -> _Scored:
     """Reconstruct this rank's clips under every point; per-clip metrics and FVD statistics."""
     from torch.utils.data import DataLoader
 
     from evatok_cli.video import clip_key, to_model_input
 
     space = model.space
-    loader = DataLoader(ClipDataset(clips.mine(env), spec), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=collate_clips)
+    loader = DataLoader(
+        ClipDataset(clips.mine(env), spec),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_clips,
+    )
     records: list[list[dict[str, Any]]] = [[] for _ in points]
     real = fvd.new_stats() if fvd is not None else None
     fake = [fvd.new_stats() for _ in points] if fvd is not None else []
@@ -254,8 +292,15 @@ def _score(model, clips: _Clips, points: Sequence[Point], env: DistEnv, *, metri
                     fvd.update(fake[p], recon)
                 for j, (pos, src, start) in enumerate(zip(batch["pos"], batch["source"], batch["clip_start"])):
                     bl = [int(k) for k in lengths[j].tolist()]
-                    rec = {"pos": int(pos), "key": clip_key(src, start), "source": src, "clip_start": int(start),
-                           "assignment": bl, "index": space.to_index(bl), "tokens": int(sum(bl))}
+                    rec = {
+                        "pos": int(pos),
+                        "key": clip_key(src, start),
+                        "source": src,
+                        "clip_start": int(start),
+                        "assignment": bl,
+                        "index": space.to_index(bl),
+                        "tokens": int(sum(bl)),
+                    }
                     rec.update({k: float(v[j]) for k, v in values.items()})
                     records[p].append(rec)
     return _Scored(records, real, fake, failures)
@@ -264,8 +309,9 @@ def _score(model, clips: _Clips, points: Sequence[Point], env: DistEnv, *, metri
 def _reduce(scored: _Scored, env: DistEnv) -> _Scored:
     """All ranks' records (sorted by position) and failures; FVD statistics summed over ranks."""
     parts = all_gather_objects((scored.records, scored.failures), env)
-    records = [sorted((r for recs, _ in parts for r in recs[p]), key=lambda r: r["pos"])
-               for p in range(len(scored.records))]
+    records = [
+        sorted((r for recs, _ in parts for r in recs[p]), key=lambda r: r["pos"]) for p in range(len(scored.records))
+    ]
     failures = [f for _, fs in parts for f in fs]
     if scored.real is not None:
         scored.real.all_reduce()
@@ -302,7 +348,12 @@ class _Weights:
 
 def _resolve_metrics(metrics: Sequence[str] | None, *, i3d, lpips_weights) -> list[str]:
     if metrics is None:
-        return ["psnr", "ssim", *(["lpips"] if lpips_weights is not None else []), *(["fvd"] if i3d is not None else [])]
+        return [
+            "psnr",
+            "ssim",
+            *(["lpips"] if lpips_weights is not None else []),
+            *(["fvd"] if i3d is not None else []),
+        ]
     names = [m.strip().lower() for m in metrics if m.strip()]
     bad = [m for m in names if m not in METRICS]
     if bad or not names:
@@ -314,8 +365,18 @@ def _resolve_metrics(metrics: Sequence[str] | None, *, i3d, lpips_weights) -> li
     return list(dict.fromkeys(names))
 
 
-def _load_weights(metrics: Sequence[str], protocol: Protocol, env: DistEnv, *, i3d, i3d_variant, lpips_weights,
-                  lpips_heads, lpips_net, batch_size) -> _Weights:
+def _load_weights(
+    metrics: Sequence[str],
+    protocol: Protocol,
+    env: DistEnv,
+    *,
+    i3d,
+    i3d_variant,
+    lpips_weights,
+    lpips_heads,
+    lpips_net,
+    batch_size,
+) -> _Weights:
     w = _Weights(info={"i3d": None, "lpips": None})
     if "lpips" in metrics:
         w.lpips, w.info["lpips"] = load_lpips(lpips_weights, lpips_heads, lpips_net)
@@ -331,15 +392,23 @@ def _load_weights(metrics: Sequence[str], protocol: Protocol, env: DistEnv, *, i
         w.fvd = w.fvd.to(env.device)
         if w.info["i3d"]["random"]:
             w.test_only = True
-            w.deviations.append(f"I3D: seeded random weights at {RANDOM_I3D_RESOLUTION}px "
-                                "(test only: the values are not FVD)")
+            w.deviations.append(
+                f"I3D: seeded random weights at {RANDOM_I3D_RESOLUTION}px (test only: the values are not FVD)"
+            )
         if w.fvd.variant != protocol.fvd_variant:
             w.deviations.append(f"FVD variant {w.fvd.variant} differs from the protocol's {protocol.fvd_variant}")
     return w
 
 
-def _protocol(name: str | None, geometry: tuple[int, int, int], command: str, *, clips: str | None,
-              i3d: str | Path | None, i3d_variant: str | None) -> tuple[Protocol, list[str]]:
+def _protocol(
+    name: str | None,
+    geometry: tuple[int, int, int],
+    command: str,
+    *,
+    clips: str | None,
+    i3d: str | Path | None,
+    i3d_variant: str | None,
+) -> tuple[Protocol, list[str]]:
     """The protocol to run (a preset, or a custom one at the model's geometry) and its deviations."""
     why: list[str] = []
     fvd_variant = i3d_variant or ("videogpt" if parse_random(i3d) is not None else "styleganv")
@@ -351,8 +420,10 @@ def _protocol(name: str | None, geometry: tuple[int, int, int], command: str, *,
     if command not in p.commands:
         raise EvalError(f"protocol {name} is for `evatok eval {' / '.join(p.commands)}`, not `eval {command}`")
     if p.geometry != tuple(geometry):
-        raise EvalError(f"protocol {name} evaluates {p.frames}x{p.height}x{p.width} clips but the tokenizer takes "
-                        f"{geometry[0]}x{geometry[1]}x{geometry[2]}")
+        raise EvalError(
+            f"protocol {name} evaluates {p.frames}x{p.height}x{p.width} clips but the tokenizer takes "
+            f"{geometry[0]}x{geometry[1]}x{geometry[2]}"
+        )
     if clips is not None and str(clips) != p.clips_per_video:
         why.append(f"--clips {clips} overrides the protocol's clips per video ({p.clips_per_video})")
         p = dataclasses.replace(p, clips_per_video=str(clips))
@@ -447,10 +518,29 @@ def evaluate_reconstruction(
     t0 = time.perf_counter()
     env = init_distributed(device)
     try:
-        return _recon(tokenizer, data, env=env, t0=t0, protocol=protocol, assignment=assignment, router=router, w_q=w_q,
-                      w_l=w_l, metrics=metrics, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
-                      lpips_heads=lpips_heads, lpips_net=lpips_net, num_clips=num_clips, clips=clips,
-                      batch_size=batch_size, workers=workers, stats_dir=stats_dir, stdin=stdin)
+        return _recon(
+            tokenizer,
+            data,
+            env=env,
+            t0=t0,
+            protocol=protocol,
+            assignment=assignment,
+            router=router,
+            w_q=w_q,
+            w_l=w_l,
+            metrics=metrics,
+            i3d=i3d,
+            i3d_variant=i3d_variant,
+            lpips_weights=lpips_weights,
+            lpips_heads=lpips_heads,
+            lpips_net=lpips_net,
+            num_clips=num_clips,
+            clips=clips,
+            batch_size=batch_size,
+            workers=workers,
+            stats_dir=stats_dir,
+            stdin=stdin,
+        )
     finally:
         shutdown(env)
 
@@ -460,9 +550,30 @@ def _check_batch(batch_size: int, workers: int) -> None:
         raise EvalError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size} and {workers}")
 
 
-def _recon(tokenizer, data, *, env: DistEnv, t0: float, protocol, assignment, router, w_q, w_l, metrics, i3d,
-           i3d_variant, lpips_weights, lpips_heads, lpips_net, num_clips, clips, batch_size, workers, stats_dir,
-           stdin) -> EvalReport:
+def _recon(
+    tokenizer,
+    data,
+    *,
+    env: DistEnv,
+    t0: float,
+    protocol,
+    assignment,
+    router,
+    w_q,
+    w_l,
+    metrics,
+    i3d,
+    i3d_variant,
+    lpips_weights,
+    lpips_heads,
+    lpips_net,
+    num_clips,
+    clips,
+    batch_size,
+    workers,
+    stats_dir,
+    stdin,
+) -> EvalReport:
     _check_batch(batch_size, workers)
     if assignment is not None and router is not None:
         raise EvalError("give either --assignment or --router, not both")
@@ -473,7 +584,6 @@ def _recon(tokenizer, data, *, env: DistEnv, t0: float, protocol, assignment, ro
     router_rec, policy_desc = None, None
     if router is not None:
         from evatok_cli.route import RouterPolicy
-
         from evatok_cli.train.checkpoints import resolve_model_dir
 
         policy = RouterPolicy.load(router, space, geometry, env.device, w_q=w_q, w_l=w_l)
@@ -487,18 +597,46 @@ def _recon(tokenizer, data, *, env: DistEnv, t0: float, protocol, assignment, ro
         fixed = space.parse(assignment or f"uniform:{space.levels[-1]}")
         policy_desc = {"fixed": list(fixed)}
         table = torch.tensor(fixed, dtype=torch.long)
-        point = Point(assignment or f"uniform:{space.levels[-1]}", "fixed", policy_desc,
-                      lambda video, pred, pos: table.expand(video.shape[0], -1))
-    w = _load_weights(names, proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
-                      lpips_heads=lpips_heads, lpips_net=lpips_net, batch_size=batch_size)
+        point = Point(
+            assignment or f"uniform:{space.levels[-1]}",
+            "fixed",
+            policy_desc,
+            lambda video, pred, pos: table.expand(video.shape[0], -1),
+        )
+    w = _load_weights(
+        names,
+        proto,
+        env,
+        i3d=i3d,
+        i3d_variant=i3d_variant,
+        lpips_weights=lpips_weights,
+        lpips_heads=lpips_heads,
+        lpips_net=lpips_net,
+        batch_size=batch_size,
+    )
     sel = _prepare_clips(data, proto, num_clips, env, stdin)
-    scored = _reduce(_score(model, sel, [point], env, metrics=names, lpips=w.lpips, fvd=w.fvd, batch_size=batch_size,
-                            workers=workers, spec=proto.clip_spec()), env)
+    scored = _reduce(
+        _score(
+            model,
+            sel,
+            [point],
+            env,
+            metrics=names,
+            lpips=w.lpips,
+            fvd=w.fvd,
+            batch_size=batch_size,
+            workers=workers,
+            spec=proto.clip_spec(),
+        ),
+        env,
+    )
     deviations = why + sel.deviations + w.deviations
     records = scored.records[0]
     if scored.failures:
-        deviations.append(f"{len(scored.failures)} clips failed to decode (first: {scored.failures[0]['source']}: "
-                          f"{scored.failures[0]['reason']})")
+        deviations.append(
+            f"{len(scored.failures)} clips failed to decode (first: {scored.failures[0]['source']}: "
+            f"{scored.failures[0]['reason']})"
+        )
     mean_tokens = float(np.mean([r["tokens"] for r in records])) if records else None
     fvd_res = None
     if w.fvd is not None and env.is_main:
@@ -508,17 +646,42 @@ def _recon(tokenizer, data, *, env: DistEnv, t0: float, protocol, assignment, ro
             d.mkdir(parents=True, exist_ok=True)
             scored.real.save(d / "real.safetensors")
             scored.fake[0].save(d / "recon.safetensors")
-    summary = {"clips": len(records), **_means(records, [m for m in names if m != "fvd"]),
-               **({"fvd": fvd_res["fvd"] if fvd_res else None} if w.fvd is not None else {}),
-               **_token_summary(mean_tokens, space, proto)}
+    summary = {
+        "clips": len(records),
+        **_means(records, [m for m in names if m != "fvd"]),
+        **({"fvd": fvd_res["fvd"] if fvd_res else None} if w.fvd is not None else {}),
+        **_token_summary(mean_tokens, space, proto),
+    }
     report = EvalReport(
-        kind="recon", protocol=sel.protocol.to_dict(), standard=False, deviations=deviations, test_only=w.test_only,
-        summary=summary, models={"tokenizer": _model_record(tok_dir), "router": router_rec}, metric_weights=w.info,
-        data={"inputs": [str(i) for i in data], "videos": len(sel.refs), "listing_sha256": sel.listing_sha256,
-              "clips_available": sel.available, "clips": len(records), "failures": sel.failures + scored.failures},
-        settings={"assignment_policy": policy_desc, "metrics": names, "batch_size": batch_size,
-                  "device": str(env.device), "num_clips": num_clips, "clips": clips, "space": space.to_dict()},
-        seed=proto.seed, fvd=fvd_res, per_clip=[{k: v for k, v in r.items() if k != "pos"} for r in records])
+        kind="recon",
+        protocol=sel.protocol.to_dict(),
+        standard=False,
+        deviations=deviations,
+        test_only=w.test_only,
+        summary=summary,
+        models={"tokenizer": _model_record(tok_dir), "router": router_rec},
+        metric_weights=w.info,
+        data={
+            "inputs": [str(i) for i in data],
+            "videos": len(sel.refs),
+            "listing_sha256": sel.listing_sha256,
+            "clips_available": sel.available,
+            "clips": len(records),
+            "failures": sel.failures + scored.failures,
+        },
+        settings={
+            "assignment_policy": policy_desc,
+            "metrics": names,
+            "batch_size": batch_size,
+            "device": str(env.device),
+            "num_clips": num_clips,
+            "clips": clips,
+            "space": space.to_dict(),
+        },
+        seed=proto.seed,
+        fvd=fvd_res,
+        per_clip=[{k: v for k, v in r.items() if k != "pos"} for r in records],
+    )
     return _finish(report, env, t0)
 
 
@@ -532,7 +695,9 @@ def default_cache_dir() -> Path:
 def real_stats_key(sel: _Clips, protocol: Protocol, i3d_info: dict[str, Any]) -> str:
     """Cache key of real statistics: the inputs listing, the selected clips and geometry, the I3D weights."""
     blob = {
-        "format": 1, "listing_sha256": sel.listing_sha256, "clips": [[r.source, s] for _, r, s in sel.items],
+        "format": 1,
+        "listing_sha256": sel.listing_sha256,
+        "clips": [[r.source, s] for _, r, s in sel.items],
         "clip": protocol.clip_spec().to_dict(),
         "i3d": {k: i3d_info[k] for k in ("variant", "sha256", "resolution")},
     }
@@ -546,8 +711,13 @@ def _real_stats(sel: _Clips, fvd, env: DistEnv, *, batch_size: int, workers: int
 
     stats = fvd.new_stats()
     failures: list[dict[str, str]] = []
-    loader = DataLoader(ClipDataset(sel.mine(env), spec), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_clips)
+    loader = DataLoader(
+        ClipDataset(sel.mine(env), spec),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_clips,
+    )
     for batch, bad in loader:
         failures += bad
         if batch["video"] is not None:
@@ -616,16 +786,57 @@ def evaluate_generation(
     t0 = time.perf_counter()
     env = init_distributed(device)
     try:
-        return _gen(gpt, tokenizer, real, env=env, t0=t0, protocol=protocol, i3d=i3d, i3d_variant=i3d_variant,
-                    num_samples=num_samples, num_clips=num_clips, cfg_scale=cfg_scale, temperature=temperature,
-                    top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, workers=workers, ema=ema,
-                    cache_dir=cache_dir, use_cache=use_cache, stdin=stdin)
+        return _gen(
+            gpt,
+            tokenizer,
+            real,
+            env=env,
+            t0=t0,
+            protocol=protocol,
+            i3d=i3d,
+            i3d_variant=i3d_variant,
+            num_samples=num_samples,
+            num_clips=num_clips,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+            ema=ema,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            stdin=stdin,
+        )
     finally:
         shutdown(env)
 
 
-def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_variant, num_samples, num_clips,
-         cfg_scale, temperature, top_k, top_p, seed, batch_size, workers, ema, cache_dir, use_cache, stdin) -> EvalReport:
+def _gen(
+    gpt,
+    tokenizer,
+    real,
+    *,
+    env: DistEnv,
+    t0: float,
+    protocol,
+    i3d,
+    i3d_variant,
+    num_samples,
+    num_clips,
+    cfg_scale,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    batch_size,
+    workers,
+    ema,
+    cache_dir,
+    use_cache,
+    stdin,
+) -> EvalReport:
     from evatok_cli.checkpoint import read_model_meta
     from evatok_cli.generate import generate
     from evatok_cli.metrics import FeatureStats
@@ -639,8 +850,10 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
     tok_dir, tok, geometry = _load_tokenizer(tokenizer, env)
     proto = get_protocol(protocol)
     if proto.task == "frame-prediction":
-        raise EvalError(f"protocol {proto.name} is frame prediction ({proto.cond_frames} condition frames -> "
-                        f"{proto.frames}); evatok's sampler generates class-conditional sequences only")
+        raise EvalError(
+            f"protocol {proto.name} is frame prediction ({proto.cond_frames} condition frames -> "
+            f"{proto.frames}); evatok's sampler generates class-conditional sequences only"
+        )
     proto, why = _protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
     gpt_dir = resolve_model_dir(gpt)
     meta = read_model_meta(gpt_dir)
@@ -660,8 +873,17 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
         proto = dataclasses.replace(proto, num_samples=n)
     scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
     sampler_seed = proto.seed if seed is None else int(seed)
-    w = _load_weights(["fvd"], proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=None, lpips_heads=None,
-                      lpips_net="vgg", batch_size=batch_size)
+    w = _load_weights(
+        ["fvd"],
+        proto,
+        env,
+        i3d=i3d,
+        i3d_variant=i3d_variant,
+        lpips_weights=None,
+        lpips_heads=None,
+        lpips_net="vgg",
+        batch_size=batch_size,
+    )
     fvd = w.fvd
 
     # real statistics: cached on disk (rank 0 decides; every rank computes its share on a miss)
@@ -677,13 +899,21 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
         if env.is_main and side.is_file():  # clips that failed when the statistics were made
             real_failures = list(json.loads(side.read_text()).get("failures", []))
     else:
-        real_stats, real_failures = _real_stats(sel, fvd, env, batch_size=batch_size, workers=workers,
-                                                spec=proto.clip_spec())
+        real_stats, real_failures = _real_stats(
+            sel, fvd, env, batch_size=batch_size, workers=workers, spec=proto.clip_spec()
+        )
         if use_cache and env.is_main:
             cache.mkdir(parents=True, exist_ok=True)
             real_stats.save(path)
-            side = {"key": key, "protocol": proto.name, "inputs": [str(i) for i in real], "clips": len(sel.items),
-                    "failures": real_failures, "i3d": w.info["i3d"], "evatok_version": __version__}
+            side = {
+                "key": key,
+                "protocol": proto.name,
+                "inputs": [str(i) for i in real],
+                "clips": len(sel.items),
+                "failures": real_failures,
+                "i3d": w.info["i3d"],
+                "evatok_version": __version__,
+            }
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(side, indent=2))
             tmp.replace(path.with_suffix(".json"))
@@ -697,14 +927,27 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
         lo = chunks[c]
         chunk = labels[lo : lo + batch_size]
         gen = torch.Generator().manual_seed(_chunk_seed(sampler_seed, c))
-        out = generate(model, torch.tensor(chunk), cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=gen)
+        out = generate(
+            model,
+            torch.tensor(chunk),
+            cfg_scale=scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=gen,
+        )
         with torch.inference_mode():
             video = tok.decode([t.to(env.device) for t, _ in out], torch.stack([b for _, b in out]).to(env.device))
         fvd.update(fake, video.float())
         for j, (label, (tokens, bl)) in enumerate(zip(chunk, out)):
-            samples.append({"index": lo + j, "class": int(label), "tokens": int(tokens.numel()),
-                            "block_lengths": [int(k) for k in bl.tolist()]})
+            samples.append(
+                {
+                    "index": lo + j,
+                    "class": int(label),
+                    "tokens": int(tokens.numel()),
+                    "block_lengths": [int(k) for k in bl.tolist()],
+                }
+            )
     fake.all_reduce()
     samples = sorted((s for part in all_gather_objects(samples, env) for s in part), key=lambda s: s["index"])
 
@@ -715,20 +958,49 @@ def _gen(gpt, tokenizer, real, *, env: DistEnv, t0: float, protocol, i3d, i3d_va
     mean_tokens = float(np.mean([s["tokens"] for s in samples])) if samples else None
     per_class = Counter(s["class"] for s in samples)
     real_clips = fvd_res["n_real"] if fvd_res else (real_stats.count if real_stats is not None else None)
-    summary = {"samples": len(samples), "real_clips": real_clips, "fvd": fvd_res["fvd"] if fvd_res else None,
-               **_token_summary(mean_tokens, tok.space, proto), "cfg_scale": scale}
+    summary = {
+        "samples": len(samples),
+        "real_clips": real_clips,
+        "fvd": fvd_res["fvd"] if fvd_res else None,
+        **_token_summary(mean_tokens, tok.space, proto),
+        "cfg_scale": scale,
+    }
     report = EvalReport(
-        kind="gen", protocol=sel.protocol.to_dict(), standard=False, deviations=deviations, test_only=w.test_only,
-        summary=summary, models={"tokenizer": _model_record(tok_dir), "gpt": _model_record(gpt_dir)},
+        kind="gen",
+        protocol=sel.protocol.to_dict(),
+        standard=False,
+        deviations=deviations,
+        test_only=w.test_only,
+        summary=summary,
+        models={"tokenizer": _model_record(tok_dir), "gpt": _model_record(gpt_dir)},
         metric_weights=w.info,
-        data={"inputs": [str(i) for i in real], "videos": len(sel.refs), "listing_sha256": sel.listing_sha256,
-              "clips_available": sel.available, "clips": len(sel.items), "failures": sel.failures + real_failures,
-              "real_stats_cache": {"path": str(path) if use_cache else None, "key": key, "hit": hit}},
-        settings={"num_samples": n, "cfg_scale": scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                  "sampler_seed": sampler_seed, "batch_size": batch_size, "ema": ema, "device": str(env.device),
-                  "classes": cfg.num_classes, "per_class": {str(k): v for k, v in sorted(per_class.items())},
-                  "num_clips": num_clips},
-        seed=proto.seed, fvd=fvd_res, samples=samples)
+        data={
+            "inputs": [str(i) for i in real],
+            "videos": len(sel.refs),
+            "listing_sha256": sel.listing_sha256,
+            "clips_available": sel.available,
+            "clips": len(sel.items),
+            "failures": sel.failures + real_failures,
+            "real_stats_cache": {"path": str(path) if use_cache else None, "key": key, "hit": hit},
+        },
+        settings={
+            "num_samples": n,
+            "cfg_scale": scale,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "sampler_seed": sampler_seed,
+            "batch_size": batch_size,
+            "ema": ema,
+            "device": str(env.device),
+            "classes": cfg.num_classes,
+            "per_class": {str(k): v for k, v in sorted(per_class.items())},
+            "num_clips": num_clips,
+        },
+        seed=proto.seed,
+        fvd=fvd_res,
+        samples=samples,
+    )
     return _finish(report, env, t0)
 
 
@@ -772,8 +1044,9 @@ def _router_predictions(router, sel: _Clips, env: DistEnv, *, batch_size: int, w
     from evatok_cli.video import to_model_input
 
     pos, preds = [], []
-    loader = DataLoader(ClipDataset(sel.mine(env), spec), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_clips)
+    loader = DataLoader(
+        ClipDataset(sel.mine(env), spec), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips
+    )
     with torch.inference_mode():
         for batch, _ in loader:
             if batch["video"] is not None:
@@ -828,16 +1101,53 @@ def evaluate_curve(
     t0 = time.perf_counter()
     env = init_distributed(device)
     try:
-        return _curve(tokenizer, data, env=env, t0=t0, router=router, w_q=w_q, budgets=budgets, metrics=metrics,
-                      protocol=protocol, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
-                      lpips_heads=lpips_heads, lpips_net=lpips_net, num_clips=num_clips, clips=clips,
-                      batch_size=batch_size, workers=workers, stdin=stdin)
+        return _curve(
+            tokenizer,
+            data,
+            env=env,
+            t0=t0,
+            router=router,
+            w_q=w_q,
+            budgets=budgets,
+            metrics=metrics,
+            protocol=protocol,
+            i3d=i3d,
+            i3d_variant=i3d_variant,
+            lpips_weights=lpips_weights,
+            lpips_heads=lpips_heads,
+            lpips_net=lpips_net,
+            num_clips=num_clips,
+            clips=clips,
+            batch_size=batch_size,
+            workers=workers,
+            stdin=stdin,
+        )
     finally:
         shutdown(env)
 
 
-def _curve(tokenizer, data, *, env: DistEnv, t0: float, router, w_q, budgets, metrics, protocol, i3d, i3d_variant,
-           lpips_weights, lpips_heads, lpips_net, num_clips, clips, batch_size, workers, stdin) -> EvalReport:
+def _curve(
+    tokenizer,
+    data,
+    *,
+    env: DistEnv,
+    t0: float,
+    router,
+    w_q,
+    budgets,
+    metrics,
+    protocol,
+    i3d,
+    i3d_variant,
+    lpips_weights,
+    lpips_heads,
+    lpips_net,
+    num_clips,
+    clips,
+    batch_size,
+    workers,
+    stdin,
+) -> EvalReport:
     _check_batch(batch_size, workers)
     names = _resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
     w_qs, budget_list = _parse_floats(w_q), _parse_floats(budgets)
@@ -851,10 +1161,25 @@ def _curve(tokenizer, data, *, env: DistEnv, t0: float, router, w_q, budgets, me
     points = []
     for k in space.levels:
         fixed = torch.tensor(space.uniform(k), dtype=torch.long)
-        points.append(Point(f"uniform-{k}", "uniform", {"k": int(k)},
-                            lambda video, pred, pos, fixed=fixed: fixed.expand(video.shape[0], -1)))
-    w = _load_weights(names, proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
-                      lpips_heads=lpips_heads, lpips_net=lpips_net, batch_size=batch_size)
+        points.append(
+            Point(
+                f"uniform-{k}",
+                "uniform",
+                {"k": int(k)},
+                lambda video, pred, pos, fixed=fixed: fixed.expand(video.shape[0], -1),
+            )
+        )
+    w = _load_weights(
+        names,
+        proto,
+        env,
+        i3d=i3d,
+        i3d_variant=i3d_variant,
+        lpips_weights=lpips_weights,
+        lpips_heads=lpips_heads,
+        lpips_net=lpips_net,
+        batch_size=batch_size,
+    )
     sel = _prepare_clips(data, proto, num_clips, env, stdin)
     router_model, router_rec = None, None
     if router is not None:
@@ -870,24 +1195,58 @@ def _curve(tokenizer, data, *, env: DistEnv, t0: float, router, w_q, budgets, me
         if head == "classify":
             if w_qs:
                 log.warning("a classify-head router fixed its trade-off at training: --w-q is ignored (one point)")
-            points.append(Point("router", "router", {"head": head}, lambda video, pred, pos: table[
-                torch.as_tensor(choose_assignments(pred, "classify", space))]))
+            points.append(
+                Point(
+                    "router",
+                    "router",
+                    {"head": head},
+                    lambda video, pred, pos: table[torch.as_tensor(choose_assignments(pred, "classify", space))],
+                )
+            )
         elif budget_list:
-            preds = _router_predictions(router_model, sel, env, batch_size=batch_size, workers=workers,
-                                        spec=proto.clip_spec())
+            preds = _router_predictions(
+                router_model, sel, env, batch_size=batch_size, workers=workers, spec=proto.clip_spec()
+            )
             for b in budget_list:
                 idx, lam = budget_assignments(preds, space, b)
                 chosen = table[torch.as_tensor(idx)]
-                points.append(Point(f"router-budget-{b:g}", "router", {"head": head, "budget": b, "lambda": lam},
-                                    lambda video, pred, pos, chosen=chosen: chosen[torch.as_tensor(pos)]))
+                points.append(
+                    Point(
+                        f"router-budget-{b:g}",
+                        "router",
+                        {"head": head, "budget": b, "lambda": lam},
+                        lambda video, pred, pos, chosen=chosen: chosen[torch.as_tensor(pos)],
+                    )
+                )
             router_model = None  # the assignments are solved: no per-batch prediction needed
         else:
             for q in w_qs or DEFAULT_W_Q:
-                points.append(Point(f"router-wq-{q:g}", "router", {"head": head, "w_q": q, "w_l": 2.0 - q},
-                                    lambda video, pred, pos, q=q: table[torch.as_tensor(
-                                        choose_assignments(pred, "reward", space, q, 2.0 - q))]))
-    scored = _reduce(_score(model, sel, points, env, metrics=names, lpips=w.lpips, fvd=w.fvd, router=router_model,
-                            batch_size=batch_size, workers=workers, spec=proto.clip_spec()), env)
+                points.append(
+                    Point(
+                        f"router-wq-{q:g}",
+                        "router",
+                        {"head": head, "w_q": q, "w_l": 2.0 - q},
+                        lambda video, pred, pos, q=q: table[
+                            torch.as_tensor(choose_assignments(pred, "reward", space, q, 2.0 - q))
+                        ],
+                    )
+                )
+    scored = _reduce(
+        _score(
+            model,
+            sel,
+            points,
+            env,
+            metrics=names,
+            lpips=w.lpips,
+            fvd=w.fvd,
+            router=router_model,
+            batch_size=batch_size,
+            workers=workers,
+            spec=proto.clip_spec(),
+        ),
+        env,
+    )
     deviations = why + sel.deviations + w.deviations
     if scored.failures:
         deviations.append(f"{len(scored.failures)} clips failed to decode (first: {scored.failures[0]['source']})")
@@ -901,9 +1260,17 @@ def _curve(tokenizer, data, *, env: DistEnv, t0: float, router, w_q, budgets, me
         if w.fvd is not None:
             res = _fvd_value(w.fvd, scored.real, scored.fake[p], deviations) if env.is_main else None
             values["fvd"] = res["fvd"] if res else None
-        out_points.append({"label": point.label, "kind": point.kind, "params": point.params, "clips": len(recs),
-                           "mean_tokens": mean_tokens, "token_savings": _savings(mean_tokens, uniform_tokens),
-                           **{m: values.get(m) for m in names}})
+        out_points.append(
+            {
+                "label": point.label,
+                "kind": point.kind,
+                "params": point.params,
+                "clips": len(recs),
+                "mean_tokens": mean_tokens,
+                "token_savings": _savings(mean_tokens, uniform_tokens),
+                **{m: values.get(m) for m in names},
+            }
+        )
     first = names[0]
     uni = [(pt["mean_tokens"], pt[first]) for pt in out_points if pt["kind"] == "uniform"]
     summary: dict[str, Any] = {"clips": len(sel.items)}
@@ -911,25 +1278,67 @@ def _curve(tokenizer, data, *, env: DistEnv, t0: float, router, w_q, budgets, me
         if pt["kind"] != "uniform":
             eq = None if pt[first] is None else equal_quality_tokens(uni, pt[first], HIGHER_IS_BETTER[first])
             pt["equal_quality_tokens"] = eq
-            pt["savings_at_equal_quality"] = None if eq is None or pt["mean_tokens"] is None \
-                else 1.0 - pt["mean_tokens"] / eq
+            pt["savings_at_equal_quality"] = (
+                None if eq is None or pt["mean_tokens"] is None else 1.0 - pt["mean_tokens"] / eq
+            )
         summary[f"{pt['label']}/mean_tokens"] = pt["mean_tokens"]
         for m in names:
             summary[f"{pt['label']}/{m}"] = pt[m]
         if "savings_at_equal_quality" in pt:
             summary[f"{pt['label']}/savings_at_equal_{first}"] = pt["savings_at_equal_quality"]
     report = EvalReport(
-        kind="curve", protocol=sel.protocol.to_dict(), standard=False, deviations=deviations, test_only=w.test_only,
-        summary=summary, models={"tokenizer": _model_record(tok_dir), "router": router_rec}, metric_weights=w.info,
-        data={"inputs": [str(i) for i in data], "videos": len(sel.refs), "listing_sha256": sel.listing_sha256,
-              "clips_available": sel.available, "clips": len(sel.items), "failures": sel.failures + scored.failures},
-        settings={"metrics": names, "w_q": w_qs, "budgets": budget_list, "batch_size": batch_size,
-                  "device": str(env.device), "num_clips": num_clips, "clips": clips, "space": space.to_dict()},
-        seed=proto.seed, points=out_points)
+        kind="curve",
+        protocol=sel.protocol.to_dict(),
+        standard=False,
+        deviations=deviations,
+        test_only=w.test_only,
+        summary=summary,
+        models={"tokenizer": _model_record(tok_dir), "router": router_rec},
+        metric_weights=w.info,
+        data={
+            "inputs": [str(i) for i in data],
+            "videos": len(sel.refs),
+            "listing_sha256": sel.listing_sha256,
+            "clips_available": sel.available,
+            "clips": len(sel.items),
+            "failures": sel.failures + scored.failures,
+        },
+        settings={
+            "metrics": names,
+            "w_q": w_qs,
+            "budgets": budget_list,
+            "batch_size": batch_size,
+            "device": str(env.device),
+            "num_clips": num_clips,
+            "clips": clips,
+            "space": space.to_dict(),
+        },
+        seed=proto.seed,
+        points=out_points,
+    )
     return _finish(report, env, t0)
 
 
-__all__ = ["EvalError", "EvalReport", "NotComparable", "Point", "compare_reports", "comparable", "default_cache_dir",
-           "equal_quality_tokens", "evaluate_curve", "evaluate_generation", "evaluate_reconstruction", "listing_sha256",
-           "load_fvd", "load_lpips", "load_report", "matplotlib_available", "plan_clips", "plot_curve",
-           "real_stats_key", "render_markdown", "write_report"]
+__all__ = [
+    "EvalError",
+    "EvalReport",
+    "NotComparable",
+    "Point",
+    "compare_reports",
+    "comparable",
+    "default_cache_dir",
+    "equal_quality_tokens",
+    "evaluate_curve",
+    "evaluate_generation",
+    "evaluate_reconstruction",
+    "listing_sha256",
+    "load_fvd",
+    "load_lpips",
+    "load_report",
+    "matplotlib_available",
+    "plan_clips",
+    "plot_curve",
+    "real_stats_key",
+    "render_markdown",
+    "write_report",
+]

@@ -108,7 +108,9 @@ class Labels:
 
     def clip_spec(self) -> ClipSpec:
         c = self.clip
-        return ClipSpec(frames=int(c["frames"]), height=int(c["height"]), width=int(c["width"]), fps=c.get("fps", "native"))
+        return ClipSpec(
+            frames=int(c["frames"]), height=int(c["height"]), width=int(c["width"]), fps=c.get("fps", "native")
+        )
 
 
 def nanargmax_rows(x: np.ndarray) -> np.ndarray:
@@ -129,8 +131,10 @@ def load_labels(path: str | Path) -> Labels:
     attrs = store.attrs
     search = attrs.get("search")
     if attrs.get("kind") != "labels" or not isinstance(search, dict) or "metric" not in store.extra_fields:
-        raise ValueError(f"{path}: not a labels store (expected kind 'labels', 'search' attrs and a 'metric' field; "
-                         "make one with `evatok search`)")
+        raise ValueError(
+            f"{path}: not a labels store (expected kind 'labels', 'search' attrs and a 'metric' field; "
+            "make one with `evatok search`)"
+        )
     space = store.space
     dtype, shape = store.extra_fields["metric"]
     if tuple(shape) != (len(space),):
@@ -144,11 +148,21 @@ def load_labels(path: str | Path) -> Labels:
         starts[i] = s.clip_start
     cal = search.get("calibration") or {}
     return Labels(
-        space=space, keys=list(store.keys), sources=sources, clip_starts=starts,
-        best=store.assignments().astype(np.int64), metric=metric, metric_name=str(search.get("metric", "metric")),
-        higher_is_better=bool(search.get("higher_is_better", False)), mean=float(cal.get("mean", 0.0)),
-        std=float(cal.get("std", 1.0)), w_q=float(search.get("w_q", DEFAULT_W_Q)), w_l=float(search.get("w_l", DEFAULT_W_L)),
-        clip=dict(attrs.get("clip") or {}), path=str(path), attrs=attrs,
+        space=space,
+        keys=list(store.keys),
+        sources=sources,
+        clip_starts=starts,
+        best=store.assignments().astype(np.int64),
+        metric=metric,
+        metric_name=str(search.get("metric", "metric")),
+        higher_is_better=bool(search.get("higher_is_better", False)),
+        mean=float(cal.get("mean", 0.0)),
+        std=float(cal.get("std", 1.0)),
+        w_q=float(search.get("w_q", DEFAULT_W_Q)),
+        w_l=float(search.get("w_l", DEFAULT_W_L)),
+        clip=dict(attrs.get("clip") or {}),
+        path=str(path),
+        attrs=attrs,
     )
 
 
@@ -159,7 +173,9 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def routing_scores(pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q, w_l: float = DEFAULT_W_L) -> np.ndarray:
+def routing_scores(
+    pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q, w_l: float = DEFAULT_W_L
+) -> np.ndarray:
     """(B, m^T) scores whose row argmax is the routed assignment: logits (classify), or w_q*Q_hat - w_l*Lz (reward)."""
     p = _numpy(pred)
     if p.ndim != 2 or p.shape[1] != len(space):
@@ -171,8 +187,9 @@ def routing_scores(pred: Any, head: str, space: AssignmentSpace, w_q: float = DE
     raise ValueError(f"head must be 'classify' or 'reward', got {head!r}")
 
 
-def choose_assignments(pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q,
-                       w_l: float = DEFAULT_W_L) -> np.ndarray:
+def choose_assignments(
+    pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q, w_l: float = DEFAULT_W_L
+) -> np.ndarray:
     """One assignment index per clip (deterministic: the first index wins ties).
 
     Args:
@@ -199,8 +216,16 @@ class RouterPolicy:
         self.table = torch.as_tensor(space.table())
 
     @classmethod
-    def load(cls, path: str | Path, space: AssignmentSpace, clip: tuple[int, int, int], device: Any,
-             *, w_q: float | None = None, w_l: float | None = None) -> RouterPolicy:
+    def load(
+        cls,
+        path: str | Path,
+        space: AssignmentSpace,
+        clip: tuple[int, int, int],
+        device: Any,
+        *,
+        w_q: float | None = None,
+        w_l: float | None = None,
+    ) -> RouterPolicy:
         """Load a router directory and check it matches the tokenizer's space and clip geometry."""
         from evatok_cli.checkpoint import read_model_meta
         from evatok_cli.models.router import Router
@@ -210,14 +235,21 @@ class RouterPolicy:
         model = Router.from_pretrained(path, map_location=device).eval()
         c = model.config
         if model.space != space:
-            raise ValueError(f"{path}: router space {model.space.to_dict()} differs from the tokenizer's {space.to_dict()}")
+            raise ValueError(
+                f"{path}: router space {model.space.to_dict()} differs from the tokenizer's {space.to_dict()}"
+            )
         if (c.frames, c.height, c.width) != tuple(clip):
-            raise ValueError(f"{path}: router clips {c.frames}x{c.height}x{c.width} differ from the tokenizer's "
-                             f"{clip[0]}x{clip[1]}x{clip[2]}")
+            raise ValueError(
+                f"{path}: router clips {c.frames}x{c.height}x{c.width} differ from the tokenizer's "
+                f"{clip[0]}x{clip[1]}x{clip[2]}"
+            )
         trained = read_model_meta(path).get("labels", {})
-        return cls(model, space,
-                   float(trained.get("w_q", DEFAULT_W_Q)) if w_q is None else float(w_q),
-                   float(trained.get("w_l", DEFAULT_W_L)) if w_l is None else float(w_l))
+        return cls(
+            model,
+            space,
+            float(trained.get("w_q", DEFAULT_W_Q)) if w_q is None else float(w_q),
+            float(trained.get("w_l", DEFAULT_W_L)) if w_l is None else float(w_l),
+        )
 
     @torch.no_grad()
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
@@ -229,7 +261,9 @@ def _lagrange_choice(q: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarr
     return np.argmax(q - lam * lengths[None, :], axis=1)
 
 
-def budget_assignments(q_hat: Any, space: AssignmentSpace, budget: float, *, iters: int = 60) -> tuple[np.ndarray, float]:
+def budget_assignments(
+    q_hat: Any, space: AssignmentSpace, budget: float, *, iters: int = 60
+) -> tuple[np.ndarray, float]:
     """Assignments with mean tokens <= ``budget`` maximising the total predicted quality.
 
     Lagrangian relaxation of ``max sum_i Q_hat_i(a_i)  s.t.  mean_i L(a_i) <= budget``: for a price
@@ -308,8 +342,15 @@ def _percentile(r: np.ndarray, best: np.ndarray, worst: np.ndarray) -> float:
     return 1.0 if den <= 0 else float((r[ok].mean() - worst[ok].mean()) / den)
 
 
-def evaluate(indices: Sequence[int] | np.ndarray, labels: Labels, w_q: float | None = None, w_l: float | None = None,
-             *, rows: Sequence[int] | np.ndarray | None = None, scores: np.ndarray | None = None) -> dict[str, Any]:
+def evaluate(
+    indices: Sequence[int] | np.ndarray,
+    labels: Labels,
+    w_q: float | None = None,
+    w_l: float | None = None,
+    *,
+    rows: Sequence[int] | np.ndarray | None = None,
+    scores: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Score routed assignments against a labels store (PAPER §4, Table 8).
 
     Rewards R = w_q * Q - w_l * Lz are computed exactly from the stored metric vectors (default
@@ -368,11 +409,21 @@ def evaluate(indices: Sequence[int] | np.ndarray, labels: Labels, w_q: float | N
     out["p_uniform_per_clip"] = _percentile(r_per_clip, r_best, r_worst)
     out["p_uniform_global"] = _percentile(r_glob, r_best, r_worst)
     out["uniform_global"] = list(space.to_tuple(glob))
-    for name, r in (("router", r_router), ("best", r_best), ("worst", r_worst), ("uniform_per_clip", r_per_clip),
-                    ("uniform_global", r_glob)):
+    for name, r in (
+        ("router", r_router),
+        ("best", r_best),
+        ("worst", r_worst),
+        ("uniform_per_clip", r_per_clip),
+        ("uniform_global", r_glob),
+    ):
         out[f"mean_reward_{name}"] = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
     metric = labels.metric[rows_].astype(np.float64)
-    for name, a in (("router", idx), ("best", best), ("uniform_per_clip", per_clip), ("uniform_global", np.full(n, glob))):
+    for name, a in (
+        ("router", idx),
+        ("best", best),
+        ("uniform_per_clip", per_clip),
+        ("uniform_global", np.full(n, glob)),
+    ):
         out[f"mean_tokens_{name}"] = float(lengths[a].mean())
         m = metric[ar, a]
         out[f"mean_metric_{name}"] = float(np.nanmean(m)) if np.isfinite(m).any() else float("nan")
@@ -412,8 +463,9 @@ def resolve_sources(sources: Iterable[str], refs: Sequence[VideoRef]) -> dict[st
     return out
 
 
-def label_clips(labels: Labels, refs: Sequence[VideoRef], spec: ClipSpec, *, rank: int = 0,
-                world_size: int = 1) -> tuple[list[tuple[int, VideoRef, int]], list[tuple[str, str]]]:
+def label_clips(
+    labels: Labels, refs: Sequence[VideoRef], spec: ClipSpec, *, rank: int = 0, world_size: int = 1
+) -> tuple[list[tuple[int, VideoRef, int]], list[tuple[str, str]]]:
     """The labels' clips that can be read from ``refs``: ``(row, ref, clip_start)`` in source order.
 
     Each source is probed once; a source not found in ``refs``, unreadable, or too short for a
@@ -492,7 +544,12 @@ class LabelClipDataset:
             return {"row": row, "source": ref.source, "clip_start": start, "error": e.reason}
         import torch
 
-        return {"video": torch.from_numpy(np.ascontiguousarray(frames)), "row": row, "source": ref.source, "clip_start": start}
+        return {
+            "video": torch.from_numpy(np.ascontiguousarray(frames)),
+            "row": row,
+            "source": ref.source,
+            "clip_start": start,
+        }
 
 
 def collate_label_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -601,18 +658,40 @@ def route(
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(device)
     try:
-        return _route(env, router, data, clips=clips, w_q=w_q, w_l=w_l, budget=budget, eval_labels=eval_labels,
-                      batch_size=batch_size, workers=workers, ema=ema, stdin=stdin)
+        return _route(
+            env,
+            router,
+            data,
+            clips=clips,
+            w_q=w_q,
+            w_l=w_l,
+            budget=budget,
+            eval_labels=eval_labels,
+            batch_size=batch_size,
+            workers=workers,
+            ema=ema,
+            stdin=stdin,
+        )
     finally:
         if owns_group:
             shutdown(env)
 
 
-def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str | int, w_q: float | None,
-           w_l: float | None, budget: float | None, eval_labels: str | Path | None, batch_size: int, workers: int,
-           ema: bool, stdin: Any) -> RouteResult:
-    from evatok_cli.train.dist import broadcast_object, gather_objects_to_main
-
+def _route(
+    env: DistEnv,
+    router: str | Path,
+    data: Sequence[str],
+    *,
+    clips: str | int,
+    w_q: float | None,
+    w_l: float | None,
+    budget: float | None,
+    eval_labels: str | Path | None,
+    batch_size: int,
+    workers: int,
+    ema: bool,
+    stdin: Any,
+) -> RouteResult:
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -620,6 +699,7 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
     from evatok_cli.checkpoint import read_model_meta
     from evatok_cli.models.router import Router
     from evatok_cli.train.checkpoints import resolve_model_dir
+    from evatok_cli.train.dist import broadcast_object, gather_objects_to_main
     from evatok_cli.video import list_inputs, parse_clip_policy, to_model_input
     from evatok_cli.video.dataset import ClipIndexDataset, collate_clips
 
@@ -627,7 +707,9 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
     meta = read_model_meta(path)
     cfg_head = meta.get("config", {}).get("head")
     if budget is not None and cfg_head != "reward":
-        raise ValueError(f"--budget needs a reward-head router; {path} has a {cfg_head!r} head (train one with --head reward)")
+        raise ValueError(
+            f"--budget needs a reward-head router; {path} has a {cfg_head!r} head (train one with --head reward)"
+        )
     dev = env.device
     model = Router.from_pretrained(path, ema=ema, map_location=dev).eval()
     c, space = model.config, model.space
@@ -648,7 +730,9 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
     if eval_labels is not None:
         labels = load_labels(eval_labels)
         if labels.space != space:
-            raise ValueError(f"{eval_labels}: space {labels.space.to_dict()} differs from the router's {space.to_dict()}")
+            raise ValueError(
+                f"{eval_labels}: space {labels.space.to_dict()} differs from the router's {space.to_dict()}"
+            )
         spec = labels.clip_spec()
         group = {s: g for g, s in enumerate(dict.fromkeys(labels.sources))}
         items, skipped = label_clips(labels, refs, spec, rank=rank, world_size=world)
@@ -662,9 +746,16 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
         order = [(v * world + rank, i) for i, (v, _, _) in enumerate(dataset.index)]
         collate = collate_clips
     if (spec.frames, spec.height, spec.width) != (c.frames, c.height, c.width):
-        raise ValueError(f"clips are {spec.frames}x{spec.height}x{spec.width} but the router takes {c.frames}x{c.height}x{c.width}")
-    loader = DataLoader(_Ordered(dataset, order), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=partial(_ordered_collate, collate))
+        raise ValueError(
+            f"clips are {spec.frames}x{spec.height}x{spec.width} but the router takes {c.frames}x{c.height}x{c.width}"
+        )
+    loader = DataLoader(
+        _Ordered(dataset, order),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=partial(_ordered_collate, collate),
+    )
     preds = [np.zeros((0, len(space)), dtype=np.float32)]
     recs: list[dict[str, Any]] = []
     keys: list[tuple[int, int]] = []
@@ -696,11 +787,23 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
         failed = sorted((f for p in parts for f in p["failures"]), key=lambda f: f[0])  # stable: per-rank order kept
         failures_out = [{"source": s, "reason": r} for _, s, r in failed]
         if not recs:
-            error = "no clip could be read" + (f" (first failure: {failures_out[0]['source']}: "
-                                               f"{failures_out[0]['reason']})" if failures_out else "")
+            error = "no clip could be read" + (
+                f" (first failure: {failures_out[0]['source']}: {failures_out[0]['reason']})" if failures_out else ""
+            )
         else:
-            summary = _choose(recs, pred, rows, labels, space, head=c.head, w_q=w_q, w_l=w_l, budget=budget,
-                              failures=failures_out, world_size=world)
+            summary = _choose(
+                recs,
+                pred,
+                rows,
+                labels,
+                space,
+                head=c.head,
+                w_q=w_q,
+                w_l=w_l,
+                budget=budget,
+                failures=failures_out,
+                world_size=world,
+            )
     summary, error = broadcast_object((summary, error), env)
     if error is not None:
         raise ValueError(error)
@@ -708,9 +811,20 @@ def _route(env: DistEnv, router: str | Path, data: Sequence[str], *, clips: str 
     return RouteResult(recs if env.is_main else [], summary, pred, is_main=env.is_main)
 
 
-def _choose(recs: list[dict[str, Any]], pred: np.ndarray, rows: list[int], labels: Labels | None,
-            space: AssignmentSpace, *, head: str, w_q: float, w_l: float, budget: float | None,
-            failures: list[dict[str, str]], world_size: int) -> dict[str, Any]:
+def _choose(
+    recs: list[dict[str, Any]],
+    pred: np.ndarray,
+    rows: list[int],
+    labels: Labels | None,
+    space: AssignmentSpace,
+    *,
+    head: str,
+    w_q: float,
+    w_l: float,
+    budget: float | None,
+    failures: list[dict[str, str]],
+    world_size: int,
+) -> dict[str, Any]:
     """Fill each record's assignment (argmax or budget) and return the summary (+ ``eval``)."""
     lam = None
     if budget is not None:
@@ -721,8 +835,15 @@ def _choose(recs: list[dict[str, Any]], pred: np.ndarray, rows: list[int], label
     for r, a in zip(recs, idx):
         r.update(assignment=list(space.to_tuple(int(a))), index=int(a), tokens=int(lengths[a]))
     summary: dict[str, Any] = {
-        "clips": len(recs), "mean_tokens": float(lengths[idx].mean()), "head": head, "w_q": w_q, "w_l": w_l,
-        "budget": budget, "lambda": lam, "failures": failures, "world_size": world_size,
+        "clips": len(recs),
+        "mean_tokens": float(lengths[idx].mean()),
+        "head": head,
+        "w_q": w_q,
+        "w_l": w_l,
+        "budget": budget,
+        "lambda": lam,
+        "failures": failures,
+        "world_size": world_size,
     }
     if labels is not None:
         for r, row in zip(recs, rows):

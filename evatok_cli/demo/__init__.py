@@ -60,7 +60,8 @@ def demo_model_dir(kind: str) -> Path:
         where = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else ""
         raise DemoModelError(
             f"no demo {kind} is shipped: {d}{where} holds no model; pass your own with {OPTIONS[kind]} DIR "
-            f"(a model directory or a training --out directory; docs/models.md)")
+            f"(a model directory or a training --out directory; docs/models.md)"
+        )
     return d
 
 
@@ -95,5 +96,14 @@ def demo_models() -> list[dict[str, Any]]:
     return [describe_model(demo_model_dir(k), k) for k in KINDS if is_shipped(k)]
 
 
-__all__ = ["ENV_VAR", "KINDS", "OPTIONS", "DemoModelError", "demo_model_dir", "demo_models", "demo_root",
-           "describe_model", "is_shipped"]
+__all__ = [
+    "ENV_VAR",
+    "KINDS",
+    "OPTIONS",
+    "DemoModelError",
+    "demo_model_dir",
+    "demo_models",
+    "demo_root",
+    "describe_model",
+    "is_shipped",
+]

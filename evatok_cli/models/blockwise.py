@@ -47,9 +47,7 @@ def _narrowed(state: S, start: int, length: int, shared: tuple[str, ...]) -> S:
 
 
 def _repeat_index(n: int, repeats: int | Tensor, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device).repeat_interleave(
-        repeats if isinstance(repeats, int) else repeats.to(device)
-    )
+    return torch.arange(n, device=device).repeat_interleave(repeats if isinstance(repeats, int) else repeats.to(device))
 
 
 # Caches are tuples with one tensor per layer: a block step concatenates each layer's cache with the

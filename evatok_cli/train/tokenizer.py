@@ -32,8 +32,8 @@ from evatok_cli.models.teachers import load_teacher
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
-from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import warmup_cosine
+from evatok_cli.train.task import ModelTask
 from evatok_cli.video.dataset import to_model_input
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,14 @@ def random_assignments(levels: tuple[int, ...], blocks: int, seed: int, rank: in
     return policy
 
 
-def router_assignments(path: Path, space, clip: tuple[int, int, int], device: torch.device,
-                       w_q: float | None = None, w_l: float | None = None) -> AssignmentPolicy:
+def router_assignments(
+    path: Path,
+    space,
+    clip: tuple[int, int, int],
+    device: torch.device,
+    w_q: float | None = None,
+    w_l: float | None = None,
+) -> AssignmentPolicy:
     """Final stage (PAPER §3.4): a frozen router decides every training clip's assignment."""
     from evatok_cli.route import RouterPolicy
 
@@ -160,7 +166,9 @@ class TokenizerTask(ModelTask):
             self.semantic_disc.to(dev).train()
             self.sd_ddp = wrap_ddp(self.semantic_disc, self.env)
             self.sd_opt = torch.optim.AdamW(self.semantic_disc.parameters(), lr=self.cfg.disc_lr, betas=self.cfg.betas)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        )
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: dict, step: int) -> dict[str, float]:
@@ -248,8 +256,9 @@ class TokenizerTask(ModelTask):
         metrics.update(g_sem=g_sem.item(), sem_teacher_s=self.semantic_disc.teacher.last_time_s)
         return g_sem, [f.detach() for f in feats]  # reused as the fakes of the discriminator step
 
-    def _semantic_discriminator_step(self, real: torch.Tensor, fake_feats: list, lr: float,
-                                     metrics: dict[str, float]) -> None:
+    def _semantic_discriminator_step(
+        self, real: torch.Tensor, fake_feats: list, lr: float, metrics: dict[str, float]
+    ) -> None:
         sd, c = self.semantic_disc, self.cfg
         assert sd is not None and self.sd_ddp is not None and self.sd_opt is not None
         sd.requires_grad_(True)
@@ -266,8 +275,13 @@ class TokenizerTask(ModelTask):
         (d_loss + c.lecam_weight * lecam).backward()
         torch.nn.utils.clip_grad_norm_(sd.parameters(), c.grad_clip)
         self.sd_opt.step()
-        metrics.update(d_sem_loss=d_loss.item(), d_sem_real=lr_.mean().item(), d_sem_fake=lf.mean().item(),
-                       lecam=lecam.item(), sem_teacher_s=metrics["sem_teacher_s"] + sd.teacher.last_time_s)
+        metrics.update(
+            d_sem_loss=d_loss.item(),
+            d_sem_real=lr_.mean().item(),
+            d_sem_fake=lf.mean().item(),
+            lecam=lecam.item(),
+            sem_teacher_s=metrics["sem_teacher_s"] + sd.teacher.last_time_s,
+        )
 
     # ------------------------------------------------------------------ state
     def batch_size(self, batch: dict) -> int:
@@ -339,20 +353,27 @@ def init_weights(model: EVATokTokenizer, init: str | Path, preset: str) -> dict[
     diff = [k for k in sorted(set(theirs) | set(ours)) if k not in _WEIGHT_NEUTRAL and theirs.get(k) != ours.get(k)]
     if diff:
         shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff[:4])
-        raise ValueError(f"--init {src}: its tokenizer (preset {meta.get('preset') or '?'}) does not match preset "
-                         f"{preset!r}: {shown}{', ...' if len(diff) > 4 else ''}; train with --preset "
-                         f"{meta.get('preset') or 'of that model'} or start from another model")
+        raise ValueError(
+            f"--init {src}: its tokenizer (preset {meta.get('preset') or '?'}) does not match preset "
+            f"{preset!r}: {shown}{', ...' if len(diff) > 4 else ''}; train with --preset "
+            f"{meta.get('preset') or 'of that model'} or start from another model"
+        )
     try:
         loaded = load_model(src, kind="tokenizer", ema=True)
     except CheckpointError as e:
         raise ValueError(f"--init: {e}") from None
     model.load_state_dict(loaded.state_dict())
-    return {"path": str(src), "preset": meta.get("preset"), "sha256": weights_sha256(src),
-            "weights": "ema" if (src / EMA_NAME).is_file() else "model"}
+    return {
+        "path": str(src),
+        "preset": meta.get("preset"),
+        "sha256": weights_sha256(src),
+        "weights": "ema" if (src / EMA_NAME).is_file() else "model",
+    }
 
 
-def _init_record(init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool,
-                 env: DistEnv) -> dict[str, Any] | None:
+def _init_record(
+    init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool, env: DistEnv
+) -> dict[str, Any] | None:
     """``--init`` before step 0; a checkpoint found by ``--resume`` wins (its ``init_from`` is kept)."""
     from evatok_cli.checkpoint import read_model_meta
     from evatok_cli.train.checkpoints import latest_step_dir
@@ -366,7 +387,9 @@ def _init_record(init: str | Path | None, model: EVATokTokenizer, preset: str, o
         return None
     record = init_weights(model, init, preset)
     if env.is_main:
-        log.info("initialised from %s (%s weights, sha256 %s)", record["path"], record["weights"], record["sha256"][:12])
+        log.info(
+            "initialised from %s (%s weights, sha256 %s)", record["path"], record["weights"], record["sha256"][:12]
+        )
     return record
 
 
@@ -486,17 +509,31 @@ def train_tokenizer(
             log.info("perceptual (LPIPS) loss off: no LPIPS weights given (--lpips-backbone)")
         cfg = TokenizerTrainConfig(steps=steps, disc=disc_mode, **train_overrides)
         task = TokenizerTask(
-            model=model, cfg=cfg, env=env, assign=policy, preset=preset, stage=stage, discriminator=disc,
-            perceptual=perceptual, align_hook=align_hook, semantic_disc=semantic,
-            extra_meta={"assignment": assignment, "clip_fps": fps, "seed": seed,
-                        **({"init_from": init_from} if init_from is not None else {}),
-                        **({"align_teacher": str(align_teacher)} if align_teacher is not None else {}),
-                        **({"disc_teacher": str(disc_teacher)} if disc_teacher is not None else {})},
+            model=model,
+            cfg=cfg,
+            env=env,
+            assign=policy,
+            preset=preset,
+            stage=stage,
+            discriminator=disc,
+            perceptual=perceptual,
+            align_hook=align_hook,
+            semantic_disc=semantic,
+            extra_meta={
+                "assignment": assignment,
+                "clip_fps": fps,
+                "seed": seed,
+                **({"init_from": init_from} if init_from is not None else {}),
+                **({"align_teacher": str(align_teacher)} if align_teacher is not None else {}),
+                **({"disc_teacher": str(disc_teacher)} if disc_teacher is not None else {}),
+            },
         )
-        batches = clip_batches(refs, spec, seed=seed, local_batch=batch_size, rank=env.rank,
-                               world_size=env.world_size, workers=workers)
-        loop_cfg = loop.LoopConfig(steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every,
-                                   stop_at=stop_at)
+        batches = clip_batches(
+            refs, spec, seed=seed, local_batch=batch_size, rank=env.rank, world_size=env.world_size, workers=workers
+        )
+        loop_cfg = loop.LoopConfig(
+            steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
+        )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
     finally:
         shutdown(env)

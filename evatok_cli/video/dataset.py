@@ -141,7 +141,9 @@ class ClipIndexDataset(Dataset):
                 continue
             self.index.extend((i, s, None) for s in starts)
         if self.failures:
-            log.warning("%d of %d videos cannot be read; first: %s", len(self.failures), len(self.refs), self.failures[0])
+            log.warning(
+                "%d of %d videos cannot be read; first: %s", len(self.failures), len(self.refs), self.failures[0]
+            )
         self._reader: tuple[int, int, ClipReader] | None = None  # (pid, video number, open reader)
 
     def __len__(self) -> int:

@@ -50,7 +50,9 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     return np.clip(planes, 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
 
 
-def _encode(container: av.container.OutputContainer, frames: np.ndarray, fps: float | Fraction, crf: int, preset: str) -> None:
+def _encode(
+    container: av.container.OutputContainer, frames: np.ndarray, fps: float | Fraction, crf: int, preset: str
+) -> None:
     rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
     if rate <= 0:
         raise ValueError(f"fps must be positive, got {fps}")

@@ -188,10 +188,13 @@ def nearest_code_triton(
     if _KERNEL is None:
         raise RuntimeError("nearest_code_triton needs triton (pip install 'evatok[kernels]')")
     if z.device.type != "cuda" and not interpreter_active():
-        raise RuntimeError(f"nearest_code_triton on {z.device} tensors needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported")
-    _KERNEL[(n_tiles, s)](zt, ct, dist, idx, N, K, k_per_split, D=D, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=num_warps)
+        raise RuntimeError(
+            f"nearest_code_triton on {z.device} tensors needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported"
+        )
+    _KERNEL[(n_tiles, s)](
+        zt, ct, dist, idx, N, K, k_per_split, D=D, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps
+    )
     best, best_i = dist[0], idx[0]
     for j in range(1, s):  # splits cover increasing code ranges: strict < keeps the lowest index
         better = dist[j] < best

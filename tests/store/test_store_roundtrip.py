@@ -18,9 +18,7 @@ FORMATS = ["zarr", "wds"]
 def write(path, samples, fmt, attrs=None, extra=EXTRA, failures=(), **kw):
     kw.setdefault("commit_every", 7)
     kw.setdefault("samples_per_shard", 9)
-    with open_writer(
-        path, format=fmt, attrs=attrs or make_attrs(), num_blocks=4, extra_fields=extra, **kw
-    ) as w:
+    with open_writer(path, format=fmt, attrs=attrs or make_attrs(), num_blocks=4, extra_fields=extra, **kw) as w:
         for j in range(0, len(samples), 5):
             w.append(samples[j : j + 5])
         for src, why in failures:

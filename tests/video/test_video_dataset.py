@@ -60,7 +60,9 @@ def test_clip_index_through_dataloader_with_bad_files(mixed_refs, footage):
     ordered = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_clips, sampler=ds.worker_order(4, 2))
     good2, failures2 = _drain(ordered)
     assert sorted(good2) == sorted(good)
-    assert sorted((f["source"], f["clip_start"]) for f in failures2) == sorted((f["source"], f["clip_start"]) for f in failures)
+    assert sorted((f["source"], f["clip_start"]) for f in failures2) == sorted(
+        (f["source"], f["clip_start"]) for f in failures
+    )
     by_source = {r.source: sorted(s for src, s, _ in good if src == r.source) for r in mixed_refs}
     assert by_source[mixed_refs[0].source] == [16 * k for k in range(15)]
     assert by_source[mixed_refs[2].source] == [16 * k for k in range(7)]
