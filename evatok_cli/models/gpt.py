@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evatok_cli.checkpoint import load_model, register_model_kind, save_model
 from evatok_cli.models.kv_cache import KVCache
+from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
 
 IGNORE_INDEX = -100
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.checkpoint import load_model, register_model_kind, save_model
+from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
 from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, init_linear, patchify
 
 HEADS = ("classify", "reward")

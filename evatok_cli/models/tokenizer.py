@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.checkpoint import load_model, register_model_kind, save_model
 from evatok_cli.models.attention import (
     additive_mask,
     block_causal_mask,
@@ -37,6 +36,7 @@ from evatok_cli.models.attention import (
     patch_block_ids,
 )
 from evatok_cli.models.blockwise import DecoderState, EncoderState
+from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
 from evatok_cli.models.qformer import (
     PatchLayer,
     PosEmbed3D,
