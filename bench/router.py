@@ -26,9 +26,9 @@ import time
 import numpy as np
 import torch
 
+from evatok_cli.assign import budget_assignments, choose_assignments
 from evatok_cli.models.router import Router, router_config
 from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-from evatok_cli.route import budget_assignments, choose_assignments
 
 
 def timed(fn, device: torch.device) -> float:

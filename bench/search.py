@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evatok_cli.checkpoint import resolve_model_dir
 from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-from evatok_cli.search import CalibrationStats, beam_search, brute_force_search, exact_search, rewards
-from evatok_cli.train.checkpoints import resolve_model_dir
+from evatok_cli.reward import CalibrationStats, rewards
+from evatok_cli.search import beam_search, brute_force_search, exact_search
 
 # (w_q, w_l) for the beam's reward gap: the paper's default, and the quality-only end of its curves
 # (with random weights the length term dominates at the default, so the gap there is trivially 0).

@@ -45,6 +45,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "CheckpointError",
     "OpenModel",
+    "TokenizerMismatchError",
     "export_model",
     "latest_step_dir",
     "load_model",
@@ -58,6 +59,11 @@ __all__ = [
     "valid_steps",
     "weights_sha256",
 ]
+
+
+class TokenizerMismatchError(CheckpointError):
+    """A tokenizer other than the one recorded (by a token store or a GPT): another space, codebook or weights."""
+
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_NAME = "state.json"  # written last into a training step directory: the step counts once it exists

@@ -40,8 +40,15 @@ from typing import Any
 
 import torch
 
-from evatok_cli.checkpoint import CheckpointError, export_model, read_model_meta, weights_sha256
-from evatok_cli.train.checkpoints import STATE_NAME, read_state, resolve_model_dir
+from evatok_cli.checkpoint import (
+    STATE_NAME,
+    CheckpointError,
+    export_model,
+    read_model_meta,
+    resolve_model_dir,
+    weights_sha256,
+)
+from evatok_cli.train.checkpoints import read_state
 
 SOURCES = {"tokenizer": "final-router", "router": "router", "gpt": "gpt-router"}
 DEFAULT_DEST = Path(__file__).resolve().parents[1] / "evatok_cli" / "demo" / "models"
@@ -71,21 +78,19 @@ def auto_card(kind: str, src: Path) -> dict[str, Any]:
 
 def check_together(d: Path) -> None:
     """The router and the GPT work with the tokenizer beside them (the checks encode/generate make)."""
-    from evatok_cli.models.gpt import GPT
-    from evatok_cli.models.router import Router
-    from evatok_cli.models.tokenizer import EVATokTokenizer
-    from evatok_cli.sample import check_tokenizer
+    from evatok_cli.checkpoint import open_model
+    from evatok_cli.sampling import check_tokenizer
 
-    tok = EVATokTokenizer.from_pretrained(d / "tokenizer")
-    router = Router.from_pretrained(d / "router")
+    opened = open_model(d / "tokenizer", "tokenizer")
+    tok = opened.model
+    router = open_model(d / "router", "router").model
     rc, tc = router.config, tok.config
     if router.space != tok.space or (rc.frames, rc.height, rc.width) != (tc.frames, tc.height, tc.width):
         raise CheckpointError(
             f"the router ({rc.frames}x{rc.height}x{rc.width}, {router.space.to_dict()}) does not fit "
             f"the tokenizer ({tc.frames}x{tc.height}x{tc.width}, {tok.space.to_dict()})"
         )
-    gpt = GPT.from_pretrained(d / "gpt")
-    check_tokenizer(d / "gpt", read_model_meta(d / "gpt"), gpt, d / "tokenizer", tok)
+    check_tokenizer(open_model(d / "gpt", "gpt"), opened)
 
 
 def dir_bytes(d: Path) -> int:
@@ -146,11 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(args.run_dir / n) for n in SOURCES.values() if not (args.run_dir / n).is_dir()]
     if missing:
         p.error(f"missing in {args.run_dir}: {', '.join(missing)}")
-    from evatok_cli.sample import GenerateError
-
     try:
         ship(args.run_dir, args.dest, cards=cards, max_mb=args.max_mb, dtype=getattr(torch, args.dtype))
-    except (CheckpointError, GenerateError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -311,10 +311,10 @@ def test_decode_generate_eval_use_the_demo_models(demo_env, monkeypatch, tmp_pat
     seen = {}
     monkeypatch.setattr("evatok_cli.decode.decode_store", lambda store, out, **kw: seen.update(decode=kw) or _Obj())
     monkeypatch.setattr(
-        "evatok_cli.sample.generate_videos", lambda gpt, out, **kw: seen.update(gen=(gpt, kw)) or _Obj()
+        "evatok_cli.generate.generate_videos", lambda gpt, out, **kw: seen.update(gen=(gpt, kw)) or _Obj()
     )
     monkeypatch.setattr(
-        "evatok_cli.eval.evaluate_reconstruction", lambda tok, data, **kw: seen.update(recon=tok) or _Obj()
+        "evatok_cli.evaluation.evaluate_reconstruction", lambda tok, data, **kw: seen.update(recon=tok) or _Obj()
     )
     monkeypatch.setattr("evatok_cli.cli.eval._emit", lambda *a, **k: None)
     assert runner.invoke(app, ["decode", "s.zarr", "-o", str(tmp_path / "r"), "--quiet"]).exit_code == 0

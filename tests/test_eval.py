@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from evatok_cli.eval import (
+from evatok_cli.evaluation import (
     EvalError,
     NotComparable,
     compare_reports,
@@ -20,11 +20,11 @@ from evatok_cli.eval import (
     evaluate_generation,
     evaluate_reconstruction,
 )
-from evatok_cli.eval_report import EvalReport, load_report, render_markdown, write_report
+from evatok_cli.evaluation.protocols import PROTOCOLS, Protocol, balanced_labels, get_protocol, plan_clips, select_clips
+from evatok_cli.evaluation.report import EvalReport, load_report, render_markdown, write_report
 from evatok_cli.metrics import FeatureStats, frechet_distance, psnr_frames
 from evatok_cli.models.gpt import GPT, gpt_config
 from evatok_cli.models.tokenizer import EVATokTokenizer
-from evatok_cli.protocols import PROTOCOLS, Protocol, balanced_labels, get_protocol, plan_clips, select_clips
 from evatok_cli.video import list_inputs, read_clips, to_model_input
 
 RANDOM = dict(i3d="random:0", lpips_weights="random:1", lpips_net="alex", device="cpu")
@@ -65,7 +65,7 @@ def test_paper_protocols_name_everything():
 
 def test_token_savings_against_max_level_and_the_papers_1024():
     from evatok_cli.assignments import PAPER_SPACE
-    from evatok_cli.eval import _token_summary
+    from evatok_cli.evaluation.engine import _token_summary
 
     s = _token_summary(774.0, PAPER_SPACE, get_protocol("ucf-rfvd"))
     assert s["uniform_tokens"] == 2048 and s["token_savings"] == pytest.approx(1 - 774 / 2048)

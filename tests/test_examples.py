@@ -151,12 +151,12 @@ def test_reproduce_small_quick(tmp_path):
 
     import torch
 
+    from evatok_cli.checkpoint import resolve_model_dir
+    from evatok_cli.labels import load_labels
     from evatok_cli.models.gpt import GPT
     from evatok_cli.models.router import Router
     from evatok_cli.models.tokenizer import EVATokTokenizer
-    from evatok_cli.route import load_labels
     from evatok_cli.store import open_store
-    from evatok_cli.train.checkpoints import resolve_model_dir
     from evatok_cli.video import probe
 
     # every model loads

@@ -20,20 +20,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from evatok_cli.assign import budget_assignments, choose_assignments, routing_scores
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.cli import app
 from evatok_cli.config import config_to_dict
+from evatok_cli.labels import load_labels, resolve_sources
 from evatok_cli.models.router import Router, router_config
 from evatok_cli.models.tokenizer import tokenizer_config
-from evatok_cli.route import (
-    budget_assignments,
-    choose_assignments,
-    evaluate,
-    load_labels,
-    resolve_sources,
-    route,
-    routing_scores,
-)
+from evatok_cli.route import evaluate, route
 from evatok_cli.store import Sample, open_writer
 from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, read_clips
 

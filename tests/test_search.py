@@ -212,7 +212,7 @@ def test_interrupted_search_resumes_to_the_same_store(baseline, proxy, good_vide
     assert not (out / "index.json").exists()
     # wds commits per shard; flush on the way out left the first clip committed. The rerun takes
     # the calibration stored in the unfinished store (so a resume never changes the reward).
-    monkeypatch.setattr("evatok_cli.search.calibrate", lambda *a, **k: pytest.fail("recalibrated on resume"))
+    monkeypatch.setattr("evatok_cli.search.job.calibrate", lambda *a, **k: pytest.fail("recalibrated on resume"))
     resumed = search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0)
     assert (resumed.resumed, resumed.clips) == (1, 1)
     again = search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0)

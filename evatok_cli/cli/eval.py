@@ -116,7 +116,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def _errors() -> tuple[type[BaseException], ...]:
     from evatok_cli.checkpoint import CheckpointError
-    from evatok_cli.eval import EvalError
+    from evatok_cli.evaluation import EvalError
     from evatok_cli.video import VideoError
 
     return (EvalError, CheckpointError, VideoError, ValueError, FileNotFoundError, KeyError)
@@ -124,7 +124,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 def _emit(report, out: Path | None, json_: bool, quiet: bool, plot: Path | None = None) -> None:
     """Rank 0 prints the markdown (or JSON) and writes the files; other ranks stay silent."""
-    from evatok_cli.eval import plot_curve, render_markdown, write_report
+    from evatok_cli.evaluation import plot_curve, render_markdown, write_report
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -207,7 +207,7 @@ def recon(
     """Reconstruction metrics (PSNR, SSIM, LPIPS, rFVD) and token counts of a tokenizer."""
     import sys
 
-    from evatok_cli.eval import evaluate_reconstruction
+    from evatok_cli.evaluation import evaluate_reconstruction
 
     if assignment is not None and router is not None:
         fail("give either --assignment or --router, not both", code=2)
@@ -310,7 +310,7 @@ def gen(
     """gFVD of class-conditional samples against the protocol's real clips (real statistics cached)."""
     import sys
 
-    from evatok_cli.eval import evaluate_generation
+    from evatok_cli.evaluation import evaluate_generation
 
     if (
         batch_size < 1
@@ -396,7 +396,7 @@ def curve(
     """Quality vs mean tokens for every uniform level and a router (PAPER Fig. 4)."""
     import sys
 
-    from evatok_cli.eval import evaluate_curve, matplotlib_available
+    from evatok_cli.evaluation import evaluate_curve, matplotlib_available
 
     if plot is not None and not matplotlib_available():
         fail(
@@ -443,7 +443,7 @@ def compare(
     ] = None,
 ) -> None:
     """Two reports side by side; refuses reports of different protocols or metric weights."""
-    from evatok_cli.eval import EvalError, compare_reports, load_report
+    from evatok_cli.evaluation import EvalError, compare_reports, load_report
 
     try:
         names = (a.stem, b.stem) if a.stem != b.stem else (str(a), str(b))

@@ -75,7 +75,7 @@ def generate(
 ) -> None:
     """Generate videos (and/or their tokens) for the given classes."""
     from evatok_cli.checkpoint import CheckpointError
-    from evatok_cli.sample import FORMATS, GenerateError, generate_videos
+    from evatok_cli.generate import FORMATS, GenerateError, generate_videos
     from evatok_cli.store import StoreError
 
     if format not in FORMATS:

@@ -18,7 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from evatok_cli.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_model_meta, weights_sha256
+from evatok_cli.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_model,
+    read_model_meta,
+    weights_sha256,
+)
 
 ENV_VAR = "EVATOK_DEMO_MODELS"
 KINDS = ("tokenizer", "router", "gpt")
@@ -70,7 +77,6 @@ def describe_model(path: str | Path, kind: str | None = None) -> dict[str, Any]:
 
     Loads the model once to count its parameters (buffers such as a codebook are not parameters).
     """
-    from evatok_cli.checkpoint import load_model
 
     path = Path(path)
     meta = read_model_meta(path)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -101,7 +102,6 @@ class FeatureStats:
 
     def all_reduce(self, group: Any = None) -> FeatureStats:
         """Sum the statistics over all ranks (in place); a no-op unless torch.distributed is initialised."""
-        import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self

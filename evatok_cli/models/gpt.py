@@ -349,7 +349,7 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------- model
 @register_model_kind("gpt", GPTConfig)
 class GPT(nn.Module):
-    """Class-conditional AR model over EVATok sequences; sampling lives in ``evatok_cli.generate``."""
+    """Class-conditional AR model over EVATok sequences; sampling lives in ``evatok_cli.sampling``."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -36,8 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, drop_class, pad_batch
+from evatok_cli.checkpoint import latest_step_dir, read_model_meta
+from evatok_cli.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_sequence, drop_class, gpt_config, pad_batch
+from evatok_cli.runtime import process_group
 from evatok_cli.store import StoreReader, open_store
+from evatok_cli.train import loop
+from evatok_cli.train.data import StepSampler
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
 from evatok_cli.train.schedule import wsd
@@ -236,7 +240,6 @@ def sequence_batches(
     stream: SequenceStream, *, local_batch: int, rank: int, world_size: int, workers: int = 0
 ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
     """``batches(start_step)`` for :func:`evatok_cli.train.loop.run` (rank-sharded, step-indexed)."""
-    from evatok_cli.train.data import StepSampler
 
     def batches(start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         return iter(
@@ -319,8 +322,6 @@ def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
 
 def _check_resume(out: Path, record: dict[str, Any], samples: int) -> None:
     """A resumed run must train on the same kind of data it started with."""
-    from evatok_cli.checkpoint import read_model_meta
-    from evatok_cli.train.checkpoints import latest_step_dir
 
     latest = latest_step_dir(out)
     if latest is None:
@@ -380,9 +381,6 @@ def train_gpt(
     Raises:
         ValueError: bad options, or stores that cannot be trained on together.
     """
-    from evatok_cli.models.gpt import GPT_PRESETS, gpt_config
-    from evatok_cli.train import loop
-    from evatok_cli.train.dist import init_distributed, shutdown
 
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown GPT preset {preset!r} (known: {', '.join(GPT_PRESETS)})")
@@ -401,8 +399,7 @@ def train_gpt(
         num_classes=data.num_classes,
         **(model_overrides or {}),
     )
-    env = init_distributed(device)
-    try:
+    with process_group(device) as env:
         if steps is None:
             assert epochs is not None
             steps = steps_for_epochs(epochs, len(data), batch_size * env.world_size)
@@ -443,5 +440,3 @@ def train_gpt(
             steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
         )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
-    finally:
-        shutdown(env)

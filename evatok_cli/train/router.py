@@ -28,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from evatok_cli.models.router import Router
-from evatok_cli.route import LabelClipDataset, Labels
+from evatok_cli.labels import LabelClipDataset, Labels, label_clips, load_labels
+from evatok_cli.models.router import HEADS, Router, router_config
+from evatok_cli.runtime import process_group
+from evatok_cli.train import loop
+from evatok_cli.train.data import StepSampler
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
 from evatok_cli.train.schedule import warmup_cosine
 from evatok_cli.train.task import ModelTask
-from evatok_cli.video import ClipSpec, VideoError, VideoRef
+from evatok_cli.video import ClipSpec, VideoError, VideoRef, list_inputs
 from evatok_cli.video.dataset import to_model_input
 
 log = logging.getLogger(__name__)
@@ -233,7 +236,6 @@ def label_batches(
     stream: LabelledClipStream, *, local_batch: int, rank: int, world_size: int, workers: int
 ) -> Callable[[int], Iterator[dict]]:
     """``batches(start_step)`` for :func:`evatok_cli.train.loop.run`: ``video`` (B, F, H, W, 3), ``row`` (B,)."""
-    from evatok_cli.train.data import StepSampler
 
     def batches(start_step: int) -> Iterator[dict]:
         w = 0 if stream.clips is not None else workers
@@ -299,11 +301,6 @@ def train_router(
     Raises:
         ValueError: bad head/options, not a labels store, or no labelled clip could be read.
     """
-    from evatok_cli.models.router import HEADS, router_config
-    from evatok_cli.route import label_clips, load_labels
-    from evatok_cli.train import loop
-    from evatok_cli.train.dist import init_distributed, shutdown
-    from evatok_cli.video import list_inputs
 
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -335,8 +332,7 @@ def train_router(
     clips = None
     if preload:
         items, clips = preload_clips(items, spec)
-    env = init_distributed(device)
-    try:
+    with process_group(device) as env:
         if env.is_main:
             log.info(
                 "router %s (%s head): %d labelled clips (%d skipped), %d assignments",
@@ -370,5 +366,3 @@ def train_router(
             steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
         )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
-    finally:
-        shutdown(env)

@@ -25,15 +25,37 @@ from typing import Any, ClassVar
 
 import torch
 
+from evatok_cli.assign import RouterPolicy
+from evatok_cli.checkpoint import (
+    EMA_NAME,
+    CheckpointError,
+    latest_step_dir,
+    load_model,
+    read_model_meta,
+    resolve_model_dir,
+    weights_sha256,
+)
+from evatok_cli.config import config_to_dict
+from evatok_cli.metrics.lpips import LPIPS
 from evatok_cli.metrics.pixel import psnr_frames
-from evatok_cli.models.discriminator import PatchDiscriminator, d_hinge_loss, g_adversarial_loss, logit_penalty
+from evatok_cli.models.discriminator import (
+    PatchDiscriminator,
+    d_hinge_loss,
+    discriminator_for,
+    g_adversarial_loss,
+    logit_penalty,
+)
 from evatok_cli.models.semantic import AlignmentHook, SemanticDiscriminator
 from evatok_cli.models.teachers import load_teacher
-from evatok_cli.models.tokenizer import EVATokTokenizer
+from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
+from evatok_cli.runtime import process_group
+from evatok_cli.train import loop
+from evatok_cli.train.data import clip_batches
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
 from evatok_cli.train.schedule import warmup_cosine
 from evatok_cli.train.task import ModelTask
+from evatok_cli.video import ClipSpec, list_inputs
 from evatok_cli.video.dataset import to_model_input
 
 log = logging.getLogger(__name__)
@@ -99,7 +121,6 @@ def router_assignments(
     w_l: float | None = None,
 ) -> AssignmentPolicy:
     """Final stage (PAPER §3.4): a frozen router decides every training clip's assignment."""
-    from evatok_cli.route import RouterPolicy
 
     router = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
 
@@ -338,9 +359,6 @@ def init_weights(model: EVATokTokenizer, init: str | Path, preset: str) -> dict[
     kept in the run's config.json: path, preset, weights sha256 (of its ``model.safetensors``, the
     identity used everywhere) and which weights were loaded.
     """
-    from evatok_cli.checkpoint import EMA_NAME, CheckpointError, load_model, read_model_meta, weights_sha256
-    from evatok_cli.config import config_to_dict
-    from evatok_cli.train.checkpoints import resolve_model_dir
 
     src = resolve_model_dir(init)
     try:
@@ -375,8 +393,6 @@ def _init_record(
     init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool, env: DistEnv
 ) -> dict[str, Any] | None:
     """``--init`` before step 0; a checkpoint found by ``--resume`` wins (its ``init_from`` is kept)."""
-    from evatok_cli.checkpoint import read_model_meta
-    from evatok_cli.train.checkpoints import latest_step_dir
 
     latest = latest_step_dir(out) if resume else None
     if latest is not None:
@@ -450,17 +466,10 @@ def train_tokenizer(
     Returns:
         The directory of the final checkpoint.
     """
-    from evatok_cli.models.discriminator import discriminator_for
-    from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-    from evatok_cli.train import loop
-    from evatok_cli.train.data import clip_batches
-    from evatok_cli.train.dist import init_distributed, shutdown
-    from evatok_cli.video import ClipSpec, list_inputs
 
     if stage not in ("proxy", "final"):
         raise ValueError(f"stage must be 'proxy' or 'final', got {stage!r}")
-    env = init_distributed(device)
-    try:
+    with process_group(device) as env:
         torch.manual_seed(seed)  # identical initial weights on every rank
         config = tokenizer_config(preset, **({} if align_layer is None else {"dec_feature_layer": align_layer}))
         model = EVATokTokenizer(config)
@@ -502,8 +511,6 @@ def train_tokenizer(
             align_hook = alignment_hook(align_teacher, config, env)
         semantic = semantic_discriminator(disc_teacher, env) if disc_teacher is not None else None
         if perceptual is None and lpips_backbone is not None:
-            from evatok_cli.metrics.lpips import LPIPS
-
             perceptual = LPIPS(net=lpips_net, backbone=lpips_backbone, heads=lpips_heads).to(env.device).loss
         if perceptual is None and env.is_main:
             log.info("perceptual (LPIPS) loss off: no LPIPS weights given (--lpips-backbone)")
@@ -535,5 +542,3 @@ def train_tokenizer(
             steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
         )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
-    finally:
-        shutdown(env)

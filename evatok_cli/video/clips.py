@@ -40,6 +40,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 
 from evatok_cli.video.errors import VideoError, decode_errors
 from evatok_cli.video.probe import VideoInfo, VideoSource, open_container, stream_info
+from evatok_cli.video.sources import clip_key
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class Clip:
     @property
     def key(self) -> str:
         """The sample key (:func:`~evatok_cli.video.sources.clip_key`)."""
-        from evatok_cli.video.sources import clip_key
 
         return clip_key(self.source, self.start)
 

@@ -19,8 +19,8 @@ import zarr
 from typer.testing import CliRunner
 
 from evatok_cli.cli import app
-from evatok_cli.decode import safe_name
 from evatok_cli.store import open_store
+from evatok_cli.video import safe_name
 
 runner = CliRunner()
 EVATOK = [sys.executable, "-m", "evatok_cli"]

@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from evatok_cli.cli import app
-from evatok_cli.eval_report import EvalReport
+from evatok_cli.evaluation.report import EvalReport
 from evatok_cli.metrics import FeatureStats
 from evatok_cli.models.gpt import GPT, gpt_config
 from evatok_cli.models.router import Router, router_config
@@ -72,9 +72,9 @@ def test_eval_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
     def record(name):
         return lambda *a, **kw: calls.append((name, a, kw)) or fake
 
-    monkeypatch.setattr("evatok_cli.eval.evaluate_reconstruction", record("recon"))
-    monkeypatch.setattr("evatok_cli.eval.evaluate_generation", record("gen"))
-    monkeypatch.setattr("evatok_cli.eval.evaluate_curve", record("curve"))
+    monkeypatch.setattr("evatok_cli.evaluation.evaluate_reconstruction", record("recon"))
+    monkeypatch.setattr("evatok_cli.evaluation.evaluate_generation", record("gen"))
+    monkeypatch.setattr("evatok_cli.evaluation.evaluate_curve", record("curve"))
     res = runner.invoke(
         app,
         [
@@ -374,7 +374,7 @@ def test_no_new_eval_cli_options():
 
 
 def test_plot_without_matplotlib_is_a_clear_usage_error(monkeypatch):
-    monkeypatch.setattr("evatok_cli.eval.matplotlib_available", lambda: False)
+    monkeypatch.setattr("evatok_cli.evaluation.matplotlib_available", lambda: False)
     res = runner.invoke(app, ["eval", "curve", "--tokenizer", "t", "--data", "a", "--plot", "c.png"])
     assert res.exit_code == 2 and "--plot needs matplotlib" in res.output and "evatok[plot]" in res.output
 

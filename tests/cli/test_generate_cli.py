@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from evatok_cli.checkpoint import weights_sha256
 from evatok_cli.cli import app
 from evatok_cli.encode import encode_videos
+from evatok_cli.generate import GenerateSummary
 from evatok_cli.models.gpt import GPT, build_sequence, parse_sequence
 from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-from evatok_cli.sample import GenerateSummary
 from evatok_cli.store import open_store
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.video import probe
@@ -88,7 +88,7 @@ def test_generate_cli_calls_library_with_exact_kwargs(monkeypatch):
             out=str(out), samples=2, mean_tokens=30.0, min_tokens=29, most_tokens=31, assignments={"16,8,2,4": 2}
         )
 
-    monkeypatch.setattr("evatok_cli.sample.generate_videos", fake)
+    monkeypatch.setattr("evatok_cli.generate.generate_videos", fake)
     res = runner.invoke(
         app,
         [

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.cli import app
-from evatok_cli.search import SearchSummary, rewards
+from evatok_cli.reward import rewards
+from evatok_cli.search import SearchSummary
 from evatok_cli.store import open_store
 
 runner = CliRunner()

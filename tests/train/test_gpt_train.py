@@ -20,8 +20,8 @@ import torch
 
 from evatok_cli.checkpoint import weights_sha256
 from evatok_cli.encode import encode_videos
-from evatok_cli.generate import generate
 from evatok_cli.models.gpt import GPT, gpt_config, parse_sequence
+from evatok_cli.sampling import generate
 from evatok_cli.store import open_store
 from evatok_cli.train.gpt import SequenceStream, open_token_stores, steps_for_epochs, train_gpt
 

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_route import make_labels_store  # noqa: E402
 
 from evatok_cli.cli import app  # noqa: E402
+from evatok_cli.labels import load_labels  # noqa: E402
 from evatok_cli.models.router import Router  # noqa: E402
-from evatok_cli.route import load_labels, route  # noqa: E402
+from evatok_cli.route import route  # noqa: E402
 from evatok_cli.store import StoreError, open_store, open_writer  # noqa: E402
 from evatok_cli.train.router import make_targets, train_router  # noqa: E402
 

@@ -153,8 +153,8 @@ def test_torchrun_two_ranks_identical_weights(videos, tmp_path):
 
 
 def test_final_stage_with_router(videos, tmp_path):
+    from evatok_cli.assign import RouterPolicy
     from evatok_cli.models.router import Router, router_config
-    from evatok_cli.route import RouterPolicy
 
     torch.manual_seed(5)
     router_dir = Router(

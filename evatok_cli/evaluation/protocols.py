@@ -33,6 +33,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from evatok_cli.config import config_from_dict
+from evatok_cli.video import (
+    ClipReader,
+    ClipSpec,
+    VideoError,
+    clip_starts,
+    parse_clip_policy,
+    probe,
+    resampled_length,
+)
 
 COMMANDS = ("recon", "gen")
 TASKS = ("reconstruction", "class-to-video", "frame-prediction", "any")
@@ -110,7 +122,6 @@ class Protocol:
             raise ValueError(f"Protocol.cond_frames must be in [0, frames), got {self.cond_frames}")
         if self.fvd_variant not in ("styleganv", "videogpt"):
             raise ValueError(f"Protocol.fvd_variant must be styleganv or videogpt, got {self.fvd_variant!r}")
-        from evatok_cli.video import ClipSpec, parse_clip_policy
 
         parse_clip_policy(self.clips_per_video)
         ClipSpec(frames=self.frames, height=self.height, width=self.width, fps=self.fps)
@@ -122,7 +133,6 @@ class Protocol:
 
     def clip_spec(self):
         """The :class:`~evatok_cli.video.ClipSpec` clips are read with."""
-        from evatok_cli.video import ClipSpec
 
         return ClipSpec(frames=self.frames, height=self.height, width=self.width, fps=self.fps)
 
@@ -133,7 +143,6 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Protocol:
-        from evatok_cli.config import config_from_dict
 
         return config_from_dict(cls, d)
 
@@ -337,7 +346,6 @@ def plan_clips(
         ``(clips, failures, frames)``: ``(video number, start)`` pairs, ``{source, reason}`` for
         videos that cannot be read or are too short, and each video's frame count (-1 if failed).
     """
-    from evatok_cli.video import VideoError, clip_starts, parse_clip_policy, probe, resampled_length
 
     spec, policy = protocol.clip_spec(), parse_clip_policy(protocol.clips_per_video)
     clips: list[tuple[int, int]] = []
@@ -383,7 +391,6 @@ class ClipDataset:
         return {**self.__dict__, "_reader": None}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from evatok_cli.video import ClipReader, VideoError
 
         pos, ref, start = self.items[i]
         try:
@@ -396,7 +403,6 @@ class ClipDataset:
         except VideoError as e:
             self._reader = None
             return {"pos": pos, "source": ref.source, "clip_start": start, "error": e.reason}
-        import torch
 
         video = torch.from_numpy(np.ascontiguousarray(frames))
         return {"pos": pos, "source": ref.source, "clip_start": start, "video": video}
@@ -404,7 +410,6 @@ class ClipDataset:
 
 def collate_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(batch with ``video`` uint8 (B, F, H, W, 3) or None, ``pos``, ``source``, ``clip_start``; failures)."""
-    import torch
 
     good = [it for it in items if "error" not in it]
     bad = [

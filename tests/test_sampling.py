@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from evatok_cli.generate import (
+from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, gpt_config, pad_batch, parse_sequence
+from evatok_cli.sampling import (
     apply_cfg,
     generate,
     generate_uncached,
@@ -15,7 +16,6 @@ from evatok_cli.generate import (
     top_k_filter,
     top_p_filter,
 )
-from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, gpt_config, pad_batch, parse_sequence
 
 SMALL = dict(codebook_size=16, levels=(2, 4, 8), blocks=3, num_classes=5)
 

@@ -1,6 +1,6 @@
 """Evaluation reports: JSON for machines, markdown for people, side-by-side comparison, curve plots.
 
-An :class:`EvalReport` is what every ``evatok eval`` job returns (``evatok_cli.eval``). Its JSON holds
+An :class:`EvalReport` is what every ``evatok eval`` job returns (:mod:`evatok_cli.evaluation`). Its JSON holds
 every field (docs/evaluation.md explains each one); :func:`render_markdown` is the table printed
 and saved beside it. :func:`compare_reports` refuses two reports measured under different
 protocols or with different metric weights (I3D / LPIPS sha256): their numbers are not comparable.
@@ -9,6 +9,7 @@ protocols or with different metric weights (I3D / LPIPS sha256): their numbers a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from evatok_cli import __version__
+from evatok_cli.config import load_json, save_json
 
 REPORT_FORMAT = "evatok-eval-report-1"
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False}
@@ -97,7 +99,6 @@ def _jsonable(x: Any) -> Any:
 
 def load_report(path: str | Path) -> EvalReport:
     """Read a report JSON written by :func:`write_report`."""
-    from evatok_cli.config import load_json
 
     p = Path(path)
     if not p.is_file():
@@ -110,7 +111,6 @@ def load_report(path: str | Path) -> EvalReport:
 
 def write_report(report: EvalReport, path: str | Path) -> tuple[Path, Path]:
     """Write ``path`` (JSON) and the same name with ``.md`` (markdown), atomically; returns both."""
-    from evatok_cli.config import save_json
 
     p = Path(path)
     md = p.with_suffix(".md") if p.suffix.lower() != ".md" else p.with_name(p.name + ".md")
@@ -304,7 +304,6 @@ def plot_curve(report: EvalReport, path: str | Path) -> Path:
 
 
 def matplotlib_available() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
 
