@@ -33,7 +33,6 @@ from evatok_cli.video.write import encode_mp4, safe_name, write_mp4
 
 _DATASET_NAMES = (
     "ClipIndexDataset",
-    "RandomClipDataset",
     "collate_clips",
     "to_model_input",
     "to_uint8",
