@@ -86,12 +86,16 @@ def main() -> None:
             cpu[s].append(cpu_s)
             counts[s] = (clips, fails)
 
-    print(f"# decode bench: {len(refs)} videos, {len(ds)} clips of {spec.frames}x{spec.height}x{spec.width}, "
-          f"policy {args.policy}, batch {args.batch_size}, best of {args.rounds} rounds")
+    print(
+        f"# decode bench: {len(refs)} videos, {len(ds)} clips of {spec.frames}x{spec.height}x{spec.width}, "
+        f"policy {args.policy}, batch {args.batch_size}, best of {args.rounds} rounds"
+    )
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"# 1-min load average: {load0:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)")
-    print(f"{'workers':>7} {'sampler':>13} {'clips':>6} {'fail':>4} {'best s':>7} {'median s':>8} "
-          f"{'clips/s':>8} {'frames/s':>9} {'cpu ms/clip':>11}")
+    print(
+        f"{'workers':>7} {'sampler':>13} {'clips':>6} {'fail':>4} {'best s':>7} {'median s':>8} "
+        f"{'clips/s':>8} {'frames/s':>9} {'cpu ms/clip':>11}"
+    )
     rate = {}
     for s in settings:
         best, med = min(times[s]), statistics.median(times[s])
@@ -99,8 +103,10 @@ def main() -> None:
         rate[s] = clips / best
         cpu_ms = 1000 * min(cpu[s]) / clips
         sampler = "worker_order" if s[1] else "index order"
-        print(f"{s[0]:>7} {sampler:>13} {clips:>6} {fails:>4} {best:>7.2f} {med:>8.2f} "
-              f"{rate[s]:>8.1f} {rate[s] * spec.frames:>9.0f} {cpu_ms:>11.1f}")
+        print(
+            f"{s[0]:>7} {sampler:>13} {clips:>6} {fails:>4} {best:>7.2f} {med:>8.2f} "
+            f"{rate[s]:>8.1f} {rate[s] * spec.frames:>9.0f} {cpu_ms:>11.1f}"
+        )
     if (1, False) in rate and (2, False) in rate:
         print(f"ratio 2 workers / 1 worker (index order):  {rate[2, False] / rate[1, False]:.2f}x")
     if (1, False) in rate and (2, True) in rate:

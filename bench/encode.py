@@ -95,25 +95,47 @@ def main() -> None:
 
         # 3. end to end, same assignments
         t = time.perf_counter()
-        summary = encode_videos([str(f) for f in files], tmp / "out.zarr", tokenizer=model_dir, assigner=assigner,
-                                batch_size=args.batch_size, workers=args.workers, device="cpu")
+        summary = encode_videos(
+            [str(f) for f in files],
+            tmp / "out.zarr",
+            tokenizer=model_dir,
+            assigner=assigner,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device="cpu",
+        )
         e2e_s = time.perf_counter() - t
         assert summary.clips == n, (summary.clips, n)
 
         dec, mod, e2e = n / decode_s, n / model_s, n / e2e_s
         serial = 1 / (1 / dec + 1 / mod)
-        print(f"preset={args.preset} clips={n} ({cfg.frames}x{cfg.height}x{cfg.width}) workers={args.workers} "
-              f"batch={args.batch_size} threads={torch.get_num_threads()}")
+        print(
+            f"preset={args.preset} clips={n} ({cfg.frames}x{cfg.height}x{cfg.width}) workers={args.workers} "
+            f"batch={args.batch_size} threads={torch.get_num_threads()}"
+        )
         print(f"{'stage':<28}{'clips/s':>10}")
         print(f"{'decode only':<28}{dec:>10.2f}")
         print(f"{'model only (' + args.assignment + ')':<28}{mod:>10.2f}")
         print(f"{'end to end':<28}{e2e:>10.2f}")
         print(f"{'serial bound':<28}{serial:>10.2f}")
         print(f"end-to-end / serial bound = {e2e / serial:.2f}  (target >= 0.85 on CPU)")
-        print(f"padding fraction: model-only batches in decode order {pad / tot:.3f}, "
-              f"encode's length-grouped batches {summary.padding_fraction:.3f}")
-        print(json.dumps({"decode": dec, "model": mod, "e2e": e2e, "serial": serial, "ratio": e2e / serial,
-                          "padding_plain": pad / tot, "padding_grouped": summary.padding_fraction}))
+        print(
+            f"padding fraction: model-only batches in decode order {pad / tot:.3f}, "
+            f"encode's length-grouped batches {summary.padding_fraction:.3f}"
+        )
+        print(
+            json.dumps(
+                {
+                    "decode": dec,
+                    "model": mod,
+                    "e2e": e2e,
+                    "serial": serial,
+                    "ratio": e2e / serial,
+                    "padding_plain": pad / tot,
+                    "padding_grouped": summary.padding_fraction,
+                }
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 
-from evatok_cli.generate import generate, generate_uncached
 from evatok_cli.models.gpt import GPT, gpt_config
+from evatok_cli.sampling import generate, generate_uncached
 
 SPACE = dict(codebook_size=8192, levels=(32, 64, 128, 256, 512), blocks=4, num_classes=101)
 UNIFORM = (256, 256, 256, 256)

@@ -115,11 +115,14 @@ def _vq_case_child(args: argparse.Namespace) -> None:
 
     z, c = _unit(args.n, args.d, 0, "cpu"), _unit(args.k, args.d, 1, "cpu")
     if args.method == "naive":
+
         def run():
             return torch.cdist(z, c).argmin(1)
     else:
+
         def run():
             return nearest_code_chunked(z, c)
+
     # warm up on a small slice (library loading, allocator), then measure the real call
     if args.method == "naive":
         torch.cdist(z[:64], c[:64]).argmin(1)
@@ -151,8 +154,21 @@ def bench_vq_cpu(args: argparse.Namespace) -> dict:
                 if method == "naive" and n * k * 4 > args.naive_limit_gb * 1e9:
                     row["naive"] = f"skipped: N*K*4 = {n * k * 4 / 1e9:.1f} GB > {args.naive_limit_gb} GB"
                     continue
-                cmd = [sys.executable, __file__, "_vq-case", "--method", method, "--n", str(n), "--k", str(k),
-                       "--d", "8", "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "_vq-case",
+                    "--method",
+                    method,
+                    "--n",
+                    str(n),
+                    "--k",
+                    str(k),
+                    "--d",
+                    "8",
+                    "--threads",
+                    str(args.threads),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 row[method] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
@@ -169,8 +185,10 @@ def _print_vq_row(row: dict) -> None:
         if isinstance(r, str):
             return f"{m}: {r}"
         extra = r.get("rss_extra_bytes", r.get("cuda_extra_bytes", 0))
-        return (f"{m}: {r['time_s'] * 1e3:9.1f} ms, +{extra / MiB:8.1f} MiB"
-                f" (analytic {row[m + '_analytic_bytes'] / MiB:8.1f} MiB)")
+        return (
+            f"{m}: {r['time_s'] * 1e3:9.1f} ms, +{extra / MiB:8.1f} MiB"
+            f" (analytic {row[m + '_analytic_bytes'] / MiB:8.1f} MiB)"
+        )
 
     methods = [m for m in ("triton", "chunked", "naive") if m in row]
     print(f"N={row['N']:>6} K={row['K']:>5} | " + " | ".join(fmt(m) for m in methods), flush=True)
@@ -186,8 +204,11 @@ def bench_vq_cuda(args: argparse.Namespace) -> dict:
             z, c = _unit(n, 8, 0, "cuda"), _unit(k, 8, 1, "cuda")
             row: dict[str, Any] = {"N": n, "K": k, "D": 8}
             ref = nearest_code_triton(z, c)[0]
-            methods = {"triton": lambda: nearest_code_triton(z, c), "chunked": lambda: nearest_code_chunked(z, c),
-                       "naive": lambda: torch.cdist(z, c).argmin(1)}
+            methods = {
+                "triton": lambda z=z, c=c: nearest_code_triton(z, c),
+                "chunked": lambda z=z, c=c: nearest_code_chunked(z, c),
+                "naive": lambda z=z, c=c: torch.cdist(z, c).argmin(1),
+            }
             for name, fn in methods.items():
                 row[f"{name}_analytic_bytes"] = _vq_analytic(name, n, k, 8)
                 if name == "naive" and n * k * 4 > args.naive_limit_gb * 1e9:
@@ -238,8 +259,15 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
     levels = torch.tensor(c.levels)
     a = levels[torch.randint(len(levels), (args.batch, c.blocks), generator=g)].to(device)
     backward = device == "cuda"  # FlexAttention has no CPU backward
-    res: dict[str, Any] = {"preset": preset, "batch": args.batch, "dtype": args.dtype, "device": device,
-                           "backward": backward, "assignments": a.tolist(), "params": model.num_parameters()}
+    res: dict[str, Any] = {
+        "preset": preset,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "device": device,
+        "backward": backward,
+        "assignments": a.tolist(),
+        "params": model.num_parameters(),
+    }
     old = os.environ.get("EVATOK_ATTENTION")
     try:
         for backend in ("sdpa", "flex"):
@@ -261,8 +289,10 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
             res["recon_max_abs_diff"] = float((got.recon.float() - ref.recon.float()).abs().max())
             res["index_agreement"] = float((got.indices == ref.indices).float().mean())
             res["flex_speedup"] = res["sdpa"]["step_s"] / res["flex"]["step_s"]
-            print(f"flex / sdpa: {res['flex_speedup']:.2f}x faster; outputs max |diff| "
-                  f"{res['recon_max_abs_diff']:.3g}, index agreement {res['index_agreement']:.4f}")
+            print(
+                f"flex / sdpa: {res['flex_speedup']:.2f}x faster; outputs max |diff| "
+                f"{res['recon_max_abs_diff']:.3g}, index agreement {res['index_agreement']:.4f}"
+            )
     finally:
         if old is None:
             os.environ.pop("EVATOK_ATTENTION", None)
@@ -306,8 +336,13 @@ def bench_gpt(args: argparse.Namespace) -> dict:
     targets = idx.clone()
     targets[torch.arange(L)[None, :] >= lengths[:, None]] = IGNORE_INDEX
     idx, targets = idx.to(device), targets.to(device)
-    res: dict[str, Any] = {"preset": preset, "batch": args.batch, "seq_lengths": lengths.tolist(), "dtype": args.dtype,
-                           "params": model.num_params()}
+    res: dict[str, Any] = {
+        "preset": preset,
+        "batch": args.batch,
+        "seq_lengths": lengths.tolist(),
+        "dtype": args.dtype,
+        "params": model.num_params(),
+    }
 
     def step():
         with _autocast(device, args.dtype):
@@ -322,8 +357,9 @@ def bench_gpt(args: argparse.Namespace) -> dict:
     # attention only: SDPA is_causal vs FlexAttention causal_padded at the GPT's shapes
     H, dh = cfg.heads, cfg.head_dim
     dt = torch.bfloat16 if (device == "cuda" and args.dtype == "bf16") else torch.float32
-    q, k, v = (torch.randn(args.batch, H, L, dh, device=device, dtype=dt, requires_grad=device == "cuda")
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(args.batch, H, L, dh, device=device, dtype=dt, requires_grad=device == "cuda") for _ in range(3)
+    )
     bm = flex.block_mask(flex.causal_padded(lengths.to(device)), args.batch, L, L, device=device)
 
     def sdpa():

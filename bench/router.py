@@ -26,9 +26,9 @@ import time
 import numpy as np
 import torch
 
+from evatok_cli.assign import budget_assignments, choose_assignments
 from evatok_cli.models.router import Router, router_config
 from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-from evatok_cli.route import budget_assignments, choose_assignments
 
 
 def timed(fn, device: torch.device) -> float:
@@ -64,13 +64,17 @@ def bench_preset(name: str, batch: int, reps: int, device: torch.device, overrid
                     times[key].append(timed(lambda: tok.encode(video, assign[k]), device))
     t_router = min(times["router"])
     rc = router.config
-    print(f"{name}: clips {c.frames}x{c.height}x{c.width}, batch {batch}; router {router.num_parameters() / 1e6:.2f}M "
-          f"(dim {rc.dim}, depth {rc.depth}, input pooled {rc.input_downsample}x, {rc.temporal_patch}x{rc.spatial_patch}x"
-          f"{rc.spatial_patch} patches -> {rc.num_patches} tokens), tokenizer {tok.num_parameters() / 1e6:.1f}M")
+    print(
+        f"{name}: clips {c.frames}x{c.height}x{c.width}, batch {batch}; router {router.num_parameters() / 1e6:.2f}M "
+        f"(dim {rc.dim}, depth {rc.depth}, input pooled {rc.input_downsample}x, {rc.temporal_patch}x{rc.spatial_patch}x"
+        f"{rc.spatial_patch} patches -> {rc.num_patches} tokens), tokenizer {tok.num_parameters() / 1e6:.1f}M"
+    )
     print(f"  router forward  {t_router * 1e3:9.2f} ms")
     for k in levels:
         t = min(times[f"encode@{k}"])
-        print(f"  encode uniform {k:>3} x{c.blocks} ({k * c.blocks:>4} tokens) {t * 1e3:9.2f} ms   router/encode = {t_router / t:.3f}")
+        print(
+            f"  encode uniform {k:>3} x{c.blocks} ({k * c.blocks:>4} tokens) {t * 1e3:9.2f} ms   router/encode = {t_router / t:.3f}"
+        )
 
 
 def bench_policies() -> None:
@@ -83,8 +87,10 @@ def bench_policies() -> None:
     idx, lam = budget_assignments(q, PAPER_SPACE, 512.0)
     t2 = time.perf_counter()
     mean = PAPER_SPACE.lengths()[idx].mean()
-    print(f"policies, 10k clips x 625: choose {1e3 * (t1 - t0):.1f} ms, budget 512 {1e3 * (t2 - t1):.0f} ms "
-          f"(mean {mean:.1f} tokens, lambda {lam:.4g})")
+    print(
+        f"policies, 10k clips x 625: choose {1e3 * (t1 - t0):.1f} ms, budget 512 {1e3 * (t2 - t1):.0f} ms "
+        f"(mean {mean:.1f} tokens, lambda {lam:.4g})"
+    )
 
 
 def main() -> None:
@@ -94,8 +100,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default: 20 tiny, 10 small, 2 paper)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--router", nargs="*", default=[], metavar="FIELD=INT",
-                    help="replace integer RouterConfig fields of every preset, e.g. input_downsample=2 depth=1")
+    ap.add_argument(
+        "--router",
+        nargs="*",
+        default=[],
+        metavar="FIELD=INT",
+        help="replace integer RouterConfig fields of every preset, e.g. input_downsample=2 depth=1",
+    )
     args = ap.parse_args()
     overrides = {k: int(v) for k, v in (a.split("=", 1) for a in args.router)}
     if args.threads:

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evatok_cli.checkpoint import resolve_model_dir
 from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-from evatok_cli.search import CalibrationStats, beam_search, brute_force_search, exact_search, rewards
-from evatok_cli.train.checkpoints import resolve_model_dir
-
+from evatok_cli.reward import CalibrationStats, rewards
+from evatok_cli.search import beam_search, brute_force_search, exact_search
 
 # (w_q, w_l) for the beam's reward gap: the paper's default, and the quality-only end of its curves
 # (with random weights the length term dominates at the default, so the gap there is trivially 0).
@@ -93,10 +93,17 @@ def bench(preset: str, n: int, repeats: int, widths: list[int], tokenizer: str |
     te, tb = statistics.median(t_exact), statistics.median(t_brute)
     ce, cb = statistics.median(c_exact), statistics.median(c_brute)
     rec = {
-        "preset": preset, "clips": n, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "exact_s": round(te, 3), "brute_s": round(tb, 3), "exact_clips_per_s": round(n / te, 4),
-        "brute_clips_per_s": round(n / tb, 4), "speedup": round(tb / te, 2),
-        "exact_cpu_s": round(ce, 3), "brute_cpu_s": round(cb, 3), "speedup_cpu": round(cb / ce, 2),
+        "preset": preset,
+        "clips": n,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "exact_s": round(te, 3),
+        "brute_s": round(tb, 3),
+        "exact_clips_per_s": round(n / te, 4),
+        "brute_clips_per_s": round(n / tb, 4),
+        "speedup": round(tb / te, 2),
+        "exact_cpu_s": round(ce, 3),
+        "brute_cpu_s": round(cb, 3),
+        "speedup_cpu": round(cb / ce, 2),
         "block_evals_per_clip": {"exact": ex.stats.block_evals_per_clip, "brute": br.stats.block_evals_per_clip},
         "max_rel_diff": float(np.max(np.abs(ex_m - br_m) / np.abs(br_m))),
         "same_argmax": bool((r_ex.argmax(1) == r_br.argmax(1)).all()),
@@ -107,10 +114,19 @@ def bench(preset: str, n: int, repeats: int, widths: list[int], tokenizer: str |
             t, _, bm = timed(lambda: beam_search(model, video, "psnr", width=w, calibration=cal, w_q=w_q, w_l=w_l))
             best = rewards(ex_m, cal, space, w_q, w_l, True).max(1)
             gap = best - np.nanmax(rewards(bm.metric.numpy(), cal, space, w_q, w_l, True), 1)
-            rec["beam"].append({"width": w, "w_q": w_q, "w_l": w_l, "s": round(t, 3), "clips_per_s": round(n / t, 3),
-                                "block_evals_per_clip": bm.stats.block_evals_per_clip,
-                                "speedup_vs_exact": round(te / t, 2), "reward_gap_mean": round(float(gap.mean()), 4),
-                                "reward_gap_max": round(float(gap.max()), 4)})
+            rec["beam"].append(
+                {
+                    "width": w,
+                    "w_q": w_q,
+                    "w_l": w_l,
+                    "s": round(t, 3),
+                    "clips_per_s": round(n / t, 3),
+                    "block_evals_per_clip": bm.stats.block_evals_per_clip,
+                    "speedup_vs_exact": round(te / t, 2),
+                    "reward_gap_mean": round(float(gap.mean()), 4),
+                    "reward_gap_max": round(float(gap.max()), 4),
+                }
+            )
     return rec
 
 
@@ -121,8 +137,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=0, help="alternating repeats (default: tiny 3, small 1)")
     ap.add_argument("--beam", default="5,25", help="beam widths to time (comma list, empty for none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--tokenizer", default=None, help="a trained proxy (model or training dir) instead of random "
-                    "weights; use with --presets naming its preset")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a trained proxy (model or training dir) instead of random weights; use with --presets naming its preset",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,15 +152,20 @@ def main() -> None:
         n = args.clips or (4 if preset == "tiny" else 1)
         reps = args.repeats or (3 if preset == "tiny" else 1)
         rec = bench(preset, n, reps, widths, args.tokenizer)
-        print(f"{preset:6s} ({rec['params_M']}M params, {n} clips): exact {rec['exact_clips_per_s']:.3f} clips/s "
-              f"({rec['block_evals_per_clip']['exact']:.0f} block evals/clip), brute force "
-              f"{rec['brute_clips_per_s']:.3f} clips/s ({rec['block_evals_per_clip']['brute']:.0f}): "
-              f"speedup {rec['speedup']:.2f}x wall, {rec['speedup_cpu']:.2f}x CPU time; same argmax {rec['same_argmax']}, max rel diff {rec['max_rel_diff']:.1e}",
-              flush=True)
+        print(
+            f"{preset:6s} ({rec['params_M']}M params, {n} clips): exact {rec['exact_clips_per_s']:.3f} clips/s "
+            f"({rec['block_evals_per_clip']['exact']:.0f} block evals/clip), brute force "
+            f"{rec['brute_clips_per_s']:.3f} clips/s ({rec['block_evals_per_clip']['brute']:.0f}): "
+            f"speedup {rec['speedup']:.2f}x wall, {rec['speedup_cpu']:.2f}x CPU time; same argmax {rec['same_argmax']}, max rel diff {rec['max_rel_diff']:.1e}",
+            flush=True,
+        )
         for b in rec["beam"]:
-            print(f"       beam {b['width']:3d} (w_q {b['w_q']}, w_l {b['w_l']}): {b['clips_per_s']:.3f} clips/s "
-                  f"({b['block_evals_per_clip']:.0f} evals/clip, {b['speedup_vs_exact']:.2f}x exact); reward gap vs "
-                  f"exact mean {b['reward_gap_mean']:.4f} max {b['reward_gap_max']:.4f}", flush=True)
+            print(
+                f"       beam {b['width']:3d} (w_q {b['w_q']}, w_l {b['w_l']}): {b['clips_per_s']:.3f} clips/s "
+                f"({b['block_evals_per_clip']:.0f} evals/clip, {b['speedup_vs_exact']:.2f}x exact); reward gap vs "
+                f"exact mean {b['reward_gap_mean']:.4f} max {b['reward_gap_max']:.4f}",
+                flush=True,
+            )
         print(json.dumps(rec), flush=True)
 
 

@@ -106,8 +106,12 @@ def bench_preset(name: str, batch: int, repeats: int, threads: int, memory: bool
         tokens, lengths = model.encode(video, a)
         enc = _time(lambda: model.encode(video, a), repeats)
         dec = _time(lambda: model.decode(tokens, lengths), repeats)
-        row = {"level": k, "tokens_per_clip": k * c.blocks,
-               "encode_clips_s": batch / enc, "decode_clips_s": batch / dec}
+        row = {
+            "level": k,
+            "tokens_per_clip": k * c.blocks,
+            "encode_clips_s": batch / enc,
+            "decode_clips_s": batch / dec,
+        }
         if memory:
             row["encode_peak_mib"] = _child_memory(name, "encode", k, batch, threads)
             row["decode_peak_mib"] = _child_memory(name, "decode", k, batch, threads)
@@ -171,15 +175,21 @@ def main(argv: list[str] | None = None) -> None:
             head += f" {'enc peak MiB':>13} {'dec peak MiB':>13}"
         print(head)
         for row in r["rows"]:
-            line = (f"{row['level']:>6} {row['tokens_per_clip']:>8} "
-                    f"{row['encode_clips_s']:>12.1f} {row['decode_clips_s']:>12.1f}")
+            line = (
+                f"{row['level']:>6} {row['tokens_per_clip']:>8} "
+                f"{row['encode_clips_s']:>12.1f} {row['decode_clips_s']:>12.1f}"
+            )
             if not args.no_memory:
                 line += f" {row['encode_peak_mib']:>13.1f} {row['decode_peak_mib']:>13.1f}"
             print(line)
-        print(f"mixed batch (mean length {r['mean_length']}) / uniform batch, time ratio: "
-              f"encode {r['ratio_encode']:.2f}, decode {r['ratio_decode']:.2f}, train step {r['ratio_train']:.2f}")
-        print(f"padding fraction: mixed batch {r['padding_mixed']:.3f}, "
-              f"uniformly random batches of {args.batch} {r['padding_random']:.3f}")
+        print(
+            f"mixed batch (mean length {r['mean_length']}) / uniform batch, time ratio: "
+            f"encode {r['ratio_encode']:.2f}, decode {r['ratio_decode']:.2f}, train step {r['ratio_train']:.2f}"
+        )
+        print(
+            f"padding fraction: mixed batch {r['padding_mixed']:.3f}, "
+            f"uniformly random batches of {args.batch} {r['padding_random']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_results, f, indent=2)

@@ -6,6 +6,8 @@ lazily so that ``evatok --version`` and ``import evatok_cli`` stay fast.
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -23,7 +25,5 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'evatok_cli' has no attribute {name!r}")

@@ -197,32 +197,46 @@ def label_spread(space: AssignmentSpace, best: Sequence[int] | np.ndarray) -> di
     """
     idx = np.asarray(best, dtype=np.int64).ravel()
     n = int(idx.size)
-    out: dict = {"clips": n, "distinct": 0, "entropy_bits": 0.0, "top": None, "shortest_share": 0.0,
-                 "longest_share": 0.0, "mean_tokens": 0.0, "collapsed": False}
+    out: dict = {
+        "clips": n,
+        "distinct": 0,
+        "entropy_bits": 0.0,
+        "top": None,
+        "shortest_share": 0.0,
+        "longest_share": 0.0,
+        "mean_tokens": 0.0,
+        "collapsed": False,
+    }
     if n == 0:
         return out
     values, counts = np.unique(idx, return_counts=True)
     p = counts / n
     lengths = space.lengths()[idx]
     top = int(values[np.argmax(counts)])
-    out.update(distinct=int(values.size), entropy_bits=round(float(-(p * np.log2(p)).sum()), 3),
-               top={"assignment": list(space.to_tuple(top)), "share": round(float(p.max()), 3)},
-               shortest_share=round(float((lengths == space.min_length).mean()), 3),
-               longest_share=round(float((lengths == space.max_length).mean()), 3),
-               mean_tokens=round(float(lengths.mean()), 2))
+    out.update(
+        distinct=int(values.size),
+        entropy_bits=round(float(-(p * np.log2(p)).sum()), 3),
+        top={"assignment": list(space.to_tuple(top)), "share": round(float(p.max()), 3)},
+        shortest_share=round(float((lengths == space.min_length).mean()), 3),
+        longest_share=round(float((lengths == space.max_length).mean()), 3),
+        mean_tokens=round(float(lengths.mean()), 2),
+    )
     if n < COLLAPSE_MIN_CLIPS:
         return out
     if out["shortest_share"] >= COLLAPSE_SHARE:
         reason = f"{out['shortest_share']:.0%} of the clips got the shortest assignment"
-        suggestion = ("the length term dominates: lower --w-l (or raise --w-q), or train the proxy longer "
-                      "so that more tokens visibly help")
+        suggestion = (
+            "the length term dominates: lower --w-l (or raise --w-q), or train the proxy longer "
+            "so that more tokens visibly help"
+        )
     elif out["longest_share"] >= COLLAPSE_SHARE:
         reason = f"{out['longest_share']:.0%} of the clips got the longest assignment"
         suggestion = "the quality term dominates: raise --w-l (or lower --w-q)"
     elif out["top"]["share"] >= COLLAPSE_SHARE:
         reason = f"{out['top']['share']:.0%} of the clips got {tuple(out['top']['assignment'])}"
-        suggestion = ("the labels hardly depend on the clip: train the proxy longer, check its calibration, "
-                      "or move --w-l")
+        suggestion = (
+            "the labels hardly depend on the clip: train the proxy longer, check its calibration, or move --w-l"
+        )
     else:
         return out
     out.update(collapsed=True, reason=reason, suggestion=suggestion)

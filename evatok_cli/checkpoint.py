@@ -1,166 +1,164 @@
-"""Model directories (DESIGN §5): ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``).
+"""Model directories as the jobs use them (DESIGN §5): find, open, export.
 
-A directory is self-describing: ``config.json`` names the model kind, the preset, the format
-version and every config field, so loading needs only the path. Model kinds map to classes through
-an allow-listed registry (never a dotted path from metadata). Weights are safetensors only; nothing
-is unpickled. A directory is written under a temporary name and renamed, so a crash never leaves a
-half-written model behind the final name.
+The directory format itself (``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``),
+allow-listed model kinds, atomic writes) is :mod:`evatok_cli.models.modeldir`; its names are
+re-exported here. This module adds what jobs share on top of it:
 
-:func:`export_model` turns a training checkpoint into a small model directory for shipping (the
-EMA weights in float16, no training state): the demo models of ``evatok_cli/demo`` are made so.
+- :func:`resolve_model_dir`: a model directory, or a training output directory -> its latest
+  complete ``step-NNNNNNNN/`` (:func:`latest_step_dir`);
+- :func:`open_model`: the one way a job loads a model: the model, its directory, its
+  ``config.json`` and (lazily) the sha256 of its weights, in one :class:`OpenModel`;
+- :func:`store_attrs`: the token-store attributes (DESIGN §4) of tokens made by a tokenizer;
+- :func:`export_model` turns a training checkpoint into a small model directory for shipping (the
+  EMA weights in float16, no training state): the demo models of ``evatok_cli/demo`` are made so.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import logging
-import shutil
-from collections.abc import Callable
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from evatok_cli import __version__
-from evatok_cli.config import config_from_dict, config_to_dict, load_json, save_json
+from evatok_cli.models.modeldir import (
+    CONFIG_NAME,
+    EMA_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    CheckpointError,
+    _state,
+    load_model,
+    read_model_meta,
+    register_model_kind,
+    save_model,
+    weights_sha256,
+)
+from evatok_cli.video import ClipSpec
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-EMA_NAME = "ema.safetensors"
-
-# kind -> (model class, config class); filled by each model module with `register_model_kind`.
-_KINDS: dict[str, tuple[type[torch.nn.Module], type]] = {}
-# The modules that register the built-in kinds, imported on first use so that loading a model needs
-# no earlier import (a fixed allow-list: the module name never comes from metadata).
-_BUILTIN_KIND_MODULES = {
-    "tokenizer": "evatok_cli.models.tokenizer",
-    "router": "evatok_cli.models.router",
-    "gpt": "evatok_cli.models.gpt",
-}
-
-
-class CheckpointError(Exception):
-    """A model directory is missing, incomplete or of the wrong kind; the message names the path."""
-
-
-def register_model_kind(kind: str, config_cls: type) -> Callable[[type[torch.nn.Module]], type[torch.nn.Module]]:
-    """Class decorator: make ``kind`` loadable by :func:`load_model`. The model takes ``config``."""
-
-    def deco(model_cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
-        _KINDS[kind] = (model_cls, config_cls)
-        model_cls.model_kind = kind  # type: ignore[attr-defined]
-        return model_cls
-
-    return deco
-
-
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage; contiguous clones keep tied weights loadable.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+__all__ = [
+    "CONFIG_NAME",
+    "EMA_NAME",
+    "FORMAT_VERSION",
+    "STATE_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "OpenModel",
+    "TokenizerMismatchError",
+    "export_model",
+    "latest_step_dir",
+    "load_model",
+    "open_model",
+    "read_model_meta",
+    "register_model_kind",
+    "resolve_model_dir",
+    "save_model",
+    "step_dir",
+    "store_attrs",
+    "valid_steps",
+    "weights_sha256",
+]
 
 
-def save_model(
+class TokenizerMismatchError(CheckpointError):
+    """A tokenizer other than the one recorded (by a token store or a GPT): another space, codebook or weights."""
+
+
+STEP_RE = re.compile(r"^step-(\d{8})$")
+STATE_NAME = "state.json"  # written last into a training step directory: the step counts once it exists
+
+
+# --------------------------------------------------------------------- training output dirs
+def step_dir(out: Path, step: int) -> Path:
+    return Path(out) / f"step-{step:08d}"
+
+
+def valid_steps(out: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete step directory, ascending."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_step_dir(out: Path) -> Path | None:
+    steps = valid_steps(out)
+    return steps[-1][1] if steps else None
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training output directory -> its latest complete step."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    latest = latest_step_dir(path)
+    return latest if latest is not None else path
+
+
+# ------------------------------------------------------------------------------ open_model
+class OpenModel:
+    """A loaded model with where it came from: ``model``, ``dir``, ``meta`` (its config.json), ``sha256``."""
+
+    def __init__(self, model: Any, dir: Path, meta: dict[str, Any]) -> None:
+        self.model, self.dir, self.meta = model, dir, meta
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 of the directory's ``model.safetensors`` (read once, on first use)."""
+        return weights_sha256(self.dir)
+
+    def record(self) -> dict[str, Any]:
+        """``{path, sha256, preset}``: how reports and stores name the model."""
+        return {"path": str(self.dir), "sha256": self.sha256, "preset": self.meta.get("preset")}
+
+
+def open_model(
     path: str | Path,
-    model: torch.nn.Module | dict[str, torch.Tensor],
-    config: Any,
+    kind: str | None = None,
     *,
-    kind: str,
-    preset: str | None = None,
-    ema: torch.nn.Module | dict[str, torch.Tensor] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a model directory atomically and return its path (``model``: a module or its state dict)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = model if isinstance(model, dict) else _state(model)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
-    if ema is not None:
-        ema_state = ema if isinstance(ema, dict) else _state(ema)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in ema_state.items()}, str(tmp / EMA_NAME))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "model_kind": kind,
-        "preset": preset,
-        "evatok_version": __version__,
-        "config": config_to_dict(config),
-        **(extra or {}),
+    device: str | torch.device = "cpu",
+    ema: bool = True,
+) -> OpenModel:
+    """Resolve, read and load a model directory (in eval mode) in one call.
+
+    Args:
+        path: a model directory, or a training output directory (its latest complete step).
+        kind: the model kind expected (``tokenizer``, ``router``, ``gpt``), or None for any.
+        device: where to put the weights.
+        ema: use the EMA weights when the directory has them.
+
+    Raises:
+        CheckpointError: not a model directory, or a model of another kind.
+    """
+    model_dir = resolve_model_dir(path)
+    meta = read_model_meta(model_dir)
+    model = load_model(model_dir, kind=kind, ema=ema, map_location=device)
+    return OpenModel(model.eval(), model_dir, meta)
+
+
+def store_attrs(tokenizer: OpenModel, spec: ClipSpec, extra: dict[str, Any]) -> dict[str, Any]:
+    """The store attributes of DESIGN §4 for tokens made by the opened ``tokenizer``."""
+    model, c = tokenizer.model, tokenizer.model.config
+    return {
+        "tokenizer": {
+            "config": tokenizer.meta["config"],
+            "preset": tokenizer.meta.get("preset"),
+            "sha256": tokenizer.sha256,
+        },
+        "space": model.space.to_dict(),
+        "clip": {"frames": c.frames, "height": c.height, "width": c.width, "fps": spec.fps},
+        "codebook_size": c.codebook_size,
+        **extra,
     }
-    save_json(tmp / CONFIG_NAME, meta)  # written last: a directory counts only once it exists
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-    return path
 
 
-def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a model directory, validated."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a model directory (does not exist or is not a directory)")
-    if not (path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_NAME} (not an evatok model directory, or an unfinished write)")
-    try:
-        meta = load_json(path / CONFIG_NAME)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported model format version {meta.get('format_version')!r}")
-    return meta
-
-
-def load_model(
-    path: str | Path, *, kind: str | None = None, ema: bool = True, map_location: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """Load a model directory; uses EMA weights when present and ``ema`` is true."""
-    path = Path(path)
-    meta = read_model_meta(path)
-    found = meta.get("model_kind")
-    if kind is not None and found != kind:
-        raise CheckpointError(f"{path}: is a {found!r} model, expected {kind!r}")
-    if found not in _KINDS and found in _BUILTIN_KIND_MODULES:
-        importlib.import_module(_BUILTIN_KIND_MODULES[found])
-    if found not in _KINDS:
-        raise CheckpointError(f"{path}: unknown model kind {found!r} (known: {', '.join(sorted(_KINDS))})")
-    model_cls, config_cls = _KINDS[found]
-    try:
-        config = config_from_dict(config_cls, meta["config"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad config ({e})") from None
-    model = model_cls(config)
-    weights = path / (EMA_NAME if ema and (path / EMA_NAME).is_file() else WEIGHTS_NAME)
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: missing {weights.name}")
-    state = load_file(str(weights), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.preset = meta.get("preset")  # type: ignore[attr-defined]
-    return model.to(map_location).eval()
-
-
-def weights_sha256(path: str | Path) -> str:
-    """sha256 of a model directory's ``model.safetensors`` (recorded in token stores)."""
-    h = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_NAME, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+# ---------------------------------------------------------------------------------- export
 # config.json fields written by save_model itself; an export never copies them from the source.
 _RESERVED_META = ("format_version", "model_kind", "preset", "evatok_version", "config")
 
@@ -198,8 +196,6 @@ def export_model(
         CheckpointError: a bad source, a cast that overflows ``dtype``, a tokenizer record that
             names other weights, or an export that does not load back to the source's weights.
     """
-    from evatok_cli.train.checkpoints import resolve_model_dir
-
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     src_dir, dst = resolve_model_dir(src), Path(dst)
@@ -240,7 +236,8 @@ def _retarget_tokenizer(src_dir: Path, record: Any, tok_dir: Path) -> dict[str, 
     if record["sha256"] not in (source_sha, new_sha):
         raise CheckpointError(
             f"{src_dir}: was trained on tokens of tokenizer weights {record['sha256'][:12]}, but {tok_dir} was "
-            f"exported from {str(source_sha)[:12]} (export the tokenizer step that wrote its token stores)")
+            f"exported from {str(source_sha)[:12]} (export the tokenizer step that wrote its token stores)"
+        )
     return {**record, "sha256": new_sha, "source_sha256": record["sha256"]}
 
 

@@ -36,8 +36,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
         )
         if isinstance(value, list) and (isinstance(default, tuple) or "tuple" in str(f.type)):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)

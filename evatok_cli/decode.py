@@ -9,7 +9,6 @@ reconstruction; ``metrics`` computes PSNR/SSIM of each reconstruction against it
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,18 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from evatok_cli.checkpoint import weights_sha256
+from evatok_cli.checkpoint import open_model
 from evatok_cli.metrics.pixel import psnr_frames, ssim_frames
-from evatok_cli.models.tokenizer import EVATokTokenizer
+from evatok_cli.runtime import resolve_device
 from evatok_cli.store import open_store
-from evatok_cli.train.checkpoints import resolve_model_dir
-from evatok_cli.train.dist import resolve_device
-from evatok_cli.video import ClipReader, ClipSpec, VideoError, ref_from_source, write_mp4
+from evatok_cli.video import ClipReader, ClipSpec, VideoError, ref_from_source, safe_name, write_mp4
 from evatok_cli.video.dataset import to_model_input, to_uint8
 
 log = logging.getLogger(__name__)
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class DecodeError(Exception):
@@ -38,17 +33,6 @@ class DecodeError(Exception):
 
 class TokenizerMismatchError(DecodeError):
     """The tokenizer given is not the one that wrote the store (weights sha256 differ)."""
-
-
-def safe_name(key: str, taken: set[str]) -> str:
-    """A file stem made from a sample key: only [A-Za-z0-9_-], never empty, unique in ``taken``."""
-    stem = _UNSAFE.sub("_", key).strip("_")[:150] or "sample"
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}_{n}"
-    taken.add(name)
-    return name
 
 
 @dataclass
@@ -96,15 +80,16 @@ def decode_store(
         fps: frame rate of the written files (default: the store's clip fps, 25 when native).
     """
     store = open_store(store_path)
-    model_dir = resolve_model_dir(tokenizer)
     dev = resolve_device(device)
-    model = EVATokTokenizer.from_pretrained(model_dir, map_location=dev)
+    tok = open_model(tokenizer, "tokenizer", device=dev)
+    model, model_dir = tok.model, tok.dir
     recorded = store.attrs.get("tokenizer", {})
-    want, got = recorded.get("sha256"), weights_sha256(model_dir)
+    want, got = recorded.get("sha256"), tok.sha256
     if want and want != got:
         raise TokenizerMismatchError(
             f"{model_dir}: not the tokenizer that wrote {store_path} (weights sha256 {got[:12]}, the store's "
-            f"{want[:12]}, preset {recorded.get('preset') or '?'})")
+            f"{want[:12]}, preset {recorded.get('preset') or '?'})"
+        )
     clip = store.attrs["clip"]
     spec = ClipSpec(frames=clip["frames"], height=clip["height"], width=clip["width"], fps=clip["fps"])
     out_fps = fps or (25.0 if clip["fps"] == "native" else float(clip["fps"]))

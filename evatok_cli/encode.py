@@ -21,22 +21,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from evatok_cli.assign import RouterPolicy, budget_assignments
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.checkpoint import read_model_meta, weights_sha256
+from evatok_cli.checkpoint import open_model, store_attrs
 from evatok_cli.models.tokenizer import EVATokTokenizer
-from evatok_cli.store import Sample, StoreError, open_store, open_writer
-from evatok_cli.train.checkpoints import resolve_model_dir
-from evatok_cli.train.dist import DistEnv, all_gather_objects, all_reduce_sum, init_distributed, shutdown
-from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.runtime import DistEnv, all_gather_objects, process_group
+from evatok_cli.store import Sample, open_store, open_writer
+from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
 log = logging.getLogger(__name__)
 
 # Exit codes of `evatok encode` (docs/cli.md).
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_SKIPPED = 0, 3
 
 
 class EncodeError(Exception):
@@ -101,17 +102,24 @@ class LabelsAssigner:
     def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         missing = [k for k in keys if k not in self.by_key]
         if missing:
-            raise EncodeError(f"{self.path}: no assignment for clip {missing[0]} (was it searched with the same inputs and --clips?)")
+            raise EncodeError(
+                f"{self.path}: no assignment for clip {missing[0]} (was it searched with the same inputs and --clips?)"
+            )
         return torch.tensor([self.space.to_tuple(self.by_key[k]) for k in keys], dtype=torch.long)
 
 
 class RouterAssigner:
     """Assignments predicted by a router in one forward pass (PAPER §3.3)."""
 
-    def __init__(self, path: Path, space: AssignmentSpace, clip: tuple[int, int, int], device: torch.device,
-                 w_q: float | None = None, w_l: float | None = None) -> None:
-        from evatok_cli.route import RouterPolicy
-
+    def __init__(
+        self,
+        path: Path,
+        space: AssignmentSpace,
+        clip: tuple[int, int, int],
+        device: torch.device,
+        w_q: float | None = None,
+        w_l: float | None = None,
+    ) -> None:
         try:
             self.policy = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
         except ValueError as e:
@@ -157,25 +165,16 @@ def read_labels(refs: Sequence[VideoRef], label_from: str | None) -> tuple[list[
     ids = {n: i for i, n in enumerate(names)}
 
     def lookup(r: VideoRef) -> int:
-        for cand in (r.source, str(Path(r.source).resolve()) if "::" not in r.source else r.source, Path(r.source).name):
+        for cand in (
+            r.source,
+            str(Path(r.source).resolve()) if "::" not in r.source else r.source,
+            Path(r.source).name,
+        ):
             if cand in rows:
                 return ids[rows[cand]]
         return -1
 
     return [lookup(r) for r in refs], names
-
-
-def store_attrs(model: EVATokTokenizer, model_dir: Path, spec: ClipSpec, extra: dict[str, Any]) -> dict[str, Any]:
-    """The store attributes of DESIGN §4 for tokens made by ``model``."""
-    meta = read_model_meta(model_dir)
-    c = model.config
-    return {
-        "tokenizer": {"config": meta["config"], "preset": meta.get("preset"), "sha256": weights_sha256(model_dir)},
-        "space": model.space.to_dict(),
-        "clip": {"frames": c.frames, "height": c.height, "width": c.width, "fps": spec.fps},
-        "codebook_size": c.codebook_size,
-        **extra,
-    }
 
 
 GROUP_WINDOW = 4  # loader batches pooled before grouping clips of similar length
@@ -254,65 +253,71 @@ def encode_videos(
         when the job is distributed: counts are summed over ranks).
     """
     t0 = time.perf_counter()
-    env = init_distributed(device)
-    try:
-        return _encode(inputs, Path(out), env=env, t0=t0, tokenizer=Path(tokenizer), format=format,
-                       assignment=assignment, labels_store=labels_store, router=router, w_q=w_q, w_l=w_l,
-                       budget=budget, assigner=assigner, clips=clips, fps=fps,
-                       label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
-                       stdin=stdin, on_progress=on_progress)
-    finally:
-        shutdown(env)
-
-
-def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, format: str, assignment, labels_store,
-            router, w_q, w_l, budget, assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress) -> EncodeSummary:
     if batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {batch_size}")
-    inputs = [str(i) for i in inputs]
-    if "-" in inputs and stdin is not None:  # read stdin once: budget mode lists the inputs twice
-        from_stdin = [line.strip() for line in stdin.read().splitlines() if line.strip()]
-        inputs = [x for i in inputs for x in (from_stdin if i == "-" else [i])]
-        stdin = None
-    model_dir = resolve_model_dir(tokenizer)
-    model = EVATokTokenizer.from_pretrained(model_dir, map_location=env.device)
-    space, cfg = model.space, model.config
     if sum(x is not None for x in (assignment, labels_store, router, assigner)) > 1:
         raise EncodeError("give only one of --assignment, --labels-store and --router")
     if budget is not None and router is None:
         raise EncodeError("--budget needs --router (a reward-head router)")
-    policy_name = _policy_name(assignment, labels_store, router, budget, assigner, space)
-    if assigner is None:
-        if router is not None and budget is not None:
-            assigner = _budget_table(router, inputs, clips, fps, budget, w_q, w_l, env, stdin)
-        elif router is not None:
-            assigner = RouterAssigner(Path(router), space, (cfg.frames, cfg.height, cfg.width), env.device, w_q, w_l)
-        elif labels_store is not None:
-            assigner = LabelsAssigner(Path(labels_store), space)
-        else:
-            assigner = FixedAssigner(space.parse(assignment or f"uniform:{space.levels[-1]}"))
-    spec = ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=fps)
-    policy = parse_clip_policy(clips)
+    with process_group(device) as env:
+        tok = open_model(tokenizer, "tokenizer", device=env.device)
+        model, space, cfg = tok.model, tok.model.space, tok.model.config
+        spec, policy = (
+            ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=fps),
+            parse_clip_policy(clips),
+        )
+        refs = list_inputs([str(i) for i in inputs], stdin=stdin)
+        if not refs:
+            raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
+        policy_name = _policy_name(assignment, labels_store, router, budget, assigner, space)
+        if assigner is None:
+            assigner = _assigner(space, spec, env, assignment=assignment, labels_store=labels_store, router=router,
+                                 w_q=w_q, w_l=w_l, budget=budget, refs=refs, policy=policy, seed=seed,
+                                 batch_size=batch_size, workers=workers)  # fmt: skip
+        labels, names = read_labels(refs, label_from)
+        extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed, "assignment_policy": policy_name}
+        if names is not None:
+            extra["labels"] = names
+        writer = open_writer(out, format=format, attrs=store_attrs(tok, spec, extra), num_blocks=space.blocks,
+                             rank=env.rank, world_size=env.world_size, barrier=env.barrier,
+                             commit_every=4 * batch_size)  # fmt: skip
+        summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
+        if writer.finished:
+            summary.nothing_to_do = True
+            log.info("%s is already finished; nothing to do", out)
+            return summary
+        mine = list(range(env.rank, len(refs), env.world_size))
+        dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
+        label_of = {refs[i].source: labels[i] for i in mine}
+        todo = _todo(dataset, writer, summary)
+        # each worker reads one contiguous stretch of the clips, so a video is decoded about once
+        order = [todo[i] for i in worker_contiguous_order(len(todo), batch_size, workers)]
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                            collate_fn=collate_clips, prefetch_factor=4 if workers > 0 else None)  # fmt: skip
+        padding = [0, 0]  # padded tokens, tokens run
+        try:
+            for batch, failures in _windows(loader, GROUP_WINDOW):
+                _record_failures(failures, writer, summary, strict)
+                if not batch["key"]:
+                    continue
+                video = to_model_input(batch["video"]).to(env.device)
+                samples = _encode_batch(model, video, assigner(video, batch["key"]).to(env.device), batch,
+                                        label_of, batch_size, padding)  # fmt: skip
+                writer.append(samples)  # decode order, whatever the grouping
+                summary.clips += len(samples)
+                summary.tokens += sum(sum(s.block_lengths) for s in samples)
+                if on_progress is not None and env.is_main:
+                    on_progress(_progress(summary, len(todo), time.perf_counter() - t0))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        summary.padding_fraction = padding[0] / padding[1] if padding[1] else 0.0
+        return _finish(summary, env, t0)
 
-    refs = list_inputs(list(map(str, inputs)), stdin=stdin)
-    if not refs:
-        raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
-    labels, names = read_labels(refs, label_from)
-    extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed,
-             "assignment_policy": policy_name}
-    if names is not None:
-        extra["labels"] = names
-    writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,
-                         rank=env.rank, world_size=env.world_size, barrier=env.barrier, commit_every=4 * batch_size)
-    summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
-    if writer.finished:
-        summary.nothing_to_do = True
-        log.info("%s is already finished; nothing to do", out)
-        return summary
 
-    mine = list(range(env.rank, len(refs), env.world_size))
-    dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
-    label_of = {refs[i].source: labels[i] for i in mine}
+def _todo(dataset: ClipIndexDataset, writer: Any, summary: EncodeSummary) -> list[int]:
+    """Positions of this rank's clips still to encode (resume: committed clips and failed sources are skipped)."""
     todo, already_failed = [], set(writer.failed_sources)
     for j, (v, start, err) in enumerate(dataset.index):
         ref = dataset.refs[v]
@@ -324,61 +329,91 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
             todo.append(j)
     if summary.skipped_done:
         log.info("resuming: %d clips already done", summary.skipped_done)
-    # each worker reads one contiguous stretch of the clips, so a video is decoded about once
-    order = [todo[i] for i in worker_contiguous_order(len(todo), batch_size, workers)]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate_clips,
-                        prefetch_factor=4 if workers > 0 else None)
-    model.eval()
-    pad_total = tok_total = 0
-    try:
-        for batch, failures in _windows(loader, GROUP_WINDOW):
-            for f in failures:
-                if strict:
-                    raise EncodeError(f"{f['source']}: {f['error']}")
-                writer.add_failure(f["source"], f["error"])
-                summary.failures += 1
-                summary.failed.append({"source": f["source"], "reason": f["error"]})
-            if not batch["key"]:
-                continue
-            video = to_model_input(batch["video"]).to(env.device)
-            assignments = assigner(video, batch["key"]).to(env.device)
-            lengths = assignments.sum(1).tolist()
-            samples: list[Sample | None] = [None] * len(lengths)
-            for group in _grouped(lengths, batch_size):
-                idx = torch.tensor(group, device=env.device)
-                tokens, block_lengths = model.encode(video.index_select(0, idx), assignments.index_select(0, idx))
-                longest = max(lengths[g] for g in group)
-                pad_total += longest * len(group) - sum(lengths[g] for g in group)
-                tok_total += longest * len(group)
-                for g, tok, bl in zip(group, tokens, block_lengths.tolist()):
-                    samples[g] = Sample(
-                        key=batch["key"][g], tokens=tok.cpu().numpy(), block_lengths=tuple(bl),
-                        assignment=space.to_index(bl), source=batch["source"][g],
-                        clip_start=int(batch["clip_start"][g]), label=label_of.get(batch["source"][g], -1),
-                    )
-            writer.append([s for s in samples if s is not None])  # decode order, whatever the grouping
-            summary.clips += len(samples)
-            summary.tokens += int(sum(lengths))
-            if on_progress is not None and env.is_main:
-                el = time.perf_counter() - t0
-                on_progress({"clips": summary.clips, "total": len(todo), "failures": summary.failures,
-                             "tokens": summary.tokens, "clips_per_s": summary.clips / el,
-                             "tokens_per_s": summary.tokens / el, "mean_tokens": summary.tokens / max(1, summary.clips)})
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    summary.padding_fraction = pad_total / tok_total if tok_total else 0.0
-    _reduce(summary, env)
+    return todo
+
+
+def _record_failures(failures: list[dict[str, str]], writer: Any, summary: EncodeSummary, strict: bool) -> None:
+    for f in failures:
+        if strict:
+            raise EncodeError(f"{f['source']}: {f['error']}")
+        writer.add_failure(f["source"], f["error"])
+        summary.failures += 1
+        summary.failed.append({"source": f["source"], "reason": f["error"]})
+
+
+def _encode_batch(
+    model: EVATokTokenizer,
+    video: torch.Tensor,
+    assignments: torch.Tensor,
+    batch: dict[str, Any],
+    label_of: dict[str, int],
+    batch_size: int,
+    padding: list[int],
+) -> list[Sample]:
+    """Tokens of a pooled batch, encoded in groups of similar length; samples in the batch's order."""
+    space, lengths = model.space, assignments.sum(1).tolist()
+    samples: list[Sample | None] = [None] * len(lengths)
+    for group in _grouped(lengths, batch_size):
+        idx = torch.tensor(group, device=video.device)
+        tokens, block_lengths = model.encode(video.index_select(0, idx), assignments.index_select(0, idx))
+        longest = max(lengths[g] for g in group)
+        padding[0] += longest * len(group) - sum(lengths[g] for g in group)
+        padding[1] += longest * len(group)
+        for g, tok, bl in zip(group, tokens, block_lengths.tolist()):
+            samples[g] = Sample(
+                key=batch["key"][g],
+                tokens=tok.cpu().numpy(),
+                block_lengths=tuple(bl),
+                assignment=space.to_index(bl),
+                source=batch["source"][g],
+                clip_start=int(batch["clip_start"][g]),
+                label=label_of.get(batch["source"][g], -1),
+            )
+    return [s for s in samples if s is not None]
+
+
+def _progress(summary: EncodeSummary, total: int, elapsed: float) -> dict[str, Any]:
+    return {
+        "clips": summary.clips,
+        "total": total,
+        "failures": summary.failures,
+        "tokens": summary.tokens,
+        "clips_per_s": summary.clips / elapsed,
+        "tokens_per_s": summary.tokens / elapsed,
+        "mean_tokens": summary.tokens / max(1, summary.clips),
+    }
+
+
+def _finish(summary: EncodeSummary, env: DistEnv, t0: float) -> EncodeSummary:
+    """Sum the counts over ranks (rank 0 reports the whole job), then the rates."""
+    parts = all_gather_objects(
+        (summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed), env
+    )
+    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (sum(p[i] for p in parts) for i in range(4))
+    summary.failed = [f for p in parts for f in p[4]]
     summary.mean_tokens = summary.tokens / summary.clips if summary.clips else 0.0
     summary.saved_fraction = 1.0 - summary.mean_tokens / summary.uniform_tokens if summary.clips else 0.0
     summary.wall_s = time.perf_counter() - t0
     summary.clips_per_s = summary.clips / summary.wall_s
     summary.tokens_per_s = summary.tokens / summary.wall_s
     if summary.clips == 0 and summary.skipped_done == 0 and summary.failures:
-        raise EncodeError(f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
-                          f"{summary.failed[0]['reason']})")
+        raise EncodeError(
+            f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
+            f"{summary.failed[0]['reason']})"
+        )
     return summary
+
+
+def _assigner(space: AssignmentSpace, spec: ClipSpec, env: DistEnv, *, assignment, labels_store, router, w_q, w_l,
+              budget, refs, policy, seed, batch_size, workers) -> Assigner:  # fmt: skip
+    if router is not None:
+        assigner = RouterAssigner(Path(router), space, (spec.frames, spec.height, spec.width), env.device, w_q, w_l)
+        if budget is None:
+            return assigner
+        return _budget_table(assigner.policy, refs, spec, policy, seed, budget, env, batch_size, workers)
+    if labels_store is not None:
+        return LabelsAssigner(Path(labels_store), space)
+    return FixedAssigner(space.parse(assignment or f"uniform:{space.levels[-1]}"))
 
 
 def _policy_name(assignment, labels_store, router, budget, assigner, space: AssignmentSpace) -> dict[str, Any]:
@@ -394,23 +429,35 @@ def _policy_name(assignment, labels_store, router, budget, assigner, space: Assi
     return {"fixed": list(space.parse(assignment or f"uniform:{space.levels[-1]}"))}
 
 
-def _budget_table(router, inputs, clips, fps, budget, w_q, w_l, env: DistEnv, stdin) -> TableAssigner:
+def _budget_table(
+    router: RouterPolicy,
+    refs: Sequence[VideoRef],
+    spec: ClipSpec,
+    policy: Any,
+    seed: int,
+    budget: float,
+    env: DistEnv,
+    batch_size: int,
+    workers: int,
+) -> TableAssigner:
     """Budget mode: route every clip of the job first, then solve the budget over all of them."""
-    from evatok_cli.route import route
-
     if env.distributed:
         raise EncodeError("--budget runs in one process (the budget is shared by all clips); run it without torchrun")
-    result = route(router, [str(i) for i in inputs], clips=clips, w_q=w_q, w_l=w_l, budget=budget,
-                   device=str(env.device), stdin=stdin)
-    log.info("budget %.1f: routed %d clips, mean %.1f tokens", budget, len(result.records),
-             result.summary.get("mean_tokens", float("nan")))
-    return TableAssigner({r["key"]: tuple(r["assignment"]) for r in result.records}, f"budget routing of {router}")
-
-
-def _reduce(summary: EncodeSummary, env: DistEnv) -> None:
-    """Sum counts over ranks (so rank 0 reports the whole job)."""
-    if not env.distributed:
-        return
-    totals = all_reduce_sum([summary.clips, summary.failures, summary.tokens, summary.skipped_done], env)
-    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (int(x) for x in totals)
-    summary.failed = [f for part in all_gather_objects(summary.failed, env) for f in part]
+    head = router.model.config.head
+    if head != "reward":
+        raise EncodeError(f"--budget needs a reward-head router; {router.source.dir} has a {head!r} head")
+    loader = DataLoader(ClipIndexDataset(list(refs), spec, policy, seed), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_clips)  # fmt: skip
+    keys, preds = [], [np.zeros((0, len(router.space)), dtype=np.float32)]
+    with torch.no_grad():
+        for batch, _ in loader:
+            if batch["key"]:
+                video = to_model_input(batch["video"]).to(env.device)
+                preds.append(router.model.predict(video).float().cpu().numpy())
+                keys += batch["key"]
+    idx, _ = budget_assignments(np.concatenate(preds), router.space, budget)
+    table = router.space.table()
+    log.info("budget %.1f: routed %d clips, mean %.1f tokens", budget, len(keys), float(table[idx].sum(1).mean()))
+    return TableAssigner(
+        {k: tuple(int(x) for x in table[i]) for k, i in zip(keys, idx)}, f"budget routing of {router.source.dir}"
+    )

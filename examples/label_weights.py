@@ -32,10 +32,18 @@ def sweep(path: str, w_q: float, w_ls: list[float]) -> list[dict]:
         r = rewards(metric, search["calibration"], space, w_q, w_l, search["higher_is_better"])
         best = np.nanargmax(np.where(np.isnan(r), -np.inf, r), axis=1)
         spread = label_spread(space, best)
-        rows.append({"w_q": w_q, "w_l": w_l, "mean_tokens": spread["mean_tokens"],
-                     "mean_metric": float(metric[np.arange(len(best)), best].mean()), **{
-                         k: spread[k] for k in ("distinct", "entropy_bits", "top", "shortest_share", "longest_share",
-                                                "collapsed")}})
+        rows.append(
+            {
+                "w_q": w_q,
+                "w_l": w_l,
+                "mean_tokens": spread["mean_tokens"],
+                "mean_metric": float(metric[np.arange(len(best)), best].mean()),
+                **{
+                    k: spread[k]
+                    for k in ("distinct", "entropy_bits", "top", "shortest_share", "longest_share", "collapsed")
+                },
+            }
+        )
     return rows
 
 
@@ -50,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| w_l | mean tokens | mean metric | distinct | entropy (bits) | most common | shortest | longest | collapsed |")
+    print(
+        "| w_l | mean tokens | mean metric | distinct | entropy (bits) | most common | shortest | longest | collapsed |"
+    )
     print("|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for r in rows:
         top = f"{tuple(r['top']['assignment'])} {r['top']['share']:.0%}"
-        print(f"| {r['w_l']:g} | {r['mean_tokens']:.1f} | {r['mean_metric']:.3f} | {r['distinct']} | {r['entropy_bits']:.2f} | "
-              f"{top} | {r['shortest_share']:.0%} | {r['longest_share']:.0%} | {'yes' if r['collapsed'] else 'no'} |")
+        print(
+            f"| {r['w_l']:g} | {r['mean_tokens']:.1f} | {r['mean_metric']:.3f} | {r['distinct']} | {r['entropy_bits']:.2f} | "
+            f"{top} | {r['shortest_share']:.0%} | {r['longest_share']:.0%} | {'yes' if r['collapsed'] else 'no'} |"
+        )
     return 0
 
 

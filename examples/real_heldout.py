@@ -45,7 +45,7 @@ def tail_frames(path: Path) -> tuple[list[np.ndarray], Fraction]:
         stream = container.streams.video[0]
         rate = stream.average_rate or Fraction(25)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    return frames[int(len(frames) * TAIL_FROM):], Fraction(rate)
+    return frames[int(len(frames) * TAIL_FROM) :], Fraction(rate)
 
 
 def write(out: Path, frames: list[np.ndarray], rate: Fraction, codec: str, size, pix_fmt: str) -> None:

@@ -84,8 +84,9 @@ def study(labels: Path, routed: dict[str, Path]) -> dict:
     oracle = []
     for lam in LAMBDAS:
         best = np.argmax(m - lam * lengths[None], axis=1)
-        oracle.append({"lambda": lam, "tokens": float(lengths[best].mean()),
-                       "metric": float(m[np.arange(len(m)), best].mean())})
+        oracle.append(
+            {"lambda": lam, "tokens": float(lengths[best].mean()), "metric": float(m[np.arange(len(m)), best].mean())}
+        )
     oracle.sort(key=lambda p: p["tokens"])
     ox, oy = [p["tokens"] for p in oracle], [p["metric"] for p in oracle]
     points = []
@@ -109,33 +110,58 @@ def study(labels: Path, routed: dict[str, Path]) -> dict:
         kinds: dict[str, list[int]] = defaultdict(list)
         for r, a in zip(rows_a, idx_a):
             kinds[Path(sources[r]).parent.name].append(int(lengths[a]))
-        points.append({
-            "name": name, "clips": int(len(rows_a)), "tokens": tokens, "metric": value,
-            "uniform_metric_at_tokens": u_same, "oracle_metric_at_tokens": o_same,
-            "equal_quality_uniform_tokens": eq,
-            "savings_at_equal_quality": None if eq is None else 1 - tokens / eq,
-            "margin_over_uniform": None if u_same is None else value - u_same,
-            "oracle_margin": None if u_same is None or o_same is None else o_same - u_same,
-            "oracle_margin_realised": (None if u_same is None or o_same is None or o_same - u_same <= 1e-9
-                                       else (value - u_same) / (o_same - u_same)),
-            "tokens_per_block": [round(float(v), 2) for v in per_block],
-            "tokens_per_kind": {k: round(float(np.mean(v)), 1) for k, v in sorted(kinds.items())},
-        })
+        points.append(
+            {
+                "name": name,
+                "clips": int(len(rows_a)),
+                "tokens": tokens,
+                "metric": value,
+                "uniform_metric_at_tokens": u_same,
+                "oracle_metric_at_tokens": o_same,
+                "equal_quality_uniform_tokens": eq,
+                "savings_at_equal_quality": None if eq is None else 1 - tokens / eq,
+                "margin_over_uniform": None if u_same is None else value - u_same,
+                "oracle_margin": None if u_same is None or o_same is None else o_same - u_same,
+                "oracle_margin_realised": (
+                    None
+                    if u_same is None or o_same is None or o_same - u_same <= 1e-9
+                    else (value - u_same) / (o_same - u_same)
+                ),
+                "tokens_per_block": [round(float(v), 2) for v in per_block],
+                "tokens_per_kind": {k: round(float(np.mean(v)), 1) for k, v in sorted(kinds.items())},
+            }
+        )
     search = open_store(labels).attrs["search"]
     if not search["higher_is_better"]:  # back to the metric's own sign (e.g. LPIPS, lower is better)
         for p in uniform + oracle + points:
-            for k in ("metric", "uniform_metric_at_tokens", "oracle_metric_at_tokens", "margin_over_uniform", "oracle_margin"):
+            for k in (
+                "metric",
+                "uniform_metric_at_tokens",
+                "oracle_metric_at_tokens",
+                "margin_over_uniform",
+                "oracle_margin",
+            ):
                 if p.get(k) is not None:
                     p[k] = -p[k]
-    return {"labels": str(labels), "clips": len(keys), "metric": search["metric"],
-            "higher_is_better": search["higher_is_better"], "uniform": uniform, "oracle": oracle, "routers": points}
+    return {
+        "labels": str(labels),
+        "clips": len(keys),
+        "metric": search["metric"],
+        "higher_is_better": search["higher_is_better"],
+        "uniform": uniform,
+        "oracle": oracle,
+        "routers": points,
+    }
 
 
 def render_md(rep: dict) -> str:
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    out = [f"# Router study on {rep['clips']} clips ({rep['labels']}; metric {rep['metric']})", "",
-           "| point | mean tokens | metric | uniform at same tokens | oracle at same tokens | uniform tokens for same metric | savings | oracle margin realised |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        f"# Router study on {rep['clips']} clips ({rep['labels']}; metric {rep['metric']})",
+        "",
+        "| point | mean tokens | metric | uniform at same tokens | oracle at same tokens | uniform tokens for same metric | savings | oracle margin realised |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for p in rep["uniform"]:
         out.append(f"| uniform:{p['level']} | {p['tokens']:.1f} | {p['metric']:.3f} | | | | | |")
     for p in rep["oracle"]:
@@ -143,8 +169,10 @@ def render_md(rep: dict) -> str:
     for p in rep["routers"]:
         sav = "-" if p["savings_at_equal_quality"] is None else f"{p['savings_at_equal_quality']:+.1%}"
         real = "-" if p["oracle_margin_realised"] is None else f"{p['oracle_margin_realised']:.0%}"
-        out.append(f"| **{p['name']}** | {p['tokens']:.1f} | {p['metric']:.3f} | {f(p['uniform_metric_at_tokens'], 3)} | "
-                   f"{f(p['oracle_metric_at_tokens'], 3)} | {f(p['equal_quality_uniform_tokens'], 1)} | {sav} | {real} |")
+        out.append(
+            f"| **{p['name']}** | {p['tokens']:.1f} | {p['metric']:.3f} | {f(p['uniform_metric_at_tokens'], 3)} | "
+            f"{f(p['oracle_metric_at_tokens'], 3)} | {f(p['equal_quality_uniform_tokens'], 1)} | {sav} | {real} |"
+        )
     out += ["", "Router tokens per block and per kind of clip:", ""]
     for p in rep["routers"]:
         kinds = ", ".join(f"{k} {v:.0f}" for k, v in p["tokens_per_kind"].items())
@@ -161,9 +189,21 @@ def plot(rep: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    ax.plot([p["tokens"] for p in rep["uniform"]], [p["metric"] for p in rep["uniform"]], "o-", color="grey", label="uniform")
-    ax.plot([p["tokens"] for p in rep["oracle"]], [p["metric"] for p in rep["oracle"]], "s--", color="tab:green", ms=3,
-            label="oracle (search labels)")
+    ax.plot(
+        [p["tokens"] for p in rep["uniform"]],
+        [p["metric"] for p in rep["uniform"]],
+        "o-",
+        color="grey",
+        label="uniform",
+    )
+    ax.plot(
+        [p["tokens"] for p in rep["oracle"]],
+        [p["metric"] for p in rep["oracle"]],
+        "s--",
+        color="tab:green",
+        ms=3,
+        label="oracle (search labels)",
+    )
     for p, c in zip(rep["routers"], ("tab:red", "tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:pink") * 4):
         ax.plot([p["tokens"]], [p["metric"]], "*", ms=11, color=c, label=p["name"])
     ax.set_xscale("log", base=2)

@@ -40,8 +40,15 @@ from typing import Any
 
 import torch
 
-from evatok_cli.checkpoint import CheckpointError, export_model, read_model_meta, weights_sha256
-from evatok_cli.train.checkpoints import STATE_NAME, read_state, resolve_model_dir
+from evatok_cli.checkpoint import (
+    STATE_NAME,
+    CheckpointError,
+    export_model,
+    read_model_meta,
+    resolve_model_dir,
+    weights_sha256,
+)
+from evatok_cli.train.checkpoints import read_state
 
 SOURCES = {"tokenizer": "final-router", "router": "router", "gpt": "gpt-router"}
 DEFAULT_DEST = Path(__file__).resolve().parents[1] / "evatok_cli" / "demo" / "models"
@@ -71,27 +78,28 @@ def auto_card(kind: str, src: Path) -> dict[str, Any]:
 
 def check_together(d: Path) -> None:
     """The router and the GPT work with the tokenizer beside them (the checks encode/generate make)."""
-    from evatok_cli.models.gpt import GPT
-    from evatok_cli.models.router import Router
-    from evatok_cli.models.tokenizer import EVATokTokenizer
-    from evatok_cli.sample import check_tokenizer
+    from evatok_cli.checkpoint import open_model
+    from evatok_cli.sampling import check_tokenizer
 
-    tok = EVATokTokenizer.from_pretrained(d / "tokenizer")
-    router = Router.from_pretrained(d / "router")
+    opened = open_model(d / "tokenizer", "tokenizer")
+    tok = opened.model
+    router = open_model(d / "router", "router").model
     rc, tc = router.config, tok.config
     if router.space != tok.space or (rc.frames, rc.height, rc.width) != (tc.frames, tc.height, tc.width):
-        raise CheckpointError(f"the router ({rc.frames}x{rc.height}x{rc.width}, {router.space.to_dict()}) does not fit "
-                              f"the tokenizer ({tc.frames}x{tc.height}x{tc.width}, {tok.space.to_dict()})")
-    gpt = GPT.from_pretrained(d / "gpt")
-    check_tokenizer(d / "gpt", read_model_meta(d / "gpt"), gpt, d / "tokenizer", tok)
+        raise CheckpointError(
+            f"the router ({rc.frames}x{rc.height}x{rc.width}, {router.space.to_dict()}) does not fit "
+            f"the tokenizer ({tc.frames}x{tc.height}x{tc.width}, {tok.space.to_dict()})"
+        )
+    check_tokenizer(open_model(d / "gpt", "gpt"), opened)
 
 
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
-def ship(run_dir: Path, dest: Path, *, cards: dict[str, dict[str, Any]], max_mb: float,
-         dtype: torch.dtype = torch.float16) -> dict[str, dict[str, Any]]:
+def ship(
+    run_dir: Path, dest: Path, *, cards: dict[str, dict[str, Any]], max_mb: float, dtype: torch.dtype = torch.float16
+) -> dict[str, dict[str, Any]]:
     """Export, check and move the three demo models into ``dest``; returns kind -> {bytes, sha256}."""
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=dest) as tmp:
@@ -99,8 +107,9 @@ def ship(run_dir: Path, dest: Path, *, cards: dict[str, dict[str, Any]], max_mb:
         for kind, name in SOURCES.items():
             src = resolve_model_dir(run_dir / name)
             card = {**auto_card(kind, src), **cards.get("all", {}), **cards.get(kind, {})}
-            export_model(src, stage / kind, dtype=dtype, card=card,
-                         tokenizer=stage / "tokenizer" if kind == "gpt" else None)
+            export_model(
+                src, stage / kind, dtype=dtype, card=card, tokenizer=stage / "tokenizer" if kind == "gpt" else None
+            )
         check_together(stage)
         sizes = {k: {"bytes": dir_bytes(stage / k), "sha256": weights_sha256(stage / k)} for k in SOURCES}
         total = sum(s["bytes"] for s in sizes.values())
@@ -108,8 +117,10 @@ def ship(run_dir: Path, dest: Path, *, cards: dict[str, dict[str, Any]], max_mb:
             print(f"{k:<10} {s['bytes'] / 1e6:8.2f} MB  sha256 {s['sha256']}")
         print(f"{'total':<10} {total / 1e6:8.2f} MB  (limit {max_mb:g} MB)")
         if total > max_mb * 1e6:
-            raise SystemExit(f"error: the demo models take {total / 1e6:.2f} MB, over the {max_mb:g} MB limit; "
-                             f"nothing was moved to {dest} (ship smaller presets)")
+            raise SystemExit(
+                f"error: the demo models take {total / 1e6:.2f} MB, over the {max_mb:g} MB limit; "
+                f"nothing was moved to {dest} (ship smaller presets)"
+            )
         for k in SOURCES:
             if (dest / k).exists():
                 shutil.rmtree(dest / k)
@@ -119,12 +130,15 @@ def ship(run_dir: Path, dest: Path, *, cards: dict[str, dict[str, Any]], max_mb:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", type=Path, help="run directory holding final-router/, router/ and gpt-router/")
     p.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"where the models go (default: {DEFAULT_DEST})")
     p.add_argument("--trained-on", help="the card's trained_on field of all three models")
-    p.add_argument("--card-json", type=Path,
-                   help='card fields: {"all": {...}, "tokenizer": {...}, "router": {...}, "gpt": {...}}')
+    p.add_argument(
+        "--card-json", type=Path, help='card fields: {"all": {...}, "tokenizer": {...}, "router": {...}, "gpt": {...}}'
+    )
     p.add_argument("--max-mb", type=float, default=30.0, help="fail above this total size (MB, default 30)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     args = p.parse_args(argv)
@@ -137,11 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(args.run_dir / n) for n in SOURCES.values() if not (args.run_dir / n).is_dir()]
     if missing:
         p.error(f"missing in {args.run_dir}: {', '.join(missing)}")
-    from evatok_cli.sample import GenerateError
-
     try:
         ship(args.run_dir, args.dest, cards=cards, max_mb=args.max_mb, dtype=getattr(torch, args.dtype))
-    except (CheckpointError, GenerateError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

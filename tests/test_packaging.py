@@ -44,6 +44,7 @@ def test_wheel_and_sdist_carry_the_demo_models(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
+
     def ignore(folder: str, names: list[str]) -> set[str]:  # the checkout's own demo models stay out
         skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
         return skip | ({"models"} if Path(folder).name == "demo" else set())

@@ -35,11 +35,15 @@ def test_first_command_installs_then_encodes_with_the_shipped_models(tmp_path):
     rest = " && ".join(s for s in steps if not s.startswith("pip install"))
     # run from a copy-free checkout: the examples are referenced relative to the repository root
     rest = rest.replace("examples/", f"{ROOT}/examples/")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("EVATOK_DEMO_MODELS", None)  # the models inside the package, as a new user gets them
-    proc = subprocess.run(["bash", "-c", f"set -e; {rest}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "-c", f"set -e; {rest}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "using the shipped demo tokenizer and router" in proc.stderr
     store = next(tmp_path.glob("*.zarr"))

@@ -7,7 +7,6 @@ footage clips and a synthetic but structured metric, so these tests do not depen
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import socket
@@ -21,20 +20,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from evatok_cli.assign import budget_assignments, choose_assignments, routing_scores
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.cli import app
 from evatok_cli.config import config_to_dict
+from evatok_cli.labels import load_labels, resolve_sources
 from evatok_cli.models.router import Router, router_config
 from evatok_cli.models.tokenizer import tokenizer_config
-from evatok_cli.route import (
-    budget_assignments,
-    choose_assignments,
-    evaluate,
-    load_labels,
-    resolve_sources,
-    route,
-    routing_scores,
-)
+from evatok_cli.route import evaluate, route
 from evatok_cli.store import Sample, open_writer
 from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, read_clips
 
@@ -57,8 +50,15 @@ def clip_difficulty(frames: np.ndarray, blocks: int) -> np.ndarray:
     return d
 
 
-def make_labels_store(path: Path, videos: list[Path | str], *, clips_per_video: int = 4, seed: int = 0,
-                      extra_sources: tuple[str, ...] = (), nan_frac: float = 0.0) -> Path:
+def make_labels_store(
+    path: Path,
+    videos: list[Path | str],
+    *,
+    clips_per_video: int = 4,
+    seed: int = 0,
+    extra_sources: tuple[str, ...] = (),
+    nan_frac: float = 0.0,
+) -> Path:
     """A labels store over the tiny tokenizer's space (levels 1..16, 4 blocks) and 8x32x32 clips.
 
     metric (LPIPS-like, lower is better) of assignment a = mean_t d_t * k_t^-0.6 + noise, with d_t the
@@ -89,17 +89,31 @@ def make_labels_store(path: Path, videos: list[Path | str], *, clips_per_video: 
         "clip": spec.to_dict(),
         "codebook_size": tcfg.codebook_size,
         "kind": "labels",
-        "search": {"metric": "lpips", "higher_is_better": False, "w_q": W_Q, "w_l": W_L,
-                   "calibration": {"mean": mean, "std": std, "count": int(metric.size), "seed": seed}, "beam": None},
+        "search": {
+            "metric": "lpips",
+            "higher_is_better": False,
+            "w_q": W_Q,
+            "w_l": W_L,
+            "calibration": {"mean": mean, "std": std, "count": int(metric.size), "seed": seed},
+            "beam": None,
+        },
     }
     fields = {"metric": ("float32", (len(space),)), "reward": ("float32", ())}
     with open_writer(path, attrs=attrs, num_blocks=space.blocks, extra_fields=fields) as w:
         samples = []
         for (source, start, _), b, m, r in zip(rows, best, metric, reward):
             a = space.to_tuple(int(b))
-            samples.append(Sample(key=clip_key(source, start), tokens=rng.integers(0, tcfg.codebook_size, sum(a)),
-                                  block_lengths=a, assignment=int(b), source=source, clip_start=start,
-                                  extra={"metric": m.astype(np.float32), "reward": np.float32(r[b])}))
+            samples.append(
+                Sample(
+                    key=clip_key(source, start),
+                    tokens=rng.integers(0, tcfg.codebook_size, sum(a)),
+                    block_lengths=a,
+                    assignment=int(b),
+                    source=source,
+                    clip_start=start,
+                    extra={"metric": m.astype(np.float32), "reward": np.float32(r[b])},
+                )
+            )
         w.append(samples)
     return path
 
@@ -213,8 +227,19 @@ def test_evaluate_bounds(labels_path):
     assert evaluate(worst, lab)["p_router"] == pytest.approx(0.0)
     scores = np.where(np.arange(625)[None, :] == lab.best[:, None], 0.5, 1.0) * np.arange(625)[None, :]
     ev = evaluate(worst, lab, scores=-np.abs(scores - 600))
-    for k in ("top1", "top5", "p_router", "p_uniform_per_clip", "p_uniform_global", "uniform_global",
-              "mean_tokens_router", "mean_tokens_best", "mean_reward_router", "mean_metric_router", "unscored"):
+    for k in (
+        "top1",
+        "top5",
+        "p_router",
+        "p_uniform_per_clip",
+        "p_uniform_global",
+        "uniform_global",
+        "mean_tokens_router",
+        "mean_tokens_best",
+        "mean_reward_router",
+        "mean_metric_router",
+        "unscored",
+    ):
         assert k in ev, k
     assert 0 <= ev["p_uniform_global"] <= ev["p_uniform_per_clip"] <= 1
     assert len(ev["uniform_global"]) == 4 and len(set(ev["uniform_global"])) == 1
@@ -245,7 +270,9 @@ def test_resolve_sources(tmp_path):
     (tmp_path / "b" / "y.mp4").write_bytes(b"")
     (tmp_path / "link.mp4").symlink_to(tmp_path / "a" / "x.mp4")
     refs = [VideoRef(str(tmp_path / "a" / "x.mp4")), VideoRef(str(tmp_path / "b" / "y.mp4"))]
-    found = resolve_sources([str(tmp_path / "a" / "x.mp4"), str(tmp_path / "link.mp4"), "/elsewhere/y.mp4", "/z.mp4"], refs)
+    found = resolve_sources(
+        [str(tmp_path / "a" / "x.mp4"), str(tmp_path / "link.mp4"), "/elsewhere/y.mp4", "/z.mp4"], refs
+    )
     assert found[str(tmp_path / "a" / "x.mp4")] is refs[0]
     assert found[str(tmp_path / "link.mp4")] is refs[0]  # same real path
     assert found["/elsewhere/y.mp4"] is refs[1]  # unique file name
@@ -272,22 +299,41 @@ def test_route_library_deterministic(router_dir, videos, labels_path):
 
 def test_cli_route_json_lines(router_dir, videos):
     runner = CliRunner()
-    res = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--clips", "2", "--device", "cpu"])
+    res = runner.invoke(
+        app, ["route", "--router", str(router_dir), "--data", str(videos), "--clips", "2", "--device", "cpu"]
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in res.stdout.strip().splitlines()]
     assert len(lines) == 4
     for rec in lines:
         assert set(rec) == {"key", "source", "clip_start", "assignment", "index", "tokens"}
         assert rec["tokens"] == sum(rec["assignment"]) and len(rec["assignment"]) == 4
-    again = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--clips", "2", "--device", "cpu"])
+    again = runner.invoke(
+        app, ["route", "--router", str(router_dir), "--data", str(videos), "--clips", "2", "--device", "cpu"]
+    )
     assert again.stdout == res.stdout  # deterministic
 
 
 def test_cli_route_eval_and_errors(router_dir, videos, labels_path, tmp_path):
     runner = CliRunner()
     out = tmp_path / "a.jsonl"
-    res = runner.invoke(app, ["route", "--router", str(router_dir), "--data", str(videos), "--eval", str(labels_path),
-                              "-o", str(out), "--json", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "route",
+            "--router",
+            str(router_dir),
+            "--data",
+            str(videos),
+            "--eval",
+            str(labels_path),
+            "-o",
+            str(out),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     ev = summary["eval"]
@@ -306,14 +352,50 @@ def test_cli_route_eval_and_errors(router_dir, videos, labels_path, tmp_path):
 def test_cli_route_calls_library(tmp_path):
     from evatok_cli.route import RouteResult
 
-    summary = {"clips": 0, "mean_tokens": 0.0, "head": "reward", "w_q": 1.0, "w_l": 1.0, "budget": 64.0, "lambda": 0.1,
-               "failures": []}
+    summary = {
+        "clips": 0,
+        "mean_tokens": 0.0,
+        "head": "reward",
+        "w_q": 1.0,
+        "w_l": 1.0,
+        "budget": 64.0,
+        "lambda": 0.1,
+        "failures": [],
+    }
     with mock.patch("evatok_cli.route.route", return_value=RouteResult([], summary, np.zeros((0, 625)))) as m:
-        res = CliRunner().invoke(app, ["route", "--router", "r", "--data", "v1", "--data", "v2", "--budget", "64",
-                                       "--clips", "all", "-o", str(tmp_path / "o.jsonl"), "--json"])
+        res = CliRunner().invoke(
+            app,
+            [
+                "route",
+                "--router",
+                "r",
+                "--data",
+                "v1",
+                "--data",
+                "v2",
+                "--budget",
+                "64",
+                "--clips",
+                "all",
+                "-o",
+                str(tmp_path / "o.jsonl"),
+                "--json",
+            ],
+        )
     assert res.exit_code == 0, res.output
-    m.assert_called_once_with(Path("r"), ["v1", "v2"], clips="all", w_q=None, w_l=None, budget=64.0, eval_labels=None,
-                              batch_size=16, device="auto", workers=0, stdin=None)
+    m.assert_called_once_with(
+        Path("r"),
+        ["v1", "v2"],
+        clips="all",
+        w_q=None,
+        w_l=None,
+        budget=64.0,
+        eval_labels=None,
+        batch_size=16,
+        device="auto",
+        workers=0,
+        stdin=None,
+    )
     assert json.loads(res.stdout)["budget"] == 64.0
 
 
@@ -322,8 +404,16 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "evatok_cli", *args]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "evatok_cli",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
@@ -335,10 +425,33 @@ def test_torchrun_two_ranks_equal_one_process(router_dir, reward_router_dir, vid
     for name, src in (("a.mp4", footage["carphone"]), ("b.mp4", footage["bikes"]), ("c.mp4", footage["carphone"])):
         (three / name).symlink_to(src)
     (three / "d.mp4").write_bytes(b"not a video")
-    plain = ["route", "--router", str(router_dir), "--data", str(three), "--clips", "2", "--batch-size", "3",
-             "--device", "cpu"]
-    budget = ["route", "--router", str(reward_router_dir), "--data", str(videos), "--eval", str(labels_path),
-              "--budget", "20", "--device", "cpu", "--json"]
+    plain = [
+        "route",
+        "--router",
+        str(router_dir),
+        "--data",
+        str(three),
+        "--clips",
+        "2",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    budget = [
+        "route",
+        "--router",
+        str(reward_router_dir),
+        "--data",
+        str(videos),
+        "--eval",
+        str(labels_path),
+        "--budget",
+        "20",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     runner = CliRunner()
     one = runner.invoke(app, plain)
     assert one.exit_code == 0, one.output

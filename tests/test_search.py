@@ -41,7 +41,9 @@ CAL = CalibrationStats(mean=11.0, std=1.0, count=8, seed=0, metric="psnr")
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return EVATokTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path_factory.mktemp("proxy") / "tiny", preset="tiny")
+    return EVATokTokenizer(tokenizer_config("tiny")).save_pretrained(
+        tmp_path_factory.mktemp("proxy") / "tiny", preset="tiny"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +206,13 @@ def test_interrupted_search_resumes_to_the_same_store(baseline, proxy, good_vide
         raise _Stop
 
     with pytest.raises(_Stop):
-        search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0,
-                       on_progress=stop)
+        search_dataset(
+            proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0, on_progress=stop
+        )
     assert not (out / "index.json").exists()
     # wds commits per shard; flush on the way out left the first clip committed. The rerun takes
     # the calibration stored in the unfinished store (so a resume never changes the reward).
-    monkeypatch.setattr("evatok_cli.search.calibrate", lambda *a, **k: pytest.fail("recalibrated on resume"))
+    monkeypatch.setattr("evatok_cli.search.job.calibrate", lambda *a, **k: pytest.fail("recalibrated on resume"))
     resumed = search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0)
     assert (resumed.resumed, resumed.clips) == (1, 1)
     again = search_dataset(proxy, [str(good_videos)], out, format="wds", calibration=8, batch_size=1, workers=0)
@@ -244,9 +247,30 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(baseline, proxy, good_videos, tmp_path):
     out = tmp_path / "ddp.zarr"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "evatok_cli", "search", "--tokenizer", str(proxy), "--data", str(good_videos), "-o", str(out),
-           "--calibration", "8", "--workers", "0", "--device", "cpu", "--json", "--quiet"]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "evatok_cli",
+        "search",
+        "--tokenizer",
+        str(proxy),
+        "--data",
+        str(good_videos),
+        "-o",
+        str(out),
+        "--calibration",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])

@@ -30,8 +30,8 @@ from evatok_cli.cli import encode as _encode
 from evatok_cli.cli import eval as _eval
 from evatok_cli.cli import generate as _generate
 from evatok_cli.cli import info as _info
-from evatok_cli.cli import search as _search
 from evatok_cli.cli import route as _route
+from evatok_cli.cli import search as _search
 from evatok_cli.cli import train as _train
 
 app = typer.Typer(

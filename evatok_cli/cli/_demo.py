@@ -28,7 +28,7 @@ def with_demo_models(
         models: kind (``tokenizer``, ``router``, ``gpt``) -> the option's value.
         optional: kinds that may stay ``None`` when no demo model is shipped.
     """
-    from evatok_cli.demo import DemoModelError, OPTIONS, demo_model_dir, demo_root, is_shipped
+    from evatok_cli.demo import OPTIONS, DemoModelError, demo_model_dir, demo_root, is_shipped
 
     out: dict[str, Path | None] = dict(models)
     used, missing = [], []
@@ -45,8 +45,10 @@ def with_demo_models(
         used.append(kind)
     if used and not quiet and int(os.environ.get("RANK", "0")) == 0:
         flags = "/".join(OPTIONS[k] for k in used)
-        line = (f"using the shipped demo {' and '.join(used)} ({demo_root()}; demo quality, see docs/models.md); "
-                f"pass {flags} DIR for your own")
+        line = (
+            f"using the shipped demo {' and '.join(used)} ({demo_root()}; demo quality, see docs/models.md); "
+            f"pass {flags} DIR for your own"
+        )
         if missing:
             line += f"; no demo {' or '.join(missing)} is shipped, so none is used"
         err_console.print(line, markup=False, soft_wrap=True)

@@ -22,10 +22,21 @@ from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
 def decode(
     store: Annotated[Path, typer.Argument(help="Token store written by `evatok encode`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the mp4 files.", show_default=False)],
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The tokenizer that wrote the store (default: the shipped demo tokenizer).", show_default=False)] = None,
-    keys: Annotated[list[str] | None, typer.Option("--keys", help="Decode only these sample keys (repeatable).")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            help="The tokenizer that wrote the store (default: the shipped demo tokenizer).",
+            show_default=False,
+        ),
+    ] = None,
+    keys: Annotated[
+        list[str] | None, typer.Option("--keys", help="Decode only these sample keys (repeatable).")
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Decode only the first N samples.")] = None,
-    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Source clip left, reconstruction right.")] = False,
+    side_by_side: Annotated[
+        bool, typer.Option("--side-by-side", help="Source clip left, reconstruction right.")
+    ] = False,
     metrics: Annotated[bool, typer.Option("--metrics", help="PSNR/SSIM of each clip against its source.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     device: DeviceOpt = "auto",
@@ -43,8 +54,17 @@ def decode(
     demo = tokenizer is None
     tokenizer = with_demo_models(tokenizer=tokenizer, quiet=quiet)["tokenizer"]
     try:
-        summary = decode_store(store, out, tokenizer=tokenizer, keys=keys, limit=limit, side_by_side=side_by_side,
-                               metrics=metrics, batch_size=batch_size, device=device)
+        summary = decode_store(
+            store,
+            out,
+            tokenizer=tokenizer,
+            keys=keys,
+            limit=limit,
+            side_by_side=side_by_side,
+            metrics=metrics,
+            batch_size=batch_size,
+            device=device,
+        )
     except TokenizerMismatchError as e:
         hint = "; --tokenizer was omitted, so the shipped demo tokenizer was tried: pass the tokenizer that wrote the store with --tokenizer DIR"
         fail(str(e) + (hint if demo else ""), code=1)

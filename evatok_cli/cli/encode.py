@@ -28,19 +28,58 @@ from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 
 
 def encode(
-    inputs: Annotated[list[str], typer.Argument(help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output store (.zarr directory, or a directory of tar shards with --format wds).", show_default=False)],
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer model directory (or a training --out directory); default: the shipped demo tokenizer.", show_default=False)] = None,
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output store (.zarr directory, or a directory of tar shards with --format wds).",
+            show_default=False,
+        ),
+    ],
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            help="Tokenizer model directory (or a training --out directory); default: the shipped demo tokenizer.",
+            show_default=False,
+        ),
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="zarr or wds.")] = "zarr",
-    assignment: Annotated[str | None, typer.Option("--assignment", help="uniform:K or fixed:k1,...,kT (default: uniform at the largest level).")] = None,
-    labels_store: Annotated[Path | None, typer.Option("--labels-store", help="Assignments from an `evatok search` labels store.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Router model directory: one predicted assignment per clip (default with the demo tokenizer and no other policy: the shipped demo router).")] = None,
-    w_q: Annotated[float | None, typer.Option("--w-q", help="Quality weight for a reward-head router (default: the router's).")] = None,
-    w_l: Annotated[float | None, typer.Option("--w-l", help="Length weight for a reward-head router (default: the router's).")] = None,
-    budget: Annotated[float | None, typer.Option("--budget", help="Mean tokens per clip over the job (reward-head router).")] = None,
-    clips: Annotated[str, typer.Option("--clips", help="Clips per video: all, first, random or N (evenly spaced).")] = "all",
+    assignment: Annotated[
+        str | None,
+        typer.Option("--assignment", help="uniform:K or fixed:k1,...,kT (default: uniform at the largest level)."),
+    ] = None,
+    labels_store: Annotated[
+        Path | None, typer.Option("--labels-store", help="Assignments from an `evatok search` labels store.")
+    ] = None,
+    router: Annotated[
+        Path | None,
+        typer.Option(
+            "--router",
+            help="Router model directory: one predicted assignment per clip (default with the demo tokenizer and no other policy: the shipped demo router).",
+        ),
+    ] = None,
+    w_q: Annotated[
+        float | None, typer.Option("--w-q", help="Quality weight for a reward-head router (default: the router's).")
+    ] = None,
+    w_l: Annotated[
+        float | None, typer.Option("--w-l", help="Length weight for a reward-head router (default: the router's).")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option("--budget", help="Mean tokens per clip over the job (reward-head router).")
+    ] = None,
+    clips: Annotated[
+        str, typer.Option("--clips", help="Clips per video: all, first, random or N (evenly spaced).")
+    ] = "all",
     fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate.")] = "native",
-    label_from: Annotated[str | None, typer.Option("--label-from", help="parent-dir (UCF-101 layout) or a CSV file path,label.")] = None,
+    label_from: Annotated[
+        str | None, typer.Option("--label-from", help="parent-dir (UCF-101 layout) or a CSV file path,label.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per tokenizer batch.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad input.")] = False,
@@ -68,23 +107,50 @@ def encode(
     models = with_demo_models(quiet=quiet, optional=("router",), **wanted)
     tokenizer, router = models["tokenizer"], models.get("router", router)
     show = rank0 and not quiet and err_console.is_terminal
-    progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), console=err_console, transient=True, disable=not show)
+    progress = Progress(
+        TextColumn("encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not show,
+    )
     task = progress.add_task("encode", total=None, info="")
 
     def on_progress(p: dict) -> None:
-        progress.update(task, completed=p["clips"], total=p["total"],
-                        info=f"{p['clips_per_s']:.1f} clips/s  {p['tokens_per_s']:.0f} tok/s  "
-                             f"{p['mean_tokens']:.0f} tok/clip  {p['failures']} failed")
+        progress.update(
+            task,
+            completed=p["clips"],
+            total=p["total"],
+            info=f"{p['clips_per_s']:.1f} clips/s  {p['tokens_per_s']:.0f} tok/s  "
+            f"{p['mean_tokens']:.0f} tok/clip  {p['failures']} failed",
+        )
 
     try:
         with progress:
             summary = encode_videos(
-                inputs, out, tokenizer=tokenizer, format=format, assignment=assignment, labels_store=labels_store,
-                router=router, w_q=w_q, w_l=w_l, budget=budget,
-                clips=clips, fps=fps if fps == "native" else float(fps), label_from=label_from,
-                batch_size=batch_size, workers=workers, device=device, seed=seed, strict=strict,
-                stdin=sys.stdin if "-" in inputs else None, on_progress=on_progress,
+                inputs,
+                out,
+                tokenizer=tokenizer,
+                format=format,
+                assignment=assignment,
+                labels_store=labels_store,
+                router=router,
+                w_q=w_q,
+                w_l=w_l,
+                budget=budget,
+                clips=clips,
+                fps=fps if fps == "native" else float(fps),
+                label_from=label_from,
+                batch_size=batch_size,
+                workers=workers,
+                device=device,
+                seed=seed,
+                strict=strict,
+                stdin=sys.stdin if "-" in inputs else None,
+                on_progress=on_progress,
             )
     except (EncodeError, VideoError, StoreError, CheckpointError, ValueError) as e:
         fail(str(e), code=1)
@@ -101,7 +167,9 @@ def encode(
                 + (f" ({summary.skipped_done} already done)" if summary.skipped_done else "")
                 + f", {summary.failures} failed, {summary.mean_tokens:.1f} tokens/clip "
                 f"({summary.saved_fraction:.1%} fewer than uniform {summary.uniform_tokens}), "
-                f"{summary.wall_s:.1f}s ({summary.clips_per_s:.2f} clips/s)", markup=False)
+                f"{summary.wall_s:.1f}s ({summary.clips_per_s:.2f} clips/s)",
+                markup=False,
+            )
             for f in summary.failed[:20]:
                 err_console.print(f"  skipped {f['source']}: {f['reason']}", markup=False)
     raise typer.Exit(summary.exit_code)

@@ -20,16 +20,51 @@ from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 
 
 def generate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (class-<name>_<i>.mp4, samples.zarr).", show_default=False)],
-    gpt: Annotated[Path | None, typer.Option("--gpt", help="GPT model directory (or its training output directory); default: the shipped demo GPT.", show_default=False)] = None,
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="The tokenizer the GPT's token stores were written with (default: the shipped demo tokenizer).", show_default=False)] = None,
-    classes: Annotated[str | None, typer.Option("--classes", help="Comma-separated class ids or names ('null': unconditional); default: all.", show_default=False)] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output directory (class-<name>_<i>.mp4, samples.zarr).", show_default=False),
+    ],
+    gpt: Annotated[
+        Path | None,
+        typer.Option(
+            "--gpt",
+            help="GPT model directory (or its training output directory); default: the shipped demo GPT.",
+            show_default=False,
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            help="The tokenizer the GPT's token stores were written with (default: the shipped demo tokenizer).",
+            show_default=False,
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            help="Comma-separated class ids or names ('null': unconditional); default: all.",
+            show_default=False,
+        ),
+    ] = None,
     num: Annotated[int, typer.Option("--num", help="Samples per class.")] = 1,
-    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale (default: 2.5 for tiny and gpt-b, 1.75 for larger presets; PAPER §6).", show_default=False)] = None,
+    cfg: Annotated[
+        float | None,
+        typer.Option(
+            "--cfg",
+            help="Classifier-free guidance scale (default: 2.5 for tiny and gpt-b, 1.75 for larger presets; PAPER §6).",
+            show_default=False,
+        ),
+    ] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature (0: greedy).")] = 1.0,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely ids.", show_default=False)] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Keep the k most likely ids.", show_default=False)
+    ] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.", show_default=False)] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Token budget per sample.", show_default=False)] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Token budget per sample.", show_default=False)
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="mp4, store (OUT/samples.zarr) or both.")] = "mp4",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples generated together.")] = 16,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
@@ -40,7 +75,7 @@ def generate(
 ) -> None:
     """Generate videos (and/or their tokens) for the given classes."""
     from evatok_cli.checkpoint import CheckpointError
-    from evatok_cli.sample import FORMATS, GenerateError, generate_videos
+    from evatok_cli.generate import FORMATS, GenerateError, generate_videos
     from evatok_cli.store import StoreError
 
     if format not in FORMATS:
@@ -55,9 +90,21 @@ def generate(
     gpt, tokenizer = models["gpt"], models["tokenizer"]
     try:
         summary = generate_videos(
-            gpt, out, tokenizer=tokenizer, classes=wanted, num=num, cfg_scale=cfg, temperature=temperature,
-            top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed, format=format, batch_size=batch_size,
-            device=device, ema=not no_ema,
+            gpt,
+            out,
+            tokenizer=tokenizer,
+            classes=wanted,
+            num=num,
+            cfg_scale=cfg,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            format=format,
+            batch_size=batch_size,
+            device=device,
+            ema=not no_ema,
         )
     except (GenerateError, CheckpointError, StoreError, ValueError) as e:
         about_tok = demo_tok_only and str(e).startswith(str(tokenizer))  # check_tokenizer's refusals name it first
@@ -69,10 +116,16 @@ def generate(
         where = [f"{len(summary.files)} mp4 files in {out}"] if summary.files else []
         where += [f"store {summary.store}"] if summary.store else []
         err_console.print(f"{summary.samples} samples (cfg {summary.cfg_scale:g}): {'; '.join(where)}", markup=False)
-        err_console.print(f"tokens per sample: mean {summary.mean_tokens:.1f} (min {summary.min_tokens}, max "
-                          f"{summary.most_tokens})", markup=False)
+        err_console.print(
+            f"tokens per sample: mean {summary.mean_tokens:.1f} (min {summary.min_tokens}, max {summary.most_tokens})",
+            markup=False,
+        )
         for rec in summary.per_sample[:20]:  # the first ones; --json has them all
             err_console.print(f"  {rec['name']}\t{rec['tokens']} tokens\t{tuple(rec['block_lengths'])}", markup=False)
         top = list(summary.assignments.items())[:5]
-        err_console.print("assignments: " + ", ".join(f"({a}) x{n}" for a, n in top)
-                          + (" ..." if len(summary.assignments) > 5 else ""), markup=False)
+        err_console.print(
+            "assignments: "
+            + ", ".join(f"({a}) x{n}" for a, n in top)
+            + (" ..." if len(summary.assignments) > 5 else ""),
+            markup=False,
+        )

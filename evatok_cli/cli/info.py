@@ -104,8 +104,12 @@ def _models(json_: bool, console: Console) -> None:
     elif recs:
         _render_models(recs, root, console)
     if not recs:
-        err_console.print(f"no demo models are shipped in {root} (this build has none); pass your own models with "
-                          "--tokenizer/--router/--gpt DIR (docs/models.md)", markup=False, soft_wrap=True)
+        err_console.print(
+            f"no demo models are shipped in {root} (this build has none); pass your own models with "
+            "--tokenizer/--router/--gpt DIR (docs/models.md)",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def info(

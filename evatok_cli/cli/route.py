@@ -43,8 +43,11 @@ def _render_summary(s: dict[str, Any]) -> None:
         line += f" (w_q {s['w_q']:g}, w_l {s['w_l']:g})"
     err_console.print(line, markup=False)
     if s["failures"]:
-        err_console.print(f"{len(s['failures'])} clips/videos skipped; first: {s['failures'][0]['source']}: "
-                          f"{s['failures'][0]['reason']}", markup=False)
+        err_console.print(
+            f"{len(s['failures'])} clips/videos skipped; first: {s['failures'][0]['source']}: "
+            f"{s['failures'][0]['reason']}",
+            markup=False,
+        )
     ev = s.get("eval")
     if ev:
         top5 = f", top-5 {ev['top5']:.1%}" if "top5" in ev else ""
@@ -52,18 +55,36 @@ def _render_summary(s: dict[str, Any]) -> None:
             f"eval ({ev['clips']} clips, w_q {ev['w_q']:g}, w_l {ev['w_l']:g}): top-1 {ev['top1']:.1%}{top5}; "
             f"reward percentile P router {ev['p_router']:.1%}, best-uniform per clip {ev['p_uniform_per_clip']:.1%}, "
             f"best single uniform {tuple(ev['uniform_global'])} {ev['p_uniform_global']:.1%}; mean tokens router "
-            f"{ev['mean_tokens_router']:.1f}, best {ev['mean_tokens_best']:.1f}", markup=False)
+            f"{ev['mean_tokens_router']:.1f}, best {ev['mean_tokens_best']:.1f}",
+            markup=False,
+        )
 
 
 def route(
-    router: Annotated[Path, typer.Option("--router", help="Router model directory (or training output directory).", show_default=False)],
-    data: Annotated[list[str], typer.Option("--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
-    w_q: Annotated[float | None, typer.Option("--w-q", help="Reward head: quality weight (default: the router's labels').")] = None,
-    w_l: Annotated[float | None, typer.Option("--w-l", help="Reward head: length weight (default: the router's labels').")] = None,
-    budget: Annotated[float | None, typer.Option("--budget", help="Mean tokens per clip over the set (reward head).")] = None,
+    router: Annotated[
+        Path,
+        typer.Option("--router", help="Router model directory (or training output directory).", show_default=False),
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False
+        ),
+    ],
+    w_q: Annotated[
+        float | None, typer.Option("--w-q", help="Reward head: quality weight (default: the router's labels').")
+    ] = None,
+    w_l: Annotated[
+        float | None, typer.Option("--w-l", help="Reward head: length weight (default: the router's labels').")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option("--budget", help="Mean tokens per clip over the set (reward head).")
+    ] = None,
     clips: Annotated[str, typer.Option("--clips", help="Clips per video: first, all or N (evenly spaced).")] = "first",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the assignments here (JSON lines).")] = None,
-    eval_labels: Annotated[Path | None, typer.Option("--eval", help="Labels store: route its clips and score them.")] = None,
+    eval_labels: Annotated[
+        Path | None, typer.Option("--eval", help="Labels store: route its clips and score them.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per forward pass.")] = 16,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 0,
     device: DeviceOpt = "auto",
@@ -87,8 +108,17 @@ def route(
         if policy == "random":
             raise ValueError("--clips random is not deterministic; use first, all or N")
         result = route_clips(
-            router, data, clips=policy, w_q=w_q, w_l=w_l, budget=budget, eval_labels=eval_labels,
-            batch_size=batch_size, device=device, workers=workers, stdin=sys.stdin if "-" in data else None,
+            router,
+            data,
+            clips=policy,
+            w_q=w_q,
+            w_l=w_l,
+            budget=budget,
+            eval_labels=eval_labels,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            stdin=sys.stdin if "-" in data else None,
         )
     except (CheckpointError, StoreError, VideoError, ValueError) as e:
         fail(str(e), code=1)

@@ -55,38 +55,67 @@ def _render_summary(s: dict[str, Any]) -> None:
         f"wall {s['wall_s']:.1f}s (calibration {s['calibration_s']:.1f}s), {s['clips_per_s']:.2f} clips/s"
         f" on {s['world_size']} process(es)\n"
         f"calibration {cal['metric']} mean {cal['mean']:.4g} std {cal['std']:.4g} over {cal['count']} pairs",
-        markup=False, highlight=False,
+        markup=False,
+        highlight=False,
     )
     sp = s.get("spread") or {}
     if sp.get("top"):
         err_console.print(
             f"labels: {sp['distinct']} distinct assignments over {sp['clips']} clips; most common "
             f"{tuple(sp['top']['assignment'])} {sp['top']['share']:.0%}, shortest {sp['shortest_share']:.0%}, "
-            f"longest {sp['longest_share']:.0%}", markup=False, highlight=False)
+            f"longest {sp['longest_share']:.0%}",
+            markup=False,
+            highlight=False,
+        )
     if sp.get("collapsed"):
-        err_console.print(f"warning: the labels collapsed: {sp['reason']}; {sp['suggestion']}", markup=False,
-                          highlight=False)
+        err_console.print(
+            f"warning: the labels collapsed: {sp['reason']}; {sp['suggestion']}", markup=False, highlight=False
+        )
 
 
 def search(
-    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="Proxy tokenizer directory (or training output dir).", show_default=False)],
-    data: Annotated[list[str], typer.Option("--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Labels store to write (resumed if unfinished).", show_default=False)],
+    tokenizer: Annotated[
+        Path,
+        typer.Option("--tokenizer", help="Proxy tokenizer directory (or training output dir).", show_default=False),
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Labels store to write (resumed if unfinished).", show_default=False)
+    ],
     format: Annotated[str, typer.Option("--format", help="zarr or wds.")] = "zarr",
-    metric: Annotated[str, typer.Option("--metric", help="psnr, ssim or lpips (the paper's; needs --lpips-backbone).")] = "psnr",
+    metric: Annotated[
+        str, typer.Option("--metric", help="psnr, ssim or lpips (the paper's; needs --lpips-backbone).")
+    ] = "psnr",
     lpips_net: Annotated[str, typer.Option("--lpips-net", help="LPIPS backbone: vgg or alex.")] = "vgg",
-    lpips_backbone: Annotated[Path | None, typer.Option("--lpips-backbone", help="torchvision vgg16/alexnet checkpoint.")] = None,
-    lpips_heads: Annotated[Path | None, typer.Option("--lpips-heads", help="LPIPS v0.1 heads (default: from an installed lpips package).")] = None,
+    lpips_backbone: Annotated[
+        Path | None, typer.Option("--lpips-backbone", help="torchvision vgg16/alexnet checkpoint.")
+    ] = None,
+    lpips_heads: Annotated[
+        Path | None, typer.Option("--lpips-heads", help="LPIPS v0.1 heads (default: from an installed lpips package).")
+    ] = None,
     w_q: Annotated[float, typer.Option("--w-q", help="Quality weight of the reward.")] = 1.2,
     w_l: Annotated[float, typer.Option("--w-l", help="Length weight of the reward.")] = 0.8,
-    calibration: Annotated[int, typer.Option("--calibration", help="Random (clip, assignment) pairs for the metric's mean/std.")] = 2000,
-    stats: Annotated[Path | None, typer.Option("--stats", help="Take mean/std from this JSON file or labels store instead.")] = None,
+    calibration: Annotated[
+        int, typer.Option("--calibration", help="Random (clip, assignment) pairs for the metric's mean/std.")
+    ] = 2000,
+    stats: Annotated[
+        Path | None, typer.Option("--stats", help="Take mean/std from this JSON file or labels store instead.")
+    ] = None,
     beam: Annotated[int | None, typer.Option("--beam", help="Beam width (approximate); default: exact search.")] = None,
     clips: Annotated[str, typer.Option("--clips", help="Clips per video: first, all, random or N.")] = "first",
-    fps: Annotated[str | None, typer.Option("--fps", help="'native' or a frame rate; default: the proxy's training rate.")] = None,
+    fps: Annotated[
+        str | None, typer.Option("--fps", help="'native' or a frame rate; default: the proxy's training rate.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per search call.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
-    chunk: Annotated[int | None, typer.Option("--chunk", help="Branches per block step (default: from a memory estimate).")] = None,
+    chunk: Annotated[
+        int | None, typer.Option("--chunk", help="Branches per block step (default: from a memory estimate).")
+    ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
@@ -103,8 +132,11 @@ def search(
     if metric not in ("psnr", "ssim", "lpips"):
         fail(f"--metric must be psnr, ssim or lpips, got {metric!r}", code=2)
     if metric == "lpips" and lpips_backbone is None:
-        fail("--metric lpips needs --lpips-backbone PATH (torchvision's vgg16-397923af.pth or "
-             "alexnet-owt-7be5be79.pth; weights are never downloaded)", code=2)
+        fail(
+            "--metric lpips needs --lpips-backbone PATH (torchvision's vgg16-397923af.pth or "
+            "alexnet-owt-7be5be79.pth; weights are never downloaded)",
+            code=2,
+        )
     if beam is not None and beam < 1:
         fail(f"--beam must be >= 1, got {beam}", code=2)
     if stats is None and calibration < 2:
@@ -121,9 +153,25 @@ def search(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         summary = search_dataset(
-            tokenizer, data, out, format=format, metric=metric, metric_options=options, w_q=w_q, w_l=w_l,
-            calibration=calibration, stats=stats, beam=beam, clips=policy, fps=fps, batch_size=batch_size,
-            workers=workers, chunk=chunk, seed=seed, device=device, stdin=sys.stdin if "-" in data else None,
+            tokenizer,
+            data,
+            out,
+            format=format,
+            metric=metric,
+            metric_options=options,
+            w_q=w_q,
+            w_l=w_l,
+            calibration=calibration,
+            stats=stats,
+            beam=beam,
+            clips=policy,
+            fps=fps,
+            batch_size=batch_size,
+            workers=workers,
+            chunk=chunk,
+            seed=seed,
+            device=device,
+            stdin=sys.stdin if "-" in data else None,
             on_progress=_progress_printer(quiet or not rank0),
         )
     except (StoreError, VideoError, CheckpointError, ValueError, FileNotFoundError) as e:

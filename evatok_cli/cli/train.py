@@ -31,46 +31,124 @@ from evatok_cli.cli.options import (
     SeedOpt,
     StopAtOpt,
 )
-from evatok_cli.cli.train_router import router as _router
 from evatok_cli.cli.train_gpt import gpt as _gpt
+from evatok_cli.cli.train_router import router as _router
 
-app = typer.Typer(help="Train the models of the method: tokenizer (stages 1 and 4), router (stage 3), GPT.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train the models of the method: tokenizer (stages 1 and 4), router (stage 3), GPT.", no_args_is_help=True
+)
 
 
 def _log_line(rec: dict[str, Any]) -> None:
-    keys = ("loss", "l1", "perceptual", "psnr", "usage", "perplexity", "tokens", "g_adv", "d_loss", "align", "g_sem", "d_sem_loss",
-            "lr", "samples_per_s")
+    keys = (
+        "loss",
+        "l1",
+        "perceptual",
+        "psnr",
+        "usage",
+        "perplexity",
+        "tokens",
+        "g_adv",
+        "d_loss",
+        "align",
+        "g_sem",
+        "d_sem_loss",
+        "lr",
+        "samples_per_s",
+    )
     parts = [f"step {rec['step']}"] + [f"{k} {rec[k]:.4g}" for k in keys if k in rec]
     err_console.print("  ".join(parts), markup=False, highlight=False)
 
 
 @app.command("tokenizer")
 def tokenizer(
-    data: Annotated[list[str], typer.Option("--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)
+    ],
     stage: Annotated[str, typer.Option("--stage", help="proxy (random assignments) or final.")] = "proxy",
     preset: Annotated[str, typer.Option("--preset", help="tiny, small or paper.")] = "small",
     steps: Annotated[int, typer.Option("--steps", help="Total optimisation steps.")] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 8,
-    assignment: Annotated[str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")] = None,
-    router: Annotated[Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")] = None,
-    init: Annotated[Path | None, typer.Option("--init", help="Start from this tokenizer's weights (EMA when present; a model or training --out directory, same preset), fresh optimizer and schedule; ignored when --resume finds a checkpoint.", show_default=False)] = None,
+    assignment: Annotated[
+        str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")
+    ] = None,
+    router: Annotated[
+        Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from this tokenizer's weights (EMA when present; a model or training --out directory, same preset), fresh optimizer and schedule; ignored when --resume finds a checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
     resume: ResumeOpt = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
     disc_start: Annotated[int, typer.Option("--disc-start", help="Step at which the PatchGAN loss starts.")] = 20_000,
     no_disc: Annotated[bool, typer.Option("--no-disc", help="Train without the adversarial loss.")] = False,
-    lpips_backbone: Annotated[Path | None, typer.Option("--lpips-backbone", help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss.", show_default=False)] = None,
-    lpips_heads: Annotated[Path | None, typer.Option("--lpips-heads", help="LPIPS linear heads (default: the installed lpips package's).", show_default=False)] = None,
+    lpips_backbone: Annotated[
+        Path | None,
+        typer.Option(
+            "--lpips-backbone",
+            help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss.",
+            show_default=False,
+        ),
+    ] = None,
+    lpips_heads: Annotated[
+        Path | None,
+        typer.Option(
+            "--lpips-heads", help="LPIPS linear heads (default: the installed lpips package's).", show_default=False
+        ),
+    ] = None,
     lpips_net: Annotated[str, typer.Option("--lpips-net", help="vgg or alex.")] = "vgg",
     perceptual_weight: Annotated[float, typer.Option("--perceptual-weight", help="Weight of the LPIPS loss.")] = 1.0,
-    align_teacher: Annotated[Path | None, typer.Option("--align-teacher", help="Local V-JEPA2 model directory (transformers format): adds the feature-alignment loss.")] = None,
-    disc_teacher: Annotated[Path | None, typer.Option("--disc-teacher", help="Local VideoMAE model directory (transformers format): adds the semantic discriminator.")] = None,
-    align_weight: Annotated[float, typer.Option("--align-weight", help="Weight of the alignment loss (paper: 0.7).")] = 0.7,
-    align_layer: Annotated[int | None, typer.Option("--align-layer", help="Decoder layer (1-based) to align (default: the preset's middle layer).", show_default=False)] = None,
-    disc: Annotated[str | None, typer.Option("--disc", help="patchgan, semantic or both (default: both with --disc-teacher, else patchgan).", show_default=False)] = None,
-    semantic_disc_start: Annotated[int, typer.Option("--semantic-disc-start", help="Step at which the semantic discriminator starts.")] = 20_000,
-    semantic_disc_weight: Annotated[float, typer.Option("--semantic-disc-weight", help="Generator weight of the semantic discriminator.")] = 0.1,
+    align_teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--align-teacher",
+            help="Local V-JEPA2 model directory (transformers format): adds the feature-alignment loss.",
+        ),
+    ] = None,
+    disc_teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--disc-teacher",
+            help="Local VideoMAE model directory (transformers format): adds the semantic discriminator.",
+        ),
+    ] = None,
+    align_weight: Annotated[
+        float, typer.Option("--align-weight", help="Weight of the alignment loss (paper: 0.7).")
+    ] = 0.7,
+    align_layer: Annotated[
+        int | None,
+        typer.Option(
+            "--align-layer",
+            help="Decoder layer (1-based) to align (default: the preset's middle layer).",
+            show_default=False,
+        ),
+    ] = None,
+    disc: Annotated[
+        str | None,
+        typer.Option(
+            "--disc",
+            help="patchgan, semantic or both (default: both with --disc-teacher, else patchgan).",
+            show_default=False,
+        ),
+    ] = None,
+    semantic_disc_start: Annotated[
+        int, typer.Option("--semantic-disc-start", help="Step at which the semantic discriminator starts.")
+    ] = 20_000,
+    semantic_disc_weight: Annotated[
+        float, typer.Option("--semantic-disc-weight", help="Generator weight of the semantic discriminator.")
+    ] = 0.1,
     fps: Annotated[str, typer.Option("--fps", help="'native' or a target frame rate (e.g. 3 for WebVid).")] = "native",
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
     checkpoint_every: CheckpointEveryOpt = 1000,
@@ -96,14 +174,41 @@ def tokenizer(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_tokenizer(
-            stage=stage, preset=preset, data=data, out=out, steps=steps, batch_size=batch_size,
-            assignment=assignment, router=router, init=init, resume=resume, seed=seed, device=device, workers=workers,
-            fps=fps if fps == "native" else float(fps), checkpoint_every=checkpoint_every, keep_last=keep_last,
-            log_every=log_every, stop_at=stop_at, discriminator=not no_disc, stdin=sys.stdin if "-" in data else None,
-            on_log=None if quiet else _log_line, lr=lr, warmup=warmup, disc_start=disc_start,
-            lpips_backbone=lpips_backbone, lpips_heads=lpips_heads, lpips_net=lpips_net,
-            perceptual_weight=perceptual_weight, align_teacher=align_teacher, disc_teacher=disc_teacher, align_layer=align_layer, disc=disc,
-            align_weight=align_weight, semantic_disc_start=semantic_disc_start, semantic_disc_weight=semantic_disc_weight,
+            stage=stage,
+            preset=preset,
+            data=data,
+            out=out,
+            steps=steps,
+            batch_size=batch_size,
+            assignment=assignment,
+            router=router,
+            init=init,
+            resume=resume,
+            seed=seed,
+            device=device,
+            workers=workers,
+            fps=fps if fps == "native" else float(fps),
+            checkpoint_every=checkpoint_every,
+            keep_last=keep_last,
+            log_every=log_every,
+            stop_at=stop_at,
+            discriminator=not no_disc,
+            stdin=sys.stdin if "-" in data else None,
+            on_log=None if quiet else _log_line,
+            lr=lr,
+            warmup=warmup,
+            disc_start=disc_start,
+            lpips_backbone=lpips_backbone,
+            lpips_heads=lpips_heads,
+            lpips_net=lpips_net,
+            perceptual_weight=perceptual_weight,
+            align_teacher=align_teacher,
+            disc_teacher=disc_teacher,
+            align_layer=align_layer,
+            disc=disc,
+            align_weight=align_weight,
+            semantic_disc_start=semantic_disc_start,
+            semantic_disc_weight=semantic_disc_weight,
         )
     except (ResumeError, VideoError, ValueError) as e:
         fail(str(e), code=1)

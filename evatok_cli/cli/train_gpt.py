@@ -35,14 +35,25 @@ def _log_line(rec: dict[str, Any]) -> None:
 
 
 def gpt(
-    tokens: Annotated[list[Path], typer.Option("--tokens", help="Token store(s) written by `evatok encode` (repeatable).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)],
+    tokens: Annotated[
+        list[Path],
+        typer.Option("--tokens", help="Token store(s) written by `evatok encode` (repeatable).", show_default=False),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)
+    ],
     preset: Annotated[str, typer.Option("--preset", help="tiny, gpt-b, gpt-l or gpt-l-plus.")] = "gpt-b",
-    steps: Annotated[int | None, typer.Option("--steps", help="Total optimisation steps (or give --epochs).", show_default=False)] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the stores, converted to steps.", show_default=False)] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Total optimisation steps (or give --epochs).", show_default=False)
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Passes over the stores, converted to steps.", show_default=False)
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step per process.")] = 32,
     class_dropout: Annotated[float, typer.Option("--class-dropout", help="Probability of the null class (CFG).")] = 0.1,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (WSD: constant, then linear to 0 over the last 20%).")] = 1e-4,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Learning rate (WSD: constant, then linear to 0 over the last 20%).")
+    ] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Linear warmup steps.")] = 0,
     resume: ResumeOpt = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader workers reading the stores.")] = 1,
@@ -68,9 +79,23 @@ def gpt(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_gpt(
-            tokens=tokens, preset=preset, out=out, steps=steps, epochs=epochs, batch_size=batch_size, resume=resume,
-            seed=seed, device=device, workers=workers, checkpoint_every=checkpoint_every, keep_last=keep_last,
-            log_every=log_every, stop_at=stop_at, on_log=None if quiet else _log_line, lr=lr, warmup=warmup,
+            tokens=tokens,
+            preset=preset,
+            out=out,
+            steps=steps,
+            epochs=epochs,
+            batch_size=batch_size,
+            resume=resume,
+            seed=seed,
+            device=device,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            keep_last=keep_last,
+            log_every=log_every,
+            stop_at=stop_at,
+            on_log=None if quiet else _log_line,
+            lr=lr,
+            warmup=warmup,
             class_dropout=class_dropout,
         )
     except (ResumeError, StoreError, CheckpointError, ValueError) as e:

@@ -37,17 +37,40 @@ def _log_line(rec: dict[str, Any]) -> None:
 
 
 def router(
-    labels: Annotated[Path, typer.Option("--labels", help="Labels store written by `evatok search`.", show_default=False)],
-    data: Annotated[list[str], typer.Option("--data", help="Videos holding the labels' sources: files, directories, '-' or tars.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)],
-    head: Annotated[str, typer.Option("--head", help="classify (argmax label, cross-entropy) or reward (regress Q).")] = "classify",
+    labels: Annotated[
+        Path, typer.Option("--labels", help="Labels store written by `evatok search`.", show_default=False)
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="Videos holding the labels' sources: files, directories, '-' or tars.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (checkpoints step-N/).", show_default=False)
+    ],
+    head: Annotated[
+        str, typer.Option("--head", help="classify (argmax label, cross-entropy) or reward (regress Q).")
+    ] = "classify",
     preset: Annotated[str, typer.Option("--preset", help="tiny, small or paper (ViT-S).")] = "small",
     steps: Annotated[int, typer.Option("--steps", help="Total optimisation steps.")] = 10_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step per process.")] = 32,
-    reward_form: Annotated[str, typer.Option("--reward-form", help="Reward head: joint (one output per assignment) or blocks (one per block and level, averaged).")] = "joint",
-    soft_tau: Annotated[float | None, typer.Option("--soft-tau", help="Classify head: soft targets softmax(R/T).")] = None,
-    w_q: Annotated[float | None, typer.Option("--w-q", help="Quality weight of the targets (default: the labels').")] = None,
-    w_l: Annotated[float | None, typer.Option("--w-l", help="Length weight of the targets (default: the labels').")] = None,
+    reward_form: Annotated[
+        str,
+        typer.Option(
+            "--reward-form",
+            help="Reward head: joint (one output per assignment) or blocks (one per block and level, averaged).",
+        ),
+    ] = "joint",
+    soft_tau: Annotated[
+        float | None, typer.Option("--soft-tau", help="Classify head: soft targets softmax(R/T).")
+    ] = None,
+    w_q: Annotated[
+        float | None, typer.Option("--w-q", help="Quality weight of the targets (default: the labels').")
+    ] = None,
+    w_l: Annotated[
+        float | None, typer.Option("--w-l", help="Length weight of the targets (default: the labels').")
+    ] = None,
     resume: ResumeOpt = False,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine to 1e-6).")] = 3e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 500,
@@ -80,10 +103,29 @@ def router(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_router(
-            labels=labels, data=data, head=head, preset=preset, out=out, steps=steps, batch_size=batch_size,
-            reward_form=reward_form, soft_tau=soft_tau, w_q=w_q, w_l=w_l, resume=resume, seed=seed, device=device, workers=workers,
-            checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at,
-            stdin=sys.stdin if "-" in data else None, on_log=None if quiet else _log_line, lr=lr, warmup=warmup,
+            labels=labels,
+            data=data,
+            head=head,
+            preset=preset,
+            out=out,
+            steps=steps,
+            batch_size=batch_size,
+            reward_form=reward_form,
+            soft_tau=soft_tau,
+            w_q=w_q,
+            w_l=w_l,
+            resume=resume,
+            seed=seed,
+            device=device,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            keep_last=keep_last,
+            log_every=log_every,
+            stop_at=stop_at,
+            stdin=sys.stdin if "-" in data else None,
+            on_log=None if quiet else _log_line,
+            lr=lr,
+            warmup=warmup,
         )
     except (ResumeError, VideoError, StoreError, ValueError) as e:
         fail(str(e), code=1)

@@ -18,7 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from evatok_cli.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_model_meta, weights_sha256
+from evatok_cli.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_model,
+    read_model_meta,
+    weights_sha256,
+)
 
 ENV_VAR = "EVATOK_DEMO_MODELS"
 KINDS = ("tokenizer", "router", "gpt")
@@ -60,7 +67,8 @@ def demo_model_dir(kind: str) -> Path:
         where = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else ""
         raise DemoModelError(
             f"no demo {kind} is shipped: {d}{where} holds no model; pass your own with {OPTIONS[kind]} DIR "
-            f"(a model directory or a training --out directory; docs/models.md)")
+            f"(a model directory or a training --out directory; docs/models.md)"
+        )
     return d
 
 
@@ -69,7 +77,6 @@ def describe_model(path: str | Path, kind: str | None = None) -> dict[str, Any]:
 
     Loads the model once to count its parameters (buffers such as a codebook are not parameters).
     """
-    from evatok_cli.checkpoint import load_model
 
     path = Path(path)
     meta = read_model_meta(path)
@@ -95,5 +102,14 @@ def demo_models() -> list[dict[str, Any]]:
     return [describe_model(demo_model_dir(k), k) for k in KINDS if is_shipped(k)]
 
 
-__all__ = ["ENV_VAR", "KINDS", "OPTIONS", "DemoModelError", "demo_model_dir", "demo_models", "demo_root",
-           "describe_model", "is_shipped"]
+__all__ = [
+    "ENV_VAR",
+    "KINDS",
+    "OPTIONS",
+    "DemoModelError",
+    "demo_model_dir",
+    "demo_models",
+    "demo_root",
+    "describe_model",
+    "is_shipped",
+]

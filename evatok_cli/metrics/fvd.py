@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -101,18 +102,21 @@ class FeatureStats:
 
     def all_reduce(self, group: Any = None) -> FeatureStats:
         """Sum the statistics over all ranks (in place); a no-op unless torch.distributed is initialised."""
-        import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
         flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.sum, self.outer.flatten()])
         flat = flat.to(device)
         dist.all_reduce(flat, group=group)
         flat = flat.cpu()
         self.count = int(flat[0].item())  # float64 holds counts exactly up to 2**53
-        self.sum = flat[1:1 + self.dim].clone()
-        self.outer = flat[1 + self.dim:].view(self.dim, self.dim).clone()
+        self.sum = flat[1 : 1 + self.dim].clone()
+        self.outer = flat[1 + self.dim :].view(self.dim, self.dim).clone()
         return self
 
     def mean(self) -> torch.Tensor:
@@ -144,8 +148,11 @@ class FeatureStats:
         """Write a safetensors file (metadata: format + ``meta``); atomic (temp name, then rename)."""
         p = Path(path)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tensors = {"count": torch.tensor([self.count], dtype=torch.int64), "sum": self.sum.contiguous(),
-                   "outer": self.outer.contiguous()}
+        tensors = {
+            "count": torch.tensor([self.count], dtype=torch.int64),
+            "sum": self.sum.contiguous(),
+            "outer": self.outer.contiguous(),
+        }
         save_file(tensors, str(tmp), metadata={"format": STATS_FORMAT, **self.meta})
         os.replace(tmp, p)
         return p
@@ -193,7 +200,9 @@ def frechet_distance(mu1: ArrayLike, cov1: ArrayLike, mu2: ArrayLike, cov2: Arra
     mu1, mu2, cov1, cov2 = _f64(mu1), _f64(mu2), _f64(cov1), _f64(cov2)
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, cov {tuple(cov1.shape)}/{tuple(cov2.shape)}")
+        raise ValueError(
+            f"shape mismatch: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, cov {tuple(cov1.shape)}/{tuple(cov2.shape)}"
+        )
     s1 = sqrtm_psd(cov1)
     m = s1 @ cov2 @ s1
     tr_covmean = _psd_eigs(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()
@@ -213,7 +222,7 @@ def resize_frames(videos: torch.Tensor, resolution: int = RESOLUTION) -> torch.T
         size = (resolution, math.ceil(w * scale)) if h <= w else (math.ceil(h * scale), resolution)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        x = x[:, :, top:top + resolution, left:left + resolution]
+        x = x[:, :, top : top + resolution, left : left + resolution]
         videos = x.reshape(b, f, c, resolution, resolution).transpose(1, 2)
     return videos.contiguous()
 
@@ -234,8 +243,9 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
 
 VARIANTS: dict[str, _Variant] = {
     "videogpt": _Variant(ddof=1, load=lambda p: I3D.from_checkpoint(p), call=lambda net, x: net(x)),
-    "styleganv": _Variant(ddof=0, load=_load_torchscript,
-                          call=lambda net, x: net(x, rescale=False, resize=False, return_features=True)),
+    "styleganv": _Variant(
+        ddof=0, load=_load_torchscript, call=lambda net, x: net(x, rescale=False, resize=False, return_features=True)
+    ),
 }
 WEIGHT_FILES = {"videogpt": "i3d_pretrained_400.pt", "styleganv": "i3d_torchscript.pt"}
 
@@ -278,12 +288,22 @@ class FVD:
         batch_size: at most this many clips per network pass (None: the whole batch).
     """
 
-    def __init__(self, net: torch.nn.Module, variant: str, *, weights_sha256: str, resolution: int = RESOLUTION,
-                 feature_dim: int = 400, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        variant: str,
+        *,
+        weights_sha256: str,
+        resolution: int = RESOLUTION,
+        feature_dim: int = 400,
+        batch_size: int | None = None,
+    ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown FVD variant {variant!r} (choose from {', '.join(VARIANTS)})")
         if resolution < 1 or feature_dim < 1 or (batch_size is not None and batch_size < 1):
-            raise ValueError(f"invalid FVD settings: resolution={resolution}, feature_dim={feature_dim}, batch_size={batch_size}")
+            raise ValueError(
+                f"invalid FVD settings: resolution={resolution}, feature_dim={feature_dim}, batch_size={batch_size}"
+            )
         self.net, self.variant, self.weights_sha256 = net.eval(), variant, weights_sha256
         self.resolution, self.feature_dim, self.batch_size = resolution, feature_dim, batch_size
         self.ddof = VARIANTS[variant].ddof
@@ -326,9 +346,11 @@ class FVD:
         x = resize_frames(videos.to(self.device, torch.float32).clamp(-1, 1), self.resolution)
         step = self.batch_size or x.shape[0]
         call = VARIANTS[self.variant].call
-        out = torch.cat([call(self.net, x[i:i + step]).float() for i in range(0, x.shape[0], step)])
+        out = torch.cat([call(self.net, x[i : i + step]).float() for i in range(0, x.shape[0], step)])
         if out.shape != (x.shape[0], self.feature_dim):
-            raise ValueError(f"{self.variant} network returned {tuple(out.shape)}, expected ({x.shape[0]}, {self.feature_dim})")
+            raise ValueError(
+                f"{self.variant} network returned {tuple(out.shape)}, expected ({x.shape[0]}, {self.feature_dim})"
+            )
         return out
 
     def new_stats(self) -> FeatureStats:
@@ -344,9 +366,26 @@ class FVD:
             if s.meta != self.meta:
                 raise ValueError(f"statistics made with {s.meta}, this FVD is {self.meta}")
         value = frechet_distance(real.mean(), real.cov(self.ddof), fake.mean(), fake.cov(self.ddof))
-        return FVDResult(fvd=value, variant=self.variant, weights_sha256=self.weights_sha256, resolution=self.resolution,
-                         feature_dim=self.feature_dim, n_real=real.count, n_fake=fake.count)
+        return FVDResult(
+            fvd=value,
+            variant=self.variant,
+            weights_sha256=self.weights_sha256,
+            resolution=self.resolution,
+            feature_dim=self.feature_dim,
+            n_real=real.count,
+            n_fake=fake.count,
+        )
 
 
-__all__ = ["FVD", "FVDResult", "FeatureStats", "RESOLUTION", "VARIANTS", "WEIGHT_FILES", "file_sha256",
-           "frechet_distance", "resize_frames", "sqrtm_psd"]
+__all__ = [
+    "FVD",
+    "FVDResult",
+    "FeatureStats",
+    "RESOLUTION",
+    "VARIANTS",
+    "WEIGHT_FILES",
+    "file_sha256",
+    "frechet_distance",
+    "resize_frames",
+    "sqrtm_psd",
+]

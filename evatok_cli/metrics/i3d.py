@@ -63,8 +63,16 @@ class SamePadMaxPool3d(nn.Module):
 class Unit3D(nn.Module):
     """Conv3d (same padding, no bias) -> BatchNorm3d -> ReLU; the logits unit has a bias and neither."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: Triple = (1, 1, 1), stride: Triple = (1, 1, 1), *,
-                 eps: float = 1e-5, bn_relu: bool = True) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: Triple = (1, 1, 1),
+        stride: Triple = (1, 1, 1),
+        *,
+        eps: float = 1e-5,
+        bn_relu: bool = True,
+    ) -> None:
         super().__init__()
         self.kernel, self.stride, self.bn_relu = kernel, stride, bn_relu
         self.conv3d = nn.Conv3d(c_in, c_out, kernel, stride, padding=0, bias=not bn_relu)

@@ -82,11 +82,18 @@ class AlexNetFeatures(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 64, 11, stride=4, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(3, 2),
         )
 
@@ -213,14 +220,17 @@ class LPIPS(nn.Module):
         if backbone is None:
             raise FileNotFoundError(
                 f"{what}: no weights given; pass backbone=PATH to torchvision's {BACKBONE_FILES[self.net]} "
-                "(weights cannot be downloaded)")
+                "(weights cannot be downloaded)"
+            )
         src = "<state dict>"
         if not isinstance(backbone, Mapping):
             src, backbone = str(backbone), _read_state(backbone, f"{what} weights ({BACKBONE_FILES[self.net]})")
         feats = {k: v for k, v in backbone.items() if k.startswith("features.")}
         if not feats:
-            raise ValueError(f"{what} weights {src} hold no 'features.*' keys (expected a torchvision "
-                             f"{BACKBONE_FILES[self.net]} state dict)")
+            raise ValueError(
+                f"{what} weights {src} hold no 'features.*' keys (expected a torchvision "
+                f"{BACKBONE_FILES[self.net]} state dict)"
+            )
         _load_strict(self.backbone, feats, f"{what} weights {src}")
         return src
 
@@ -231,7 +241,8 @@ class LPIPS(nn.Module):
             if found is None:
                 raise FileNotFoundError(
                     f"{what}: no path given and no installed `lpips` package holds weights/v0.1/{HEAD_FILES[self.net]}; "
-                    f"pass heads=PATH to that file")
+                    f"pass heads=PATH to that file"
+                )
             heads = found
         src = "<state dict>"
         if not isinstance(heads, Mapping):
@@ -254,8 +265,7 @@ class LPIPS(nn.Module):
                 backbone[k] = torch.randn(v.shape, generator=g) * (2.0 / fan_in) ** 0.5
             else:
                 backbone[k] = torch.randn(v.shape, generator=g) * 0.01
-        heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-                 for i, c in enumerate(shapes.channels)}
+        heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(shapes.channels)}
         model = cls(net, backbone=backbone, heads=heads, **kwargs)
         model.sources = {"backbone": f"random(seed={seed})", "heads": f"random(seed={seed})"}
         return model
@@ -269,7 +279,9 @@ class LPIPS(nn.Module):
     def images(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) x 2 in [-1, 1] -> (N,) LPIPS distances (differentiable wrt both)."""
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected two (N, 3, H, W) images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"expected two (N, 3, H, W) images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         h, w = x.shape[-2:]
         if min(h, w) < MIN_SIZE:
             size = (max(MIN_SIZE, round(h * MIN_SIZE / min(h, w))), max(MIN_SIZE, round(w * MIN_SIZE / min(h, w))))
@@ -289,12 +301,14 @@ class LPIPS(nn.Module):
     def frames(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, H, W) x 2 in [-1, 1] -> (B, F) per-frame LPIPS (differentiable)."""
         if recon.shape != target.shape or recon.dim() != 5:
-            raise ValueError(f"expected two (B, 3, F, H, W) videos of one shape, got {tuple(recon.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"expected two (B, 3, F, H, W) videos of one shape, got {tuple(recon.shape)} and {tuple(target.shape)}"
+            )
         b, c, f, h, w = recon.shape
         x = recon.transpose(1, 2).reshape(b * f, c, h, w)  # (B*F, 3, H, W)
         y = target.transpose(1, 2).reshape(b * f, c, h, w)
         step = self.chunk_size or x.shape[0]
-        vals = [self.images(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step)]
+        vals = [self.images(x[i : i + step], y[i : i + step]) for i in range(0, x.shape[0], step)]
         return torch.cat(vals).view(b, f)
 
     # -- the two uses --------------------------------------------------------------------------

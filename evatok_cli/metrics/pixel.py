@@ -42,7 +42,9 @@ def psnr_frames(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if recon.shape != target.shape:
         raise ValueError(f"shape mismatch: {tuple(recon.shape)} vs {tuple(target.shape)}")
     mse = (_to_unit(recon) - _to_unit(target)).pow(2).mean(dim=(1, 3, 4))
-    return torch.where(mse > 0, -10.0 * torch.log10(mse.clamp_min(1e-30)), torch.full_like(mse, PSNR_CAP)).clamp(max=PSNR_CAP)
+    return torch.where(mse > 0, -10.0 * torch.log10(mse.clamp_min(1e-30)), torch.full_like(mse, PSNR_CAP)).clamp(
+        max=PSNR_CAP
+    )
 
 
 def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:

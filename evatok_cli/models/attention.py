@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evatok_kernels.flex import flex_attention_dense, flex_available
+
 
 # ------------------------------------------------------------------------------------ layouts
 def packed_layout(block_lengths: Tensor, max_len: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,7 +151,6 @@ def use_flex(q: Tensor) -> bool:
     mode = attention_backend()
     if mode == "sdpa" or (mode == "auto" and not q.is_cuda):
         return False
-    from evatok_kernels.flex import flex_available
 
     if mode == "flex" and not flex_available():
         raise RuntimeError(f"{ATTENTION_ENV}=flex but this torch has no torch.nn.attention.flex_attention")
@@ -188,8 +189,6 @@ class Attention(nn.Module):
         B, Lq, D = x.shape
         q = self._split(self.q(x))
         if mask is not None and mask.dtype == torch.bool and use_flex(q):
-            from evatok_kernels.flex import flex_attention_dense  # lazy: optional CUDA path
-
             out = flex_attention_dense(q, k, v, mask)  # same result, block-sparse (docs/kernels.md)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, dh)

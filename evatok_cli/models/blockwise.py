@@ -17,13 +17,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from evatok_cli.models.tokenizer import EVATokTokenizer
 
 S = TypeVar("S")
 
@@ -47,9 +44,7 @@ def _narrowed(state: S, start: int, length: int, shared: tuple[str, ...]) -> S:
 
 
 def _repeat_index(n: int, repeats: int | Tensor, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device).repeat_interleave(
-        repeats if isinstance(repeats, int) else repeats.to(device)
-    )
+    return torch.arange(n, device=device).repeat_interleave(repeats if isinstance(repeats, int) else repeats.to(device))
 
 
 # Caches are tuples with one tensor per layer: a block step concatenates each layer's cache with the
@@ -164,6 +159,21 @@ class PrefixState:
         return PrefixState(self.enc.repeat_interleave(repeats), self.dec.repeat_interleave(repeats))
 
 
+class BlockwiseModel(Protocol):
+    """What :class:`BlockwiseCodec` needs of a tokenizer (``EVATokTokenizer`` has it): its block steps.
+
+    A protocol, not the class, so that the tokenizer (which builds these states) and this module
+    do not import each other.
+    """
+
+    def encode_prefix_init(self, video: Tensor) -> EncoderState: ...
+    def decode_prefix_init(self, batch: int) -> DecoderState: ...
+    def encode_block(self, state: EncoderState, k: Tensor | int) -> tuple[EncoderState, Tensor]: ...
+    def decode_block(self, state: DecoderState, tokens: Tensor, k: Tensor | int) -> tuple[DecoderState, Tensor]: ...
+    def encode_block_levels(self, state: EncoderState, levels: Tensor | tuple[int, ...]) -> Tensor: ...
+    def decode_block_levels(self, state: DecoderState, tokens: Tensor, levels: Tensor | tuple[int, ...]) -> Tensor: ...
+
+
 class BlockwiseCodec:
     """Encode-then-decode one block at a time; what the exact prefix-tree search drives.
 
@@ -176,7 +186,7 @@ class BlockwiseCodec:
         state, tokens, pixels = codec.step(state, k)    # pixels: (B*m, 3, pt, H, W)
     """
 
-    def __init__(self, model: EVATokTokenizer) -> None:
+    def __init__(self, model: BlockwiseModel) -> None:
         self.model = model
 
     @torch.no_grad()

@@ -90,4 +90,6 @@ DISCRIMINATOR_PRESETS: dict[str, dict] = {
 
 def discriminator_for(preset: str, frames: int, height: int, width: int) -> PatchDiscriminator:
     """The discriminator preset matching a tokenizer preset's clip geometry."""
-    return PatchDiscriminator(DiscriminatorConfig(frames=frames, height=height, width=width, **DISCRIMINATOR_PRESETS[preset]))
+    return PatchDiscriminator(
+        DiscriminatorConfig(frames=frames, height=height, width=width, **DISCRIMINATOR_PRESETS[preset])
+    )

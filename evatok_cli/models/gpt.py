@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evatok_cli.checkpoint import load_model, register_model_kind, save_model
 from evatok_cli.models.kv_cache import KVCache
+from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
 
 IGNORE_INDEX = -100
 
@@ -304,7 +304,13 @@ class Attention(nn.Module):
         return self._attend(q, k, v, is_causal=True)
 
     def cached(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attention of the new positions [cache.pos, cache.pos + L) over everything cached so far."""
         q, k, v = self._qkv(x, cos, sin)
@@ -343,7 +349,7 @@ class Block(nn.Module):
 # ------------------------------------------------------------------------------------------- model
 @register_model_kind("gpt", GPTConfig)
 class GPT(nn.Module):
-    """Class-conditional AR model over EVATok sequences; sampling lives in ``evatok_cli.generate``."""
+    """Class-conditional AR model over EVATok sequences; sampling lives in ``evatok_cli.sampling``."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -364,7 +370,9 @@ class GPT(nn.Module):
         """Distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced pass over right-padded sequences.
 
         Args:
@@ -395,7 +403,13 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         cfg = self.config
         return KVCache(
-            cfg.depth, batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, dtype=w.dtype, device=w.device
+            cfg.depth,
+            batch_size,
+            cfg.kv_heads,
+            max_len or cfg.max_seq_len,
+            cfg.head_dim,
+            dtype=w.dtype,
+            device=w.device,
         )
 
     def _cached_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -439,7 +453,9 @@ class GPT(nn.Module):
 def _preset(**arch) -> Callable[..., GPTConfig]:
     def make(*, codebook_size: int, levels: Sequence[int], blocks: int, num_classes: int, **overrides) -> GPTConfig:
         fields = {**arch, **overrides}
-        return GPTConfig(codebook_size=codebook_size, levels=tuple(levels), blocks=blocks, num_classes=num_classes, **fields)
+        return GPTConfig(
+            codebook_size=codebook_size, levels=tuple(levels), blocks=blocks, num_classes=num_classes, **fields
+        )
 
     return make
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.checkpoint import load_model, register_model_kind, save_model
+from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
 from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, init_linear, patchify
 
 HEADS = ("classify", "reward")
@@ -77,8 +77,18 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
-        for name in ("frames", "height", "width", "temporal_patch", "spatial_patch", "input_downsample", "dim", "depth",
-                     "heads", "blocks"):
+        for name in (
+            "frames",
+            "height",
+            "width",
+            "temporal_patch",
+            "spatial_patch",
+            "input_downsample",
+            "dim",
+            "depth",
+            "heads",
+            "blocks",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"RouterConfig.{name} must be a positive int, got {v!r}")
@@ -86,8 +96,10 @@ class RouterConfig:
             raise ValueError(f"frames={self.frames} is not a multiple of temporal_patch={self.temporal_patch}")
         cell = self.spatial_patch * self.input_downsample
         if self.height % cell or self.width % cell:
-            raise ValueError(f"height/width {self.height}x{self.width} not multiples of spatial_patch * input_downsample"
-                             f" = {self.spatial_patch} * {self.input_downsample}")
+            raise ValueError(
+                f"height/width {self.height}x{self.width} not multiples of spatial_patch * input_downsample"
+                f" = {self.spatial_patch} * {self.input_downsample}"
+            )
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
         if self.mlp_ratio <= 0:
@@ -177,11 +189,18 @@ class Router(nn.Module):
         return self(video).float()
 
     # ------------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | Path, *, preset: str | None = None, ema: nn.Module | dict[str, Tensor] | None = None,
-                        extra: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        path: str | Path,
+        *,
+        preset: str | None = None,
+        ema: nn.Module | dict[str, Tensor] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
         """Write a model directory (config.json + model.safetensors [+ ema.safetensors]) of kind ``router``."""
-        return save_model(path, self, self.config, kind="router", preset=preset or getattr(self, "preset", None),
-                          ema=ema, extra=extra)
+        return save_model(
+            path, self, self.config, kind="router", preset=preset or getattr(self, "preset", None), ema=ema, extra=extra
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> Router:
@@ -196,11 +215,31 @@ class Router(nn.Module):
 # Architectures; the clip geometry and the space are replaced by those of the labels store.
 ROUTER_PRESETS: dict[str, RouterConfig] = {
     # the tiny tokenizer's 8x32x32 clips, levels {1..16}: 2x16x16 patches (4 per block) -> 16 tokens; 0.1M params.
-    "tiny": RouterConfig(frames=8, height=32, width=32, temporal_patch=2, spatial_patch=16, dim=32, depth=2, heads=2,
-                         levels=(1, 2, 4, 8, 16), blocks=4),
+    "tiny": RouterConfig(
+        frames=8,
+        height=32,
+        width=32,
+        temporal_patch=2,
+        spatial_patch=16,
+        dim=32,
+        depth=2,
+        heads=2,
+        levels=(1, 2, 4, 8, 16),
+        blocks=4,
+    ),
     # the small tokenizer's 16x64x64 clips, levels {8..128}: 4x16x16 patches (one per block) -> 64 tokens; 0.8M params.
-    "small": RouterConfig(frames=16, height=64, width=64, temporal_patch=4, spatial_patch=16, dim=96, depth=4, heads=2,
-                          levels=(8, 16, 32, 64, 128), blocks=4),
+    "small": RouterConfig(
+        frames=16,
+        height=64,
+        width=64,
+        temporal_patch=4,
+        spatial_patch=16,
+        dim=96,
+        depth=4,
+        heads=2,
+        levels=(8, 16, 32, 64, 128),
+        blocks=4,
+    ),
     # ViT-S (PAPER §4: "19.9M"): 16x128x128 pooled 4x to 16x32x32, 4x8x8 patches -> 64 tokens, 625 classes: 21.8M
     # (a dim-384 depth-12 ViT body alone is 21.3M; coarser patches would push the embedding past +10%, so the
     # pooling, not the patch size, brings the forward under 10% of an encode; docs/pipeline.md "Router").

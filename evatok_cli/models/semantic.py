@@ -49,16 +49,18 @@ Grid = tuple[int, int, int]
 class AlignmentProjector(nn.Module):
     """phi: decoder features (B, T, h, w, D_dec) -> (B, t', h', w', D_teacher)."""
 
-    def __init__(self, dec_width: int, teacher_dim: int, dec_grid: Grid, teacher_grid: Grid,
-                 hidden: int | None = None) -> None:
+    def __init__(
+        self, dec_width: int, teacher_dim: int, dec_grid: Grid, teacher_grid: Grid, hidden: int | None = None
+    ) -> None:
         super().__init__()
         self.dec_grid, self.teacher_grid, self.teacher_dim = tuple(dec_grid), tuple(teacher_grid), teacher_dim
         exact = all(t % d == 0 for t, d in zip(teacher_grid, dec_grid))
         self.ratio: Grid | None = tuple(t // d for t, d in zip(teacher_grid, dec_grid)) if exact else None  # type: ignore[assignment]
         out = teacher_dim * (math.prod(self.ratio) if self.ratio else 1)
         hidden = hidden or 2 * max(dec_width, teacher_dim)
-        self.mlp = nn.Sequential(nn.Linear(dec_width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, out))
+        self.mlp = nn.Sequential(
+            nn.Linear(dec_width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, T, h, w, _ = x.shape
@@ -93,8 +95,9 @@ class AlignmentHook(nn.Module):
         hidden: phi's hidden width (default ``2 * max(dec_width, teacher dim)``).
     """
 
-    def __init__(self, teacher: VideoTeacher, dec_width: int, dec_grid: Grid, frames: int,
-                 hidden: int | None = None) -> None:
+    def __init__(
+        self, teacher: VideoTeacher, dec_width: int, dec_grid: Grid, frames: int, hidden: int | None = None
+    ) -> None:
         super().__init__()
         self.teacher = teacher
         self.proj = AlignmentProjector(dec_width, teacher.hidden_size, dec_grid, teacher.grid(frames), hidden)
@@ -151,8 +154,14 @@ class SemanticDiscriminator(nn.Module):
         lecam_decay: EMA decay of the mean real/fake logits used by :meth:`lecam`.
     """
 
-    def __init__(self, teacher: VideoTeacher, layers: Sequence[int] | None = None, channels: int = 64,
-                 kernel: int = 9, lecam_decay: float = 0.99) -> None:
+    def __init__(
+        self,
+        teacher: VideoTeacher,
+        layers: Sequence[int] | None = None,
+        channels: int = 64,
+        kernel: int = 9,
+        lecam_decay: float = 0.99,
+    ) -> None:
         super().__init__()
         self.teacher = teacher
         self.layers = tuple(layers) if layers else default_disc_layers(teacher.num_layers)

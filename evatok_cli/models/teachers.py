@@ -45,7 +45,12 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 
 
@@ -57,7 +62,9 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise TeacherError("the V-JEPA2/VideoMAE teachers need the transformers package: pip install evatok[semantic]") from e
+        raise TeacherError(
+            "the V-JEPA2/VideoMAE teachers need the transformers package: pip install evatok[semantic]"
+        ) from e
     return transformers
 
 
@@ -141,8 +148,9 @@ class VideoTeacher(abc.ABC):
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x.transpose(1, 2).contiguous()  # (B, F', 3, S, S)
 
-    def __call__(self, video: torch.Tensor, *, layers: Sequence[int] | None = None,
-                 grad: bool = False) -> list[torch.Tensor]:
+    def __call__(
+        self, video: torch.Tensor, *, layers: Sequence[int] | None = None, grad: bool = False
+    ) -> list[torch.Tensor]:
         """Patch features of a clip.
 
         Args:
@@ -259,7 +267,9 @@ def load_teacher(path: str | Path, kind: str, *, device: torch.device | str | No
     what = f"{cls.title} teacher"
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise TeacherError(f"{what}: {path} is not a directory (give a local transformers model directory: config.json + weights)")
+        raise TeacherError(
+            f"{what}: {path} is not a directory (give a local transformers model directory: config.json + weights)"
+        )
     if not (path / "config.json").is_file():
         raise TeacherError(f"{what}: {path} has no config.json (not a transformers model directory)")
     model_type = _read_json(path / "config.json", what).get("model_type")
@@ -270,14 +280,17 @@ def load_teacher(path: str | Path, kind: str, *, device: torch.device | str | No
     mean, std = _mean_std(path, what)
     model_cls = getattr(_transformers(), cls.model_class)
     try:
-        model, info = model_cls.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
-                                                output_loading_info=True)
+        model, info = model_cls.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherError(f"{what}: cannot load {path}: {first}") from e
     missing = list(info.get("missing_keys", ())) + [k for k, *_ in info.get("mismatched_keys", ())]
     if missing:
         # a teacher with freshly initialised weights would silently teach noise
-        raise TeacherError(f"{what}: {path} lacks {len(missing)} weights (e.g. {missing[0]}): wrong or partial checkpoint")
+        raise TeacherError(
+            f"{what}: {path} lacks {len(missing)} weights (e.g. {missing[0]}): wrong or partial checkpoint"
+        )
     teacher = cls(model, path, mean, std)
     return teacher.to(device) if device is not None else teacher

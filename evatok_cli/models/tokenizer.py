@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.checkpoint import load_model, register_model_kind, save_model
 from evatok_cli.models.attention import (
     additive_mask,
     block_causal_mask,
@@ -37,6 +36,7 @@ from evatok_cli.models.attention import (
     patch_block_ids,
 )
 from evatok_cli.models.blockwise import DecoderState, EncoderState
+from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
 from evatok_cli.models.qformer import (
     PatchLayer,
     PosEmbed3D,
@@ -81,9 +81,22 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
         pt, ps = self.temporal_patch, self.spatial_patch
-        for name in ("frames", "height", "width", "temporal_patch", "spatial_patch", "enc_width", "enc_heads",
-                     "enc_depth", "dec_width", "dec_heads", "dec_depth", "codebook_size", "code_dim",
-                     "nearest_chunk"):
+        for name in (
+            "frames",
+            "height",
+            "width",
+            "temporal_patch",
+            "spatial_patch",
+            "enc_width",
+            "enc_heads",
+            "enc_depth",
+            "dec_width",
+            "dec_heads",
+            "dec_depth",
+            "codebook_size",
+            "code_dim",
+            "nearest_chunk",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TokenizerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.frames % pt:
@@ -162,8 +175,13 @@ class EVATokTokenizer(nn.Module):
         self.enc_layers = nn.ModuleList(QFormerLayer(De, c.enc_heads, De, c.mlp_ratio) for _ in range(c.enc_depth))
         self.enc_norm = nn.LayerNorm(De)
         self.quant_in = nn.Linear(De, c.code_dim)
-        self.quantizer = VectorQuantizer(c.codebook_size, c.code_dim, beta=c.commit_beta,
-                                         entropy_temperature=c.entropy_temperature, chunk_size=c.nearest_chunk)
+        self.quantizer = VectorQuantizer(
+            c.codebook_size,
+            c.code_dim,
+            beta=c.commit_beta,
+            entropy_temperature=c.entropy_temperature,
+            chunk_size=c.nearest_chunk,
+        )
         self.token_proj = nn.Linear(c.code_dim, Dd)
         self.token_embed = nn.Parameter(torch.randn(n_rows, Dd) * 0.02)
         self.token_block_embed = nn.Parameter(torch.randn(T, Dd) * 0.02)
@@ -172,8 +190,9 @@ class EVATokTokenizer(nn.Module):
         self.dec_layers = nn.ModuleList(QFormerLayer(Dd, c.dec_heads, Dd, c.mlp_ratio) for _ in range(c.dec_depth))
         # One learned scalar per decoder layer: extra attention logit from a 3D query to the tokens of
         # its own block whose pooling cell covers its position (docs/tokenizer.md, "locality bias").
-        self.dec_local_bias = (nn.Parameter(torch.full((c.dec_depth,), float(c.dec_locality_bias)))
-                               if c.dec_locality_bias > 0 else None)
+        self.dec_local_bias = (
+            nn.Parameter(torch.full((c.dec_depth,), float(c.dec_locality_bias))) if c.dec_locality_bias > 0 else None
+        )
         self.dec_norm = nn.LayerNorm(Dd)
         self.to_pixels = nn.Linear(Dd, c.patch_dim)
         # Derived constants (not saved): pooling rows of every (level, index) and level -> row offset.
@@ -338,8 +357,16 @@ class EVATokTokenizer(nn.Module):
         C, dev = ref.shape[0], ref.device
         empty = tuple(k[:, :, :0] for k, _ in kv)
         ids = torch.zeros(C, 0, dtype=torch.long, device=dev)
-        return EncoderState(ref, tuple(k for k, _ in kv), tuple(v for _, v in kv), torch.arange(C, device=dev),
-                            empty, empty, ids.bool(), ids)
+        return EncoderState(
+            ref,
+            tuple(k for k, _ in kv),
+            tuple(v for _, v in kv),
+            torch.arange(C, device=dev),
+            empty,
+            empty,
+            ids.bool(),
+            ids,
+        )
 
     def _block_k(self, k: Tensor | int, batch: int) -> Tensor:
         k = torch.full((batch,), int(k)) if isinstance(k, int) else torch.as_tensor(k)
@@ -365,8 +392,9 @@ class EVATokTokenizer(nn.Module):
         z, caches = self._encode_step(state, rows, None if bool(kv_valid.all()) else kv_valid[:, None, None, :], True)
         tokens = self.quantizer.quantize(z).masked_fill(~q_valid, -1)
         ks, vs = zip(*caches)
-        new = dataclasses.replace(state, self_k=ks, self_v=vs, valid=kv_valid,
-                                  block_lengths=torch.cat([state.block_lengths, k[:, None]], 1))
+        new = dataclasses.replace(
+            state, self_k=ks, self_v=vs, valid=kv_valid, block_lengths=torch.cat([state.block_lengths, k[:, None]], 1)
+        )
         return new, tokens
 
     def _level_rows(self, levels: Tensor) -> tuple[Tensor, Tensor]:
@@ -393,8 +421,9 @@ class EVATokTokenizer(nn.Module):
         mask = torch.cat([state.valid[:, None, :].expand(B, Q, -1), own], 2)[:, None]  # (B, 1, Q, L + Q)
         return self.quantizer.quantize(self._encode_step(state, rows, mask, False)[0])
 
-    def _encode_step(self, state: EncoderState, rows: Tensor, self_mask: Tensor | None,
-                     keep: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def _encode_step(
+        self, state: EncoderState, rows: Tensor, self_mask: Tensor | None, keep: bool
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Queries ``rows`` ((B, Lq) or (Lq,)) of block ``state.t`` -> ((B, Lq, code_dim), then per layer
         the new cache (keys, values) when ``keep``, else [])."""
         c, t, n, B = self.config, state.t, self.config.patches_per_block, len(state)
@@ -443,9 +472,16 @@ class EVATokTokenizer(nn.Module):
         local = torch.cat([cover.new_zeros(B, n, state.tok_valid.shape[1]), cover], 2)[:, None]  # (B, 1, n, L)
         if self.dec_local_bias is None and bool(tok_valid.all()):
             allowed = None
-        x, caches = self._decode_step(state, tokens[:, :kmax].masked_fill(~t_valid, 0), rows,
-                                                  torch.zeros(B, 1, dtype=torch.long, device=k.device), None,
-                                                  allowed, local, True)
+        x, caches = self._decode_step(
+            state,
+            tokens[:, :kmax].masked_fill(~t_valid, 0),
+            rows,
+            torch.zeros(B, 1, dtype=torch.long, device=k.device),
+            None,
+            allowed,
+            local,
+            True,
+        )
         sks, svs, tks, tvs = zip(*caches)
         new = DecoderState(sks, svs, tks, tvs, tok_valid, torch.cat([state.block_lengths, k[:, None]], 1))
         return new, x[:, 0]
@@ -473,9 +509,17 @@ class EVATokTokenizer(nn.Module):
         first = (levels.cumsum(0) - levels)[None].expand(B, -1)  # (B, m) each child's first token
         return self._decode_step(state, tokens, rows, first, self_mask, allowed, local, False)[0]
 
-    def _decode_step(self, state: DecoderState, ids: Tensor, rows: Tensor, first: Tensor, self_mask: Tensor | None,
-                     allowed: Tensor | None, local: Tensor,
-                     keep: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]]:
+    def _decode_step(
+        self,
+        state: DecoderState,
+        ids: Tensor,
+        rows: Tensor,
+        first: Tensor,
+        self_mask: Tensor | None,
+        allowed: Tensor | None,
+        local: Tensor,
+        keep: bool,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]]:
         """Block ``state.t`` of c children per branch, each seeded by its token ``first`` ((B, c)).
 
         Args:
@@ -510,15 +554,18 @@ class EVATokTokenizer(nn.Module):
         return pixels.reshape(B, c, *pixels.shape[1:]), caches
 
     # ------------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | Path, *, preset: str | None = None,
-                        ema: nn.Module | dict[str, Tensor] | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | Path, *, preset: str | None = None, ema: nn.Module | dict[str, Tensor] | None = None
+    ) -> Path:
         """Write a model directory (config.json + model.safetensors [+ ema.safetensors])."""
-        return save_model(path, self, self.config, kind="tokenizer", preset=preset or getattr(self, "preset", None),
-                          ema=ema)
+        return save_model(
+            path, self, self.config, kind="tokenizer", preset=preset or getattr(self, "preset", None), ema=ema
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, ema: bool = True,
-                        map_location: str | torch.device = "cpu") -> EVATokTokenizer:
+    def from_pretrained(
+        cls, path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu"
+    ) -> EVATokTokenizer:
         """Load a model directory written by :meth:`save_pretrained` (EMA weights when present)."""
         model = load_model(path, kind="tokenizer", ema=ema, map_location=map_location)
         if not isinstance(model, cls):
@@ -530,15 +577,42 @@ class EVATokTokenizer(nn.Module):
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     # 8x32x32 clips, pt=2: 4 blocks of 4x4 patches, 5^4 = 625 assignments; a CPU step in ~10s of ms.
     "tiny": TokenizerConfig(
-        frames=8, height=32, width=32, temporal_patch=2, spatial_patch=8, levels=(1, 2, 4, 8, 16),
-        enc_width=64, enc_heads=4, patch_depth=1, enc_depth=2, dec_width=96, dec_heads=4, dec_depth=2,
-        codebook_size=1024, code_dim=8, pos_embed="learned", dec_feature_layer=1,
+        frames=8,
+        height=32,
+        width=32,
+        temporal_patch=2,
+        spatial_patch=8,
+        levels=(1, 2, 4, 8, 16),
+        enc_width=64,
+        enc_heads=4,
+        patch_depth=1,
+        enc_depth=2,
+        dec_width=96,
+        dec_heads=4,
+        dec_depth=2,
+        codebook_size=1024,
+        code_dim=8,
+        pos_embed="learned",
+        dec_feature_layer=1,
     ),
     # 16x64x64 clips, pt=4: 4 blocks of 8x8 patches; a few M parameters.
     "small": TokenizerConfig(
-        frames=16, height=64, width=64, temporal_patch=4, spatial_patch=8, levels=(8, 16, 32, 64, 128),
-        enc_width=160, enc_heads=4, patch_depth=2, enc_depth=4, dec_width=192, dec_heads=6, dec_depth=6,
-        codebook_size=8192, code_dim=8, dec_feature_layer=3,
+        frames=16,
+        height=64,
+        width=64,
+        temporal_patch=4,
+        spatial_patch=8,
+        levels=(8, 16, 32, 64, 128),
+        enc_width=160,
+        enc_heads=4,
+        patch_depth=2,
+        enc_depth=4,
+        dec_width=192,
+        dec_heads=6,
+        dec_depth=6,
+        codebook_size=8192,
+        code_dim=8,
+        dec_feature_layer=3,
     ),
     # The paper's S-B tokenizer: 16x128x128, 4x16x16 patches, 145M parameters.
     "paper": TokenizerConfig(),

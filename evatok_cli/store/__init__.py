@@ -25,7 +25,6 @@ from evatok_cli.store.common import (
     StoreError,
     StoreReader,
     StoreWriter,
-    sample_key,
     token_dtype,
 )
 
@@ -43,7 +42,6 @@ __all__ = [
     "is_store",
     "open_store",
     "open_writer",
-    "sample_key",
     "token_dtype",
 ]
 

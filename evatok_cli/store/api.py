@@ -23,7 +23,7 @@ Format = Literal["zarr", "wds"]
 
 
 def detect_format(path: str | Path) -> Format | None:
-    """"zarr" or "wds" when ``path`` holds a (possibly unfinished) evatok store, else None."""
+    """ "zarr" or "wds" when ``path`` holds a (possibly unfinished) evatok store, else None."""
     path = Path(path)
     if not path.is_dir():
         return None

@@ -6,7 +6,6 @@ Nothing here imports torch, models, video code or the CLI (rule: stores never im
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ class Sample:
     """One clip's tokens and metadata: a row of a token store.
 
     Args:
-        key: unique, stable sample id; no dots, slashes or whitespace (see :func:`sample_key`).
+        key: unique, stable sample id; no dots, slashes or whitespace (see :func:`evatok_cli.video.clip_key`).
         tokens: 1-D ints of length ``sum(block_lengths)``, in block order.
         block_lengths: (T,) tokens per temporal block, equal to the assignment's tuple.
         assignment: index of the assignment in the store's space (DESIGN §3).
@@ -64,18 +63,6 @@ class Sample:
     label: int = -1
     extra: dict[str, np.ndarray | float] = field(default_factory=dict)
     video: bytes | None = None
-
-
-def sample_key(source: str, clip_start: int) -> str:
-    """A valid, stable key for the clip of ``source`` starting at frame ``clip_start``.
-
-    The file stem (sanitised) keeps keys readable; 8 hex digits of the source's SHA-1 keep two
-    sources with the same stem apart.
-    """
-    stem = Path(str(source)).name.split(".")[0] or "clip"
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:100]
-    digest = hashlib.sha1(str(source).encode()).hexdigest()[:8]
-    return f"{stem}-{digest}-{int(clip_start):07d}"
 
 
 def check_key(key: str) -> None:

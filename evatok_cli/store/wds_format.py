@@ -310,9 +310,7 @@ def _load_npy(buf: bytes | memoryview) -> np.ndarray:
     return np.load(io.BytesIO(bytes(b)), allow_pickle=False)
 
 
-def _decode(
-    tar_path: Path, key: str, parts: dict[str, Any], dtype: np.dtype, extra_fields: dict[str, Any]
-) -> Sample:
+def _decode(tar_path: Path, key: str, parts: dict[str, Any], dtype: np.dtype, extra_fields: dict[str, Any]) -> Sample:
     try:
         tokens = _load_npy(parts["tokens.npy"])
         meta = json.loads(bytes(parts["json"]))

@@ -13,7 +13,6 @@ A step directory is a model directory (DESIGN §5: ``config.json``, ``model.safe
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,42 +20,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from evatok_cli.checkpoint import STATE_NAME, STEP_RE, latest_step_dir, resolve_model_dir, step_dir, valid_steps
 from evatok_cli.config import load_json, save_json
 
-STEP_RE = re.compile(r"^step-(\d{8})$")
-STATE_NAME = "state.json"
+__all__ = [
+    "STATE_NAME",
+    "TRAIN_STATE_NAME",
+    "latest_step_dir",
+    "load_rng",
+    "prune",
+    "read_state",
+    "remove_incomplete",
+    "resolve_model_dir",
+    "save_rng",
+    "step_dir",
+    "valid_steps",
+    "write_state",
+]
+
 TRAIN_STATE_NAME = "train_state.pt"
-
-
-def step_dir(out: Path, step: int) -> Path:
-    return Path(out) / f"step-{step:08d}"
-
-
-def valid_steps(out: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete step directory, ascending."""
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    found = []
-    for p in out.iterdir():
-        m = STEP_RE.match(p.name)
-        if m and (p / STATE_NAME).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_step_dir(out: Path) -> Path | None:
-    steps = valid_steps(out)
-    return steps[-1][1] if steps else None
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or a training output directory -> its latest complete step."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = latest_step_dir(path)
-    return latest if latest is not None else path
 
 
 def remove_incomplete(out: Path) -> None:

@@ -50,7 +50,11 @@ class RandomClipStream(Dataset):
                 self._bad.add(v)
                 log.warning("skipping training video: %s", e)
                 continue
-            return {"video": torch.from_numpy(np.ascontiguousarray(clip.frames)), "source": clip.source, "clip_start": clip.start}
+            return {
+                "video": torch.from_numpy(np.ascontiguousarray(clip.frames)),
+                "source": clip.source,
+                "clip_start": clip.start,
+            }
         raise VideoError(str(self.refs[0].source), f"no decodable training clip after {MAX_ATTEMPTS} attempts")
 
 

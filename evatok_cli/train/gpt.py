@@ -36,12 +36,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, drop_class, pad_batch
+from evatok_cli.checkpoint import latest_step_dir, read_model_meta
+from evatok_cli.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_sequence, drop_class, gpt_config, pad_batch
+from evatok_cli.runtime import process_group
 from evatok_cli.store import StoreReader, open_store
+from evatok_cli.train import loop
+from evatok_cli.train.data import StepSampler
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
-from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import wsd
+from evatok_cli.train.task import ModelTask
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +166,10 @@ def open_token_stores(paths: Sequence[str | Path]) -> TokenStores:
         f = facts(r)
         for k in ref:
             if f[k] != ref[k]:
-                raise ValueError(f"{p}: its {k} ({f[k]!r}) differs from {paths[0]}'s ({ref[k]!r}); "
-                                 "train on stores written by one tokenizer with one label mapping")
+                raise ValueError(
+                    f"{p}: its {k} ({f[k]!r}) differs from {paths[0]}'s ({ref[k]!r}); "
+                    "train on stores written by one tokenizer with one label mapping"
+                )
     for p, r in zip(paths, readers):
         if len(r) == 0:
             raise ValueError(f"{p}: the store holds no samples")
@@ -213,26 +219,39 @@ class SequenceStream(Dataset):
         sample = self.data.readers()[s][row]
         tokens = torch.from_numpy(np.asarray(sample.tokens).astype(np.int64))
         label = int(sample.label)
-        seq = build_sequence(tokens, np.asarray(sample.block_lengths).astype(np.int64), None if label < 0 else label, self.cfg)
+        seq = build_sequence(
+            tokens, np.asarray(sample.block_lengths).astype(np.int64), None if label < 0 else label, self.cfg
+        )
         return {"seq": seq, "tokens": int(tokens.numel())}
 
 
 def collate_sequences(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """``input_ids`` / ``targets`` (B, L) from :func:`pad_batch`, ``lengths`` (B,), ``tokens`` (B,)."""
     input_ids, targets, lengths = pad_batch([it["seq"] for it in items])
-    return {"input_ids": input_ids, "targets": targets, "lengths": lengths,
-            "tokens": torch.tensor([it["tokens"] for it in items], dtype=torch.long)}
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "lengths": lengths,
+        "tokens": torch.tensor([it["tokens"] for it in items], dtype=torch.long),
+    }
 
 
-def sequence_batches(stream: SequenceStream, *, local_batch: int, rank: int, world_size: int,
-                     workers: int = 0) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+def sequence_batches(
+    stream: SequenceStream, *, local_batch: int, rank: int, world_size: int, workers: int = 0
+) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
     """``batches(start_step)`` for :func:`evatok_cli.train.loop.run` (rank-sharded, step-indexed)."""
-    from evatok_cli.train.data import StepSampler
 
     def batches(start_step: int) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(DataLoader(stream, batch_size=local_batch, num_workers=workers, collate_fn=collate_sequences,
-                               sampler=StepSampler(start_step, local_batch, rank, world_size),
-                               prefetch_factor=4 if workers > 0 else None))
+        return iter(
+            DataLoader(
+                stream,
+                batch_size=local_batch,
+                num_workers=workers,
+                collate_fn=collate_sequences,
+                sampler=StepSampler(start_step, local_batch, rank, world_size),
+                prefetch_factor=4 if workers > 0 else None,
+            )
+        )
 
     return batches
 
@@ -257,12 +276,15 @@ class GPTTask(ModelTask):
         self.ddp = wrap_ddp(self.model, self.env)
         # LlamaGen's split: weight decay on matrices and embeddings, none on norm gains
         params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)
         self.ema = EMA(self.model, self.cfg.ema_decay)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        )
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         c, dev = self.cfg, self.env.device
@@ -300,8 +322,6 @@ def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
 
 def _check_resume(out: Path, record: dict[str, Any], samples: int) -> None:
     """A resumed run must train on the same kind of data it started with."""
-    from evatok_cli.checkpoint import read_model_meta
-    from evatok_cli.train.checkpoints import latest_step_dir
 
     latest = latest_step_dir(out)
     if latest is None:
@@ -309,11 +329,15 @@ def _check_resume(out: Path, record: dict[str, Any], samples: int) -> None:
     meta = read_model_meta(latest)
     for k in ("space", "codebook_size", "class_names"):
         if meta.get(k) != record[k]:
-            raise ValueError(f"{out}: was trained on stores with another {k} ({meta.get(k)!r}, now {record[k]!r}); "
-                             "resume with the same --tokens")
+            raise ValueError(
+                f"{out}: was trained on stores with another {k} ({meta.get(k)!r}, now {record[k]!r}); "
+                "resume with the same --tokens"
+            )
     if meta.get("data", {}).get("samples") != samples:
-        raise ValueError(f"{out}: was trained on {meta.get('data', {}).get('samples')} samples, --tokens now hold "
-                         f"{samples}; resume with the same --tokens (the data order depends on them)")
+        raise ValueError(
+            f"{out}: was trained on {meta.get('data', {}).get('samples')} samples, --tokens now hold "
+            f"{samples}; resume with the same --tokens (the data order depends on them)"
+        )
 
 
 def train_gpt(
@@ -357,9 +381,6 @@ def train_gpt(
     Raises:
         ValueError: bad options, or stores that cannot be trained on together.
     """
-    from evatok_cli.models.gpt import GPT_PRESETS, gpt_config
-    from evatok_cli.train import loop
-    from evatok_cli.train.dist import init_distributed, shutdown
 
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown GPT preset {preset!r} (known: {', '.join(GPT_PRESETS)})")
@@ -370,10 +391,15 @@ def train_gpt(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = open_token_stores(tokens)
-    config = gpt_config(preset, codebook_size=data.codebook_size, levels=data.space["levels"],
-                        blocks=int(data.space["blocks"]), num_classes=data.num_classes, **(model_overrides or {}))
-    env = init_distributed(device)
-    try:
+    config = gpt_config(
+        preset,
+        codebook_size=data.codebook_size,
+        levels=data.space["levels"],
+        blocks=int(data.space["blocks"]),
+        num_classes=data.num_classes,
+        **(model_overrides or {}),
+    )
+    with process_group(device) as env:
         if steps is None:
             assert epochs is not None
             steps = steps_for_epochs(epochs, len(data), batch_size * env.world_size)
@@ -384,21 +410,33 @@ def train_gpt(
         torch.manual_seed(seed)  # identical initial weights on every rank
         model = GPT(config)
         if env.is_main:
-            log.info("gpt %s: %.2fM parameters, vocabulary %d, %d samples in %d store(s), %d classes, %d steps",
-                     preset, model.num_params() / 1e6, config.vocab_size, len(data), len(data.paths),
-                     data.num_classes, steps)
+            log.info(
+                "gpt %s: %.2fM parameters, vocabulary %d, %d samples in %d store(s), %d classes, %d steps",
+                preset,
+                model.num_params() / 1e6,
+                config.vocab_size,
+                len(data),
+                len(data.paths),
+                data.num_classes,
+                steps,
+            )
         meta = {
             **record,
             "data": {"stores": [str(p) for p in data.paths], "samples": len(data)},
-            "train": {**asdict(cfg), "batch_size": batch_size, "world_size": env.world_size, "seed": seed,
-                      "epochs": epochs},
+            "train": {
+                **asdict(cfg),
+                "batch_size": batch_size,
+                "world_size": env.world_size,
+                "seed": seed,
+                "epochs": epochs,
+            },
         }
         task = GPTTask(model=model, cfg=cfg, env=env, seed=seed, preset=preset, extra_meta=meta)
         stream = SequenceStream(data, config, seed)
-        batches = sequence_batches(stream, local_batch=batch_size, rank=env.rank, world_size=env.world_size,
-                                   workers=workers)
-        loop_cfg = loop.LoopConfig(steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last,
-                                   log_every=log_every, stop_at=stop_at)
+        batches = sequence_batches(
+            stream, local_batch=batch_size, rank=env.rank, world_size=env.world_size, workers=workers
+        )
+        loop_cfg = loop.LoopConfig(
+            steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
+        )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
-    finally:
-        shutdown(env)

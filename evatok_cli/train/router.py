@@ -28,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from evatok_cli.models.router import Router
-from evatok_cli.route import LabelClipDataset, Labels
+from evatok_cli.labels import LabelClipDataset, Labels, label_clips, load_labels
+from evatok_cli.models.router import HEADS, Router, router_config
+from evatok_cli.runtime import process_group
+from evatok_cli.train import loop
+from evatok_cli.train.data import StepSampler
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
-from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import warmup_cosine
-from evatok_cli.video import ClipSpec, VideoError, VideoRef
+from evatok_cli.train.task import ModelTask
+from evatok_cli.video import ClipSpec, VideoError, VideoRef, list_inputs
 from evatok_cli.video.dataset import to_model_input
 
 log = logging.getLogger(__name__)
@@ -77,8 +80,9 @@ class RouterTargets:
     w_l: float = 0.8
 
 
-def make_targets(labels: Labels, head: str, *, w_q: float | None = None, w_l: float | None = None,
-                 soft_tau: float | None = None) -> RouterTargets:
+def make_targets(
+    labels: Labels, head: str, *, w_q: float | None = None, w_l: float | None = None, soft_tau: float | None = None
+) -> RouterTargets:
     """Targets of every labels row for ``head`` (see the module docstring)."""
     w_q, w_l = labels.weights(w_q, w_l)
     t = RouterTargets(best=torch.from_numpy(labels.best_assignments(w_q, w_l)), w_q=w_q, w_l=w_l)
@@ -124,10 +128,13 @@ class RouterTask(ModelTask):
         dev = self.env.device
         self.model.to(dev).train()
         self.ddp = wrap_ddp(self.model, self.env)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
-                                     weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay
+        )
         self.ema = EMA(self.model, self.cfg.ema_decay)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        )
 
     def train_step(self, batch: dict, step: int) -> dict[str, float]:
         c, t, dev = self.cfg, self.targets, self.env.device
@@ -151,7 +158,12 @@ class RouterTask(ModelTask):
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
         self.ema.update(self.model, step)
-        return {"loss": loss.item(), "top1": float((routed == best).float().mean()), "grad_norm": float(gnorm), "lr": lr}
+        return {
+            "loss": loss.item(),
+            "top1": float((routed == best).float().mean()),
+            "grad_norm": float(gnorm),
+            "lr": lr,
+        }
 
     def batch_size(self, batch: dict) -> int:
         return int(batch["video"].shape[0])
@@ -165,8 +177,9 @@ class LabelledClipStream:
     that fails to decode is replaced by the next one of the permutation (deterministically).
     """
 
-    def __init__(self, items: Sequence[tuple[int, VideoRef, int]], spec: ClipSpec, seed: int,
-                 clips: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, items: Sequence[tuple[int, VideoRef, int]], spec: ClipSpec, seed: int, clips: torch.Tensor | None = None
+    ) -> None:
         if not items:
             raise ValueError("no labelled clips to train on")
         self.items = list(items)
@@ -197,7 +210,9 @@ class LabelledClipStream:
         raise VideoError(self.items[0][1].source, f"no decodable labelled clip after {MAX_ATTEMPTS} attempts")
 
 
-def preload_clips(items: Sequence[tuple[int, VideoRef, int]], spec: ClipSpec) -> tuple[list[tuple[int, VideoRef, int]], torch.Tensor]:
+def preload_clips(
+    items: Sequence[tuple[int, VideoRef, int]], spec: ClipSpec
+) -> tuple[list[tuple[int, VideoRef, int]], torch.Tensor]:
     """Decode every item once (in source order); failures are dropped with a warning."""
     reader = LabelClipDataset(items, spec)
     keep, frames = [], []
@@ -217,15 +232,23 @@ def _collate(items: list[dict]) -> dict:
     return {"video": torch.stack([it["video"] for it in items]), "row": torch.tensor([it["row"] for it in items])}
 
 
-def label_batches(stream: LabelledClipStream, *, local_batch: int, rank: int, world_size: int,
-                  workers: int) -> Callable[[int], Iterator[dict]]:
+def label_batches(
+    stream: LabelledClipStream, *, local_batch: int, rank: int, world_size: int, workers: int
+) -> Callable[[int], Iterator[dict]]:
     """``batches(start_step)`` for :func:`evatok_cli.train.loop.run`: ``video`` (B, F, H, W, 3), ``row`` (B,)."""
-    from evatok_cli.train.data import StepSampler
 
     def batches(start_step: int) -> Iterator[dict]:
         w = 0 if stream.clips is not None else workers
-        return iter(DataLoader(stream, batch_size=local_batch, sampler=StepSampler(start_step, local_batch, rank, world_size),
-                               num_workers=w, collate_fn=_collate, prefetch_factor=4 if w > 0 else None))
+        return iter(
+            DataLoader(
+                stream,
+                batch_size=local_batch,
+                sampler=StepSampler(start_step, local_batch, rank, world_size),
+                num_workers=w,
+                collate_fn=_collate,
+                prefetch_factor=4 if w > 0 else None,
+            )
+        )
 
     return batches
 
@@ -281,11 +304,6 @@ def train_router(
     Raises:
         ValueError: bad head/options, not a labels store, or no labelled clip could be read.
     """
-    from evatok_cli.models.router import HEADS, router_config
-    from evatok_cli.route import label_clips, load_labels
-    from evatok_cli.train import loop
-    from evatok_cli.train.dist import init_distributed, shutdown
-    from evatok_cli.video import list_inputs
 
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -295,8 +313,16 @@ def train_router(
     lab = load_labels(labels)
     spec = lab.clip_spec()
     space = lab.space
-    config = router_config(preset, frames=spec.frames, height=spec.height, width=spec.width, levels=space.levels,
-                           blocks=space.blocks, head=head, reward_form=reward_form)
+    config = router_config(
+        preset,
+        frames=spec.frames,
+        height=spec.height,
+        width=spec.width,
+        levels=space.levels,
+        blocks=space.blocks,
+        head=head,
+        reward_form=reward_form,
+    )
     targets = make_targets(lab, head, w_q=w_q, w_l=w_l, soft_tau=soft_tau)
     refs = list_inputs(data, stdin=stdin)
     if not refs:
@@ -310,24 +336,37 @@ def train_router(
     clips = None
     if preload:
         items, clips = preload_clips(items, spec)
-    env = init_distributed(device)
-    try:
+    with process_group(device) as env:
         if env.is_main:
-            log.info("router %s (%s head): %d labelled clips (%d skipped), %d assignments", preset, head, len(items),
-                     len(lab) - len(items), len(space))
+            log.info(
+                "router %s (%s head): %d labelled clips (%d skipped), %d assignments",
+                preset,
+                head,
+                len(items),
+                len(lab) - len(items),
+                len(space),
+            )
         torch.manual_seed(seed)  # identical initial weights on every rank
         model = Router(config)
         meta = {
-            "labels": {"path": str(labels), "metric": lab.metric_name, "higher_is_better": lab.higher_is_better,
-                       "w_q": targets.w_q, "w_l": targets.w_l, "soft_tau": soft_tau, "clips": len(items)},
+            "labels": {
+                "path": str(labels),
+                "metric": lab.metric_name,
+                "higher_is_better": lab.higher_is_better,
+                "w_q": targets.w_q,
+                "w_l": targets.w_l,
+                "soft_tau": soft_tau,
+                "clips": len(items),
+            },
             "clip": spec.to_dict(),
             "seed": seed,
         }
         task = RouterTask(model=model, cfg=cfg, env=env, targets=targets, preset=preset, extra_meta=meta)
         stream = LabelledClipStream(items, spec, seed, clips)
-        batches = label_batches(stream, local_batch=batch_size, rank=env.rank, world_size=env.world_size, workers=workers)
-        loop_cfg = loop.LoopConfig(steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every,
-                                   stop_at=stop_at)
+        batches = label_batches(
+            stream, local_batch=batch_size, rank=env.rank, world_size=env.world_size, workers=workers
+        )
+        loop_cfg = loop.LoopConfig(
+            steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
+        )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
-    finally:
-        shutdown(env)

@@ -25,8 +25,15 @@ class ModelTask:
 
     def save_model(self, path: Path) -> None:
         m = self.model  # type: ignore[attr-defined]
-        save_model(path, m, m.config, kind=self.kind, preset=self.preset,  # type: ignore[attr-defined]
-                   ema=self.ema.weights_for(m), extra=self.model_meta())  # type: ignore[attr-defined]
+        save_model(
+            path,
+            m,
+            m.config,
+            kind=self.kind,
+            preset=self.preset,  # type: ignore[attr-defined]
+            ema=self.ema.weights_for(m),
+            extra=self.model_meta(),
+        )  # type: ignore[attr-defined]
 
     def load_model(self, path: Path) -> None:
         loaded = load_model(path, kind=self.kind, ema=False, map_location=self.env.device)  # type: ignore[attr-defined]

@@ -25,15 +25,37 @@ from typing import Any, ClassVar
 
 import torch
 
+from evatok_cli.assign import RouterPolicy
+from evatok_cli.checkpoint import (
+    EMA_NAME,
+    CheckpointError,
+    latest_step_dir,
+    load_model,
+    read_model_meta,
+    resolve_model_dir,
+    weights_sha256,
+)
+from evatok_cli.config import config_to_dict
+from evatok_cli.metrics.lpips import LPIPS
 from evatok_cli.metrics.pixel import psnr_frames
-from evatok_cli.models.discriminator import PatchDiscriminator, d_hinge_loss, g_adversarial_loss, logit_penalty
+from evatok_cli.models.discriminator import (
+    PatchDiscriminator,
+    d_hinge_loss,
+    discriminator_for,
+    g_adversarial_loss,
+    logit_penalty,
+)
 from evatok_cli.models.semantic import AlignmentHook, SemanticDiscriminator
 from evatok_cli.models.teachers import load_teacher
-from evatok_cli.models.tokenizer import EVATokTokenizer
+from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
+from evatok_cli.runtime import process_group
+from evatok_cli.train import loop
+from evatok_cli.train.data import clip_batches
 from evatok_cli.train.dist import DistEnv, wrap_ddp
 from evatok_cli.train.ema import EMA
-from evatok_cli.train.task import ModelTask
 from evatok_cli.train.schedule import warmup_cosine
+from evatok_cli.train.task import ModelTask
+from evatok_cli.video import ClipSpec, list_inputs
 from evatok_cli.video.dataset import to_model_input
 
 log = logging.getLogger(__name__)
@@ -90,10 +112,15 @@ def random_assignments(levels: tuple[int, ...], blocks: int, seed: int, rank: in
     return policy
 
 
-def router_assignments(path: Path, space, clip: tuple[int, int, int], device: torch.device,
-                       w_q: float | None = None, w_l: float | None = None) -> AssignmentPolicy:
+def router_assignments(
+    path: Path,
+    space,
+    clip: tuple[int, int, int],
+    device: torch.device,
+    w_q: float | None = None,
+    w_l: float | None = None,
+) -> AssignmentPolicy:
     """Final stage (PAPER §3.4): a frozen router decides every training clip's assignment."""
-    from evatok_cli.route import RouterPolicy
 
     router = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
 
@@ -160,7 +187,9 @@ class TokenizerTask(ModelTask):
             self.semantic_disc.to(dev).train()
             self.sd_ddp = wrap_ddp(self.semantic_disc, self.env)
             self.sd_opt = torch.optim.AdamW(self.semantic_disc.parameters(), lr=self.cfg.disc_lr, betas=self.cfg.betas)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        )
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batch: dict, step: int) -> dict[str, float]:
@@ -248,8 +277,9 @@ class TokenizerTask(ModelTask):
         metrics.update(g_sem=g_sem.item(), sem_teacher_s=self.semantic_disc.teacher.last_time_s)
         return g_sem, [f.detach() for f in feats]  # reused as the fakes of the discriminator step
 
-    def _semantic_discriminator_step(self, real: torch.Tensor, fake_feats: list, lr: float,
-                                     metrics: dict[str, float]) -> None:
+    def _semantic_discriminator_step(
+        self, real: torch.Tensor, fake_feats: list, lr: float, metrics: dict[str, float]
+    ) -> None:
         sd, c = self.semantic_disc, self.cfg
         assert sd is not None and self.sd_ddp is not None and self.sd_opt is not None
         sd.requires_grad_(True)
@@ -266,8 +296,13 @@ class TokenizerTask(ModelTask):
         (d_loss + c.lecam_weight * lecam).backward()
         torch.nn.utils.clip_grad_norm_(sd.parameters(), c.grad_clip)
         self.sd_opt.step()
-        metrics.update(d_sem_loss=d_loss.item(), d_sem_real=lr_.mean().item(), d_sem_fake=lf.mean().item(),
-                       lecam=lecam.item(), sem_teacher_s=metrics["sem_teacher_s"] + sd.teacher.last_time_s)
+        metrics.update(
+            d_sem_loss=d_loss.item(),
+            d_sem_real=lr_.mean().item(),
+            d_sem_fake=lf.mean().item(),
+            lecam=lecam.item(),
+            sem_teacher_s=metrics["sem_teacher_s"] + sd.teacher.last_time_s,
+        )
 
     # ------------------------------------------------------------------ state
     def batch_size(self, batch: dict) -> int:
@@ -324,9 +359,6 @@ def init_weights(model: EVATokTokenizer, init: str | Path, preset: str) -> dict[
     kept in the run's config.json: path, preset, weights sha256 (of its ``model.safetensors``, the
     identity used everywhere) and which weights were loaded.
     """
-    from evatok_cli.checkpoint import EMA_NAME, CheckpointError, load_model, read_model_meta, weights_sha256
-    from evatok_cli.config import config_to_dict
-    from evatok_cli.train.checkpoints import resolve_model_dir
 
     src = resolve_model_dir(init)
     try:
@@ -339,23 +371,28 @@ def init_weights(model: EVATokTokenizer, init: str | Path, preset: str) -> dict[
     diff = [k for k in sorted(set(theirs) | set(ours)) if k not in _WEIGHT_NEUTRAL and theirs.get(k) != ours.get(k)]
     if diff:
         shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in diff[:4])
-        raise ValueError(f"--init {src}: its tokenizer (preset {meta.get('preset') or '?'}) does not match preset "
-                         f"{preset!r}: {shown}{', ...' if len(diff) > 4 else ''}; train with --preset "
-                         f"{meta.get('preset') or 'of that model'} or start from another model")
+        raise ValueError(
+            f"--init {src}: its tokenizer (preset {meta.get('preset') or '?'}) does not match preset "
+            f"{preset!r}: {shown}{', ...' if len(diff) > 4 else ''}; train with --preset "
+            f"{meta.get('preset') or 'of that model'} or start from another model"
+        )
     try:
         loaded = load_model(src, kind="tokenizer", ema=True)
     except CheckpointError as e:
         raise ValueError(f"--init: {e}") from None
     model.load_state_dict(loaded.state_dict())
-    return {"path": str(src), "preset": meta.get("preset"), "sha256": weights_sha256(src),
-            "weights": "ema" if (src / EMA_NAME).is_file() else "model"}
+    return {
+        "path": str(src),
+        "preset": meta.get("preset"),
+        "sha256": weights_sha256(src),
+        "weights": "ema" if (src / EMA_NAME).is_file() else "model",
+    }
 
 
-def _init_record(init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool,
-                 env: DistEnv) -> dict[str, Any] | None:
+def _init_record(
+    init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool, env: DistEnv
+) -> dict[str, Any] | None:
     """``--init`` before step 0; a checkpoint found by ``--resume`` wins (its ``init_from`` is kept)."""
-    from evatok_cli.checkpoint import read_model_meta
-    from evatok_cli.train.checkpoints import latest_step_dir
 
     latest = latest_step_dir(out) if resume else None
     if latest is not None:
@@ -366,7 +403,9 @@ def _init_record(init: str | Path | None, model: EVATokTokenizer, preset: str, o
         return None
     record = init_weights(model, init, preset)
     if env.is_main:
-        log.info("initialised from %s (%s weights, sha256 %s)", record["path"], record["weights"], record["sha256"][:12])
+        log.info(
+            "initialised from %s (%s weights, sha256 %s)", record["path"], record["weights"], record["sha256"][:12]
+        )
     return record
 
 
@@ -427,17 +466,10 @@ def train_tokenizer(
     Returns:
         The directory of the final checkpoint.
     """
-    from evatok_cli.models.discriminator import discriminator_for
-    from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-    from evatok_cli.train import loop
-    from evatok_cli.train.data import clip_batches
-    from evatok_cli.train.dist import init_distributed, shutdown
-    from evatok_cli.video import ClipSpec, list_inputs
 
     if stage not in ("proxy", "final"):
         raise ValueError(f"stage must be 'proxy' or 'final', got {stage!r}")
-    env = init_distributed(device)
-    try:
+    with process_group(device) as env:
         torch.manual_seed(seed)  # identical initial weights on every rank
         config = tokenizer_config(preset, **({} if align_layer is None else {"dec_feature_layer": align_layer}))
         model = EVATokTokenizer(config)
@@ -479,24 +511,34 @@ def train_tokenizer(
             align_hook = alignment_hook(align_teacher, config, env)
         semantic = semantic_discriminator(disc_teacher, env) if disc_teacher is not None else None
         if perceptual is None and lpips_backbone is not None:
-            from evatok_cli.metrics.lpips import LPIPS
-
             perceptual = LPIPS(net=lpips_net, backbone=lpips_backbone, heads=lpips_heads).to(env.device).loss
         if perceptual is None and env.is_main:
             log.info("perceptual (LPIPS) loss off: no LPIPS weights given (--lpips-backbone)")
         cfg = TokenizerTrainConfig(steps=steps, disc=disc_mode, **train_overrides)
         task = TokenizerTask(
-            model=model, cfg=cfg, env=env, assign=policy, preset=preset, stage=stage, discriminator=disc,
-            perceptual=perceptual, align_hook=align_hook, semantic_disc=semantic,
-            extra_meta={"assignment": assignment, "clip_fps": fps, "seed": seed,
-                        **({"init_from": init_from} if init_from is not None else {}),
-                        **({"align_teacher": str(align_teacher)} if align_teacher is not None else {}),
-                        **({"disc_teacher": str(disc_teacher)} if disc_teacher is not None else {})},
+            model=model,
+            cfg=cfg,
+            env=env,
+            assign=policy,
+            preset=preset,
+            stage=stage,
+            discriminator=disc,
+            perceptual=perceptual,
+            align_hook=align_hook,
+            semantic_disc=semantic,
+            extra_meta={
+                "assignment": assignment,
+                "clip_fps": fps,
+                "seed": seed,
+                **({"init_from": init_from} if init_from is not None else {}),
+                **({"align_teacher": str(align_teacher)} if align_teacher is not None else {}),
+                **({"disc_teacher": str(disc_teacher)} if disc_teacher is not None else {}),
+            },
         )
-        batches = clip_batches(refs, spec, seed=seed, local_batch=batch_size, rank=env.rank,
-                               world_size=env.world_size, workers=workers)
-        loop_cfg = loop.LoopConfig(steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every,
-                                   stop_at=stop_at)
+        batches = clip_batches(
+            refs, spec, seed=seed, local_batch=batch_size, rank=env.rank, world_size=env.world_size, workers=workers
+        )
+        loop_cfg = loop.LoopConfig(
+            steps=steps, checkpoint_every=checkpoint_every, keep_last=keep_last, log_every=log_every, stop_at=stop_at
+        )
         return loop.run(task, batches, cfg=loop_cfg, out=Path(out), env=env, resume=resume, on_log=on_log)
-    finally:
-        shutdown(env)

@@ -29,11 +29,10 @@ from evatok_cli.video.clips import (
 from evatok_cli.video.errors import VideoError
 from evatok_cli.video.probe import VideoInfo, VideoSource, probe
 from evatok_cli.video.sources import VIDEO_EXTENSIONS, VideoRef, clip_key, list_inputs, ref_from_source, tar_refs
-from evatok_cli.video.write import encode_mp4, write_mp4
+from evatok_cli.video.write import encode_mp4, safe_name, write_mp4
 
 _DATASET_NAMES = (
     "ClipIndexDataset",
-    "RandomClipDataset",
     "collate_clips",
     "to_model_input",
     "to_uint8",
@@ -63,6 +62,7 @@ __all__ = [
     "resampled_length",
     "source_indices",
     "tar_refs",
+    "safe_name",
     "write_mp4",
     *_DATASET_NAMES,
 ]

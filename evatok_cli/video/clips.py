@@ -40,6 +40,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 
 from evatok_cli.video.errors import VideoError, decode_errors
 from evatok_cli.video.probe import VideoInfo, VideoSource, open_container, stream_info
+from evatok_cli.video.sources import clip_key
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class Clip:
     @property
     def key(self) -> str:
         """The sample key (:func:`~evatok_cli.video.sources.clip_key`)."""
-        from evatok_cli.video.sources import clip_key
 
         return clip_key(self.source, self.start)
 
@@ -121,6 +121,7 @@ class Clip:
 # Area scaling with swscale's bit-exact C paths: the same pixels on every CPU (its SIMD paths may
 # round differently from one instruction set to another), one thread (slices never change results).
 EXACT_AREA = Interpolation.AREA | Interpolation.BITEXACT | Interpolation.ACCURATE_RND
+
 
 def parse_clip_policy(text: str | int) -> ClipPolicy:
     """Parse ``"all"``, ``"first"``, ``"random"`` or a positive integer ``"N"``.
@@ -179,7 +180,9 @@ def make_rng(seed: Seed, source: str = "") -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, digest])
 
 
-def clip_starts(n_frames: int, clip_frames: int, policy: ClipPolicy, rng: np.random.Generator | None = None) -> list[int]:
+def clip_starts(
+    n_frames: int, clip_frames: int, policy: ClipPolicy, rng: np.random.Generator | None = None
+) -> list[int]:
     """Clip start indices over ``n_frames`` (resampled) frames; empty when no clip fits.
 
     Args:
@@ -310,7 +313,9 @@ class ClipReader:
     def _seek_to(self, index: int) -> None:
         """Position the decoder at or before source frame ``index`` via the preceding keyframe."""
         stream = self._stream
-        target = (stream.start_time or 0) + int(Fraction(index) / Fraction(self.info.fps).limit_denominator(1_000_000) / stream.time_base)
+        target = (stream.start_time or 0) + int(
+            Fraction(index) / Fraction(self.info.fps).limit_denominator(1_000_000) / stream.time_base
+        )
         try:
             self._container.seek(target, stream=stream, backward=True, any_frame=False)  # type: ignore[union-attr]
             frames = self._container.decode(stream)  # type: ignore[union-attr]
@@ -373,7 +378,9 @@ class ClipReader:
             VideoError: ``start`` out of range, or the video is truncated/corrupt before the clip ends.
         """
         if not 0 <= start <= self.num_frames - self.spec.frames:
-            raise VideoError(self.name, f"clip start {start} out of range: {self.num_frames} frames, clip {self.spec.frames}")
+            raise VideoError(
+                self.name, f"clip start {start} out of range: {self.num_frames} frames, clip {self.spec.frames}"
+            )
         if self._container is None:
             raise ValueError("ClipReader is closed")
         wanted = source_indices(start, self.spec.frames, self.info.fps, self.spec.target_fps)

@@ -1,4 +1,4 @@
-"""torch datasets over videos: a clip index for encoding/evaluation, random clips for training.
+"""torch datasets over videos: a clip index for encoding, search and routing.
 
 - :class:`ClipIndexDataset` (map-style): probes every video up front, so ``len`` is the number of
   clips and item ``i`` is always the same clip. A video that fails (at probe or at decode time)
@@ -7,11 +7,6 @@
   the last video open, so consecutive clips of one video decode it once; with several workers,
   pass ``sampler=ds.worker_order(batch_size, num_workers)`` so that each worker reads consecutive
   clips (see :meth:`ClipIndexDataset.worker_order`).
-- :class:`RandomClipDataset` (iterable): endless epochs for training. Epoch ``e`` shuffles the
-  videos with seed ``(seed, e)``, gives rank ``r`` every ``world_size``-th video of that order and
-  worker ``w`` every ``num_workers``-th of those (disjoint and deterministic), and cuts one random
-  clip per video with seed ``(seed, e, video index)``. Epochs are counted inside the iterator (no
-  ``set_epoch``); to resume, pass ``start_epoch``. Videos that fail are logged once and skipped.
 
 Items are dicts: ``video`` uint8 tensor (F, H, W, 3), ``key`` (:func:`clip_key`), ``source``,
 ``clip_start``, ``label_hint``. :func:`to_model_input` / :func:`to_uint8` convert batches between
@@ -22,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from evatok_cli.video.clips import ClipPolicy, ClipReader, ClipSpec, plan_starts
 from evatok_cli.video.errors import VideoError
@@ -141,7 +136,9 @@ class ClipIndexDataset(Dataset):
                 continue
             self.index.extend((i, s, None) for s in starts)
         if self.failures:
-            log.warning("%d of %d videos cannot be read; first: %s", len(self.failures), len(self.refs), self.failures[0])
+            log.warning(
+                "%d of %d videos cannot be read; first: %s", len(self.failures), len(self.refs), self.failures[0]
+            )
         self._reader: tuple[int, int, ClipReader] | None = None  # (pid, video number, open reader)
 
     def __len__(self) -> int:
@@ -197,83 +194,11 @@ class ClipIndexDataset(Dataset):
         return {"key": clip_key(source, max(start, 0)), "source": source, "clip_start": start, "error": error}
 
 
-class RandomClipDataset(IterableDataset):
-    """Endless random clips for training, sharded by rank and DataLoader worker (module doc).
-
-    Args:
-        refs: the videos.
-        spec: clip geometry and frame rate.
-        seed: base seed of shuffles and clip starts.
-        rank: this process's rank.
-        world_size: number of ranks.
-        start_epoch: epoch the iterator starts at (to resume a run).
-        threads: FFmpeg decoder threads; default 1 inside DataLoader workers, automatic otherwise.
-    """
-
-    def __init__(
-        self,
-        refs: Sequence[VideoSource],
-        spec: ClipSpec,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        *,
-        start_epoch: int = 0,
-        threads: int | None = None,
-    ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if len(refs) < world_size:
-            raise ValueError(f"{len(refs)} videos cannot be split over {world_size} ranks")
-        self.refs = list(refs)
-        self.spec = spec
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start_epoch = start_epoch
-        self.threads = threads
-
-    def shard(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[int]:
-        """Video numbers this rank's ``worker`` reads in ``epoch``, in order."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.refs))
-        return [int(v) for v in order[self.rank :: self.world_size][worker::num_workers]]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        threads = _decoder_threads(self.threads)
-        bad: set[int] = set()
-        epoch = self.start_epoch
-        while True:
-            mine = self.shard(epoch, worker, num_workers)
-            if not mine:
-                log.warning("rank %d worker %d has no videos (%d videos)", self.rank, worker, len(self.refs))
-                return
-            if len(bad) == len(self.refs):
-                raise RuntimeError(f"all {len(self.refs)} videos failed to decode; see the warnings above")
-            for v in mine:
-                if v in bad:
-                    continue
-                ref = self.refs[v]
-                try:
-                    with ClipReader(ref, self.spec, threads=threads) as reader:
-                        start = reader.starts("random", np.random.default_rng([self.seed, epoch, v]))[0]
-                        clip = reader.read(start)
-                except VideoError as e:
-                    bad.add(v)
-                    log.warning("skipping %s", e)
-                    continue
-                item = _item(ref, reader.name, start, clip.frames)
-                item["epoch"] = epoch
-                yield item
-            epoch += 1
-
-
 def collate_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Collate dataset items, keeping failures apart (use as a DataLoader ``collate_fn``).
 
     Args:
-        items: dicts from :class:`ClipIndexDataset` / :class:`RandomClipDataset`.
+        items: dicts from :class:`ClipIndexDataset`.
 
     Returns:
         ``(batch, failures)``: ``batch`` has ``video`` uint8 (B, F, H, W, 3) (B may be 0, then the

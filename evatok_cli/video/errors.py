@@ -68,7 +68,10 @@ def open_failure(source: str, e: BaseException, head: bytes | None) -> VideoErro
         return VideoError(source, "unreadable: permission denied")
     if isinstance(e, av.error.EOFError):
         kind = sniff_container(head or b"")
-        return VideoError(source, f"no frames: the {kind + ' file' if kind else 'file'} ends before any video data (empty or truncated)")
+        return VideoError(
+            source,
+            f"no frames: the {kind + ' file' if kind else 'file'} ends before any video data (empty or truncated)",
+        )
     if isinstance(e, av.error.InvalidDataError):
         kind = sniff_container(head or b"")
         if kind is not None:

@@ -4,12 +4,13 @@ yuv420p needs even sizes: an odd height or width is padded to the next even numb
 the last row or column, so a 61x97 clip becomes a 62x98 file whose top-left 61x97 pixels are the
 clip. Files are written to a hidden temporary name in the target directory and renamed when
 complete, so a reader never sees a half-written file. ``+faststart`` puts the index first, so the
-file streams (e.g. from a WebDataset tar).
+file streams (e.g. from a WebDataset tar). :func:`safe_name` makes file stems from sample keys.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -50,7 +51,9 @@ def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     return np.clip(planes, 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
 
 
-def _encode(container: av.container.OutputContainer, frames: np.ndarray, fps: float | Fraction, crf: int, preset: str) -> None:
+def _encode(
+    container: av.container.OutputContainer, frames: np.ndarray, fps: float | Fraction, crf: int, preset: str
+) -> None:
     rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
     if rate <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -116,3 +119,17 @@ def write_mp4(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_name(key: str, taken: set[str]) -> str:
+    """A file stem made from a sample key: only [A-Za-z0-9_-], never empty, unique in ``taken``."""
+    stem = _UNSAFE.sub("_", key).strip("_")[:150] or "sample"
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return name

@@ -238,8 +238,9 @@ def block_mask_from_dense(mask: Tensor, block_size: int = BLOCK_SIZE) -> Any:
     partial = (counts > 0) & ~full
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=dense_mask_mod(padded), seq_lengths=(Lq, Lk))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=dense_mask_mod(padded), seq_lengths=(Lq, Lk)
+    )
 
 
 # ------------------------------------------------------------------------------ attention
@@ -251,8 +252,13 @@ def _compiled_flex() -> Callable[..., Tensor]:
 
 
 def flex_attention(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: Any = None, score_mod: ScoreMod | None = None,
-    *, compiled: bool | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: Any = None,
+    score_mod: ScoreMod | None = None,
+    *,
+    compiled: bool | None = None,
 ) -> Tensor:
     """FlexAttention of (B, H, Lq, dh) queries over (B, H, Lk, dh) keys/values -> (B, H, Lq, dh).
 
@@ -291,7 +297,7 @@ class _BlockMaskCache:
             if ref() is mask and version == mask._version and bs == block_size:
                 return bm
         bm = block_mask_from_dense(mask, block_size)
-        self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1):]
+        self.entries = [e for e in self.entries if e[0]() is not None][-(self.size - 1) :]
         self.entries.append((weakref.ref(mask), mask._version, block_size, bm))
         return bm
 

@@ -5,7 +5,7 @@ the nearest code and its squared distance. Materialising the (N, K) distance mat
 bytes (100k tokens x 16384 codes = 6.5 GB), so this module offers three implementations:
 
 - :func:`nearest_code_reference`: naive ``cdist + argmin`` over the full (N, K) matrix (tests only);
-- :func:`nearest_code_chunked`: the quantizer's tiled torch search (``evatok_cli.models.quantizer``),
+- :func:`nearest_code_chunked`: the quantizer's tiled torch search (:mod:`evatok_kernels.chunked`),
   extra memory O(chunk^2 + N + K), any device;
 - :func:`nearest_code_triton`: one Triton kernel; each program owns ``block_n`` tokens and walks its
   range of codes in ``block_k`` tiles, keeping a running (min distance, argmin) in registers, so the
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from evatok_kernels import triton_available
+from evatok_kernels.chunked import nearest_code_chunked
 
 try:  # the kernel body refers to `tl` as a module global; the module stays importable without Triton
     import triton.language as tl
@@ -66,13 +67,6 @@ def nearest_code_reference(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]
     d = torch.cdist(z.float(), codebook.float(), compute_mode="donot_use_mm_for_euclid_dist").square()  # (N, K)
     idx = d.argmin(1)
     return idx, d.gather(1, idx[:, None])[:, 0].to(z.dtype)
-
-
-def nearest_code_chunked(z: Tensor, codebook: Tensor, *, chunk_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """The quantizer's tiled torch search (any device); see ``evatok_cli.models.quantizer``."""
-    from evatok_cli.models.quantizer import nearest_code_chunked as chunked  # lazy: evatok_cli imports us lazily
-
-    return chunked(z, codebook, chunk_size=chunk_size)
 
 
 # ---------------------------------------------------------------------------------- kernel
@@ -188,10 +182,13 @@ def nearest_code_triton(
     if _KERNEL is None:
         raise RuntimeError("nearest_code_triton needs triton (pip install 'evatok[kernels]')")
     if z.device.type != "cuda" and not interpreter_active():
-        raise RuntimeError(f"nearest_code_triton on {z.device} tensors needs Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported")
-    _KERNEL[(n_tiles, s)](zt, ct, dist, idx, N, K, k_per_split, D=D, BLOCK_N=block_n, BLOCK_K=block_k,
-                         num_warps=num_warps)
+        raise RuntimeError(
+            f"nearest_code_triton on {z.device} tensors needs Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported"
+        )
+    _KERNEL[(n_tiles, s)](
+        zt, ct, dist, idx, N, K, k_per_split, D=D, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps
+    )
     best, best_i = dist[0], idx[0]
     for j in range(1, s):  # splits cover increasing code ranges: strict < keeps the lowest index
         better = dist[j] < best

@@ -27,8 +27,9 @@ def _surface() -> dict[str, list[str]]:
             for name, sub in sorted(subs.items()):
                 walk(sub, f"{path} {name}".strip())
             return
-        out[path] = sorted(opt for p in cmd.params for opt in (p.opts + p.secondary_opts) if opt.startswith("-")) + \
-            sorted(f"<{p.name}>" for p in cmd.params if not any(o.startswith("-") for o in p.opts))
+        out[path] = sorted(
+            opt for p in cmd.params for opt in (p.opts + p.secondary_opts) if opt.startswith("-")
+        ) + sorted(f"<{p.name}>" for p in cmd.params if not any(o.startswith("-") for o in p.opts))
 
     walk(root, "")
     return out
@@ -41,4 +42,6 @@ def test_no_new_cli_options():
     golden = json.loads(GOLDEN.read_text())
     assert surface.keys() == golden.keys(), "commands changed: update tests/assets/cli_surface.json on purpose"
     for cmd in golden:
-        assert surface[cmd] == golden[cmd], f"`evatok {cmd}` options changed: {sorted(set(surface[cmd]) ^ set(golden[cmd]))}"
+        assert surface[cmd] == golden[cmd], (
+            f"`evatok {cmd}` options changed: {sorted(set(surface[cmd]) ^ set(golden[cmd]))}"
+        )

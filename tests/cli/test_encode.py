@@ -19,8 +19,8 @@ import zarr
 from typer.testing import CliRunner
 
 from evatok_cli.cli import app
-from evatok_cli.decode import safe_name
 from evatok_cli.store import open_store
+from evatok_cli.video import safe_name
 
 runner = CliRunner()
 EVATOK = [sys.executable, "-m", "evatok_cli"]
@@ -29,8 +29,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def _tokens_by_key(path) -> dict[str, tuple]:
     s = open_store(path)
-    return {x.key: (tuple(x.tokens.tolist()), tuple(int(b) for b in x.block_lengths), x.source, x.clip_start, x.label)
-            for x in s}
+    return {
+        x.key: (tuple(x.tokens.tolist()), tuple(int(b) for b in x.block_lengths), x.source, x.clip_start, x.label)
+        for x in s
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,27 @@ def messy_dir(video_dir, tmp_path_factory):
 
 def test_encode_dir_with_broken_files(messy_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "t.zarr"
-    res = runner.invoke(app, ["encode", str(messy_dir), "-o", str(out), "--tokenizer", str(tiny_tokenizer),
-                              "--assignment", "fixed:16,4,2,1", "--clips", "3", "--label-from", "parent-dir",
-                              "--workers", "0", "--json", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(messy_dir),
+            "-o",
+            str(out),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--assignment",
+            "fixed:16,4,2,1",
+            "--clips",
+            "3",
+            "--label-from",
+            "parent-dir",
+            "--workers",
+            "0",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 3, res.output  # finished, some inputs skipped
     summary = json.loads(res.stdout.strip())
     assert summary["clips"] == 6 and summary["failures"] == 2
@@ -59,35 +79,107 @@ def test_encode_dir_with_broken_files(messy_dir, tiny_tokenizer, tmp_path):
     assert {Path(src).name: reason for src, reason in store.failures}.keys() == {"empty.mp4", "notes.mp4"}
     assert all(len(s.tokens) == 23 and tuple(s.block_lengths) == (16, 4, 2, 1) for s in store)
     # rerun of a finished job: nothing to do
-    again = runner.invoke(app, ["encode", str(messy_dir), "-o", str(out), "--tokenizer", str(tiny_tokenizer),
-                                "--assignment", "fixed:16,4,2,1", "--clips", "3", "--label-from", "parent-dir",
-                                "--workers", "0", "--json", "--quiet"])
+    again = runner.invoke(
+        app,
+        [
+            "encode",
+            str(messy_dir),
+            "-o",
+            str(out),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--assignment",
+            "fixed:16,4,2,1",
+            "--clips",
+            "3",
+            "--label-from",
+            "parent-dir",
+            "--workers",
+            "0",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert json.loads(again.stdout.strip())["nothing_to_do"] is True
 
 
 def test_no_valid_input_is_a_clear_error(tmp_path, tiny_tokenizer):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.mp4").write_text("nope")
-    res = runner.invoke(app, ["encode", str(tmp_path / "in"), "-o", str(tmp_path / "o.zarr"), "--tokenizer",
-                              str(tiny_tokenizer), "--workers", "0", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "o.zarr"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 1 and "no valid input" in res.stderr
-    res = runner.invoke(app, ["encode", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "p.zarr"), "--tokenizer",
-                              str(tiny_tokenizer), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(tmp_path / "nothing-here"),
+            "-o",
+            str(tmp_path / "p.zarr"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 1 and "nothing-here" in res.stderr
-    res = runner.invoke(app, ["encode", str(tmp_path / "in"), "-o", str(tmp_path / "q.zarr"), "--tokenizer",
-                              str(tiny_tokenizer), "--strict", "--workers", "0", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "q.zarr"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--strict",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 1 and "bad.mp4" in res.stderr
 
 
 def test_stdin_paths_and_batch_size_invariance(video_dir, tiny_tokenizer, tmp_path):
-    cmd = (f"find {video_dir} -name '*.mp4' | sort | {' '.join(EVATOK)} encode - -o {tmp_path / 'a.zarr'} "
-           f"--tokenizer {tiny_tokenizer} --clips 4 --assignment fixed:8,2,1,16 --batch-size 1 --workers 0 --json --quiet")
+    cmd = (
+        f"find {video_dir} -name '*.mp4' | sort | {' '.join(EVATOK)} encode - -o {tmp_path / 'a.zarr'} "
+        f"--tokenizer {tiny_tokenizer} --clips 4 --assignment fixed:8,2,1,16 --batch-size 1 --workers 0 --json --quiet"
+    )
     res = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["clips"] == 8
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "b.zarr"), "--tokenizer", str(tiny_tokenizer),
-                              "--clips", "4", "--assignment", "fixed:8,2,1,16", "--batch-size", "8", "--workers", "2",
-                              "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(video_dir),
+            "-o",
+            str(tmp_path / "b.zarr"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--clips",
+            "4",
+            "--assignment",
+            "fixed:8,2,1,16",
+            "--batch-size",
+            "8",
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     a, b = _tokens_by_key(tmp_path / "a.zarr"), _tokens_by_key(tmp_path / "b.zarr")
     assert a.keys() == b.keys() and len(a) == 8
@@ -111,8 +203,19 @@ def _wait_for_commit(part: Path, proc: subprocess.Popen, timeout: float = 240) -
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(video_dir, tiny_tokenizer, tmp_path):
-    args = ["encode", str(video_dir), "--tokenizer", str(tiny_tokenizer), "--clips", "all", "--batch-size", "2",
-            "--workers", "0", "--quiet"]
+    args = [
+        "encode",
+        str(video_dir),
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--clips",
+        "all",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     ref = tmp_path / "ref.zarr"
     assert subprocess.run(EVATOK + args + ["-o", str(ref)], env=ENV, timeout=600).returncode == 0
     out = tmp_path / "killed.zarr"
@@ -122,7 +225,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(video_dir, tiny_tokenizer, tmp_
     proc.wait()
     total = len(open_store(ref))
     assert 0 < committed < total
-    res = subprocess.run(EVATOK + args + ["-o", str(out), "--json"], env=ENV, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        EVATOK + args + ["-o", str(out), "--json"], env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["skipped_done"] >= committed and summary["skipped_done"] + summary["clips"] == total
@@ -138,13 +243,35 @@ def _free_port():
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equals_one_process(video_dir, tiny_tokenizer, tmp_path):
-    args = ["encode", str(video_dir), "--tokenizer", str(tiny_tokenizer), "--clips", "3", "--workers", "0", "--quiet",
-            "--label-from", "parent-dir"]
+    args = [
+        "encode",
+        str(video_dir),
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--clips",
+        "3",
+        "--workers",
+        "0",
+        "--quiet",
+        "--label-from",
+        "parent-dir",
+    ]
     one = tmp_path / "one.zarr"
     assert subprocess.run(EVATOK + args + ["-o", str(one)], env=ENV, timeout=300).returncode == 0
     two = tmp_path / "two.zarr"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "evatok_cli"] + args + ["-o", str(two), "--json"]
+    cmd = (
+        [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "evatok_cli",
+        ]
+        + args
+        + ["-o", str(two), "--json"]
+    )
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["clips"] == 6  # rank 0 reports the whole job
@@ -154,11 +281,37 @@ def test_torchrun_two_ranks_equals_one_process(video_dir, tiny_tokenizer, tmp_pa
 
 def test_decode_metrics_match_written_files(video_dir, tiny_tokenizer, tmp_path):
     store = tmp_path / "s.zarr"
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(store), "--tokenizer", str(tiny_tokenizer),
-                              "--clips", "2", "--workers", "0", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(video_dir),
+            "-o",
+            str(store),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--clips",
+            "2",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["decode", str(store), "-o", str(tmp_path / "rec"), "--tokenizer", str(tiny_tokenizer),
-                              "--metrics", "--json", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "decode",
+            str(store),
+            "-o",
+            str(tmp_path / "rec"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--metrics",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip())
     assert summary["written"] == 4 and summary["mean_psnr"] is not None
@@ -172,12 +325,29 @@ def test_decode_metrics_match_written_files(video_dir, tiny_tokenizer, tmp_path)
         written = read_clips(rec["file"], ClipSpec(frames=8, height=32, width=32), "first")[0].frames
         s = open_store(store).get(rec["key"])
         src = ClipReader(s.source, ClipSpec(frames=8, height=32, width=32)).read(s.clip_start).frames
-        p = float(psnr_frames(to_model_input(torch.from_numpy(written)[None]), to_model_input(torch.from_numpy(src)[None])).mean())
+        p = float(
+            psnr_frames(
+                to_model_input(torch.from_numpy(written)[None]), to_model_input(torch.from_numpy(src)[None])
+            ).mean()
+        )
         # the mp4 (crf 18, 4:2:0 chroma) adds little error; a random-weight tokenizer's noise-like
         # colours lose most in the chroma subsampling (~0.5 dB here), real reconstructions far less
         assert p == pytest.approx(rec["psnr"], abs=1.0)
-    sbs = runner.invoke(app, ["decode", str(store), "-o", str(tmp_path / "sbs"), "--tokenizer", str(tiny_tokenizer),
-                              "--limit", "1", "--side-by-side", "--quiet"])
+    sbs = runner.invoke(
+        app,
+        [
+            "decode",
+            str(store),
+            "-o",
+            str(tmp_path / "sbs"),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--limit",
+            "1",
+            "--side-by-side",
+            "--quiet",
+        ],
+    )
     assert sbs.exit_code == 0
     f = next((tmp_path / "sbs").iterdir())
     info = json.loads(runner.invoke(app, ["info", str(f), "--json"]).stdout)
@@ -186,8 +356,22 @@ def test_decode_metrics_match_written_files(video_dir, tiny_tokenizer, tmp_path)
 
 def test_malicious_keys_stay_inside_out_dir(video_dir, tiny_tokenizer, tmp_path):
     store = tmp_path / "evil.zarr"
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(store), "--tokenizer", str(tiny_tokenizer),
-                              "--clips", "first", "--workers", "0", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(video_dir),
+            "-o",
+            str(store),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--clips",
+            "first",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0
     keys = zarr.open_group(str(store / "part-00000"), mode="r+")["key"]
     keys[:] = np.array(["../../escaped", "/etc/passwd"], dtype=object)
@@ -205,8 +389,22 @@ def test_decode_refuses_other_tokenizer(video_dir, tiny_tokenizer, tmp_path):
     from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
 
     store = tmp_path / "s.zarr"
-    runner.invoke(app, ["encode", str(video_dir), "-o", str(store), "--tokenizer", str(tiny_tokenizer), "--clips", "first",
-                        "--workers", "0", "--quiet"])
+    runner.invoke(
+        app,
+        [
+            "encode",
+            str(video_dir),
+            "-o",
+            str(store),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--clips",
+            "first",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     torch.manual_seed(1)
     other = EVATokTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path / "other")
     res = runner.invoke(app, ["decode", str(store), "-o", str(tmp_path / "r"), "--tokenizer", str(other)])
@@ -224,8 +422,9 @@ def routers(tmp_path_factory):
     out = {}
     for head in ("classify", "reward"):
         torch.manual_seed(3)
-        out[head] = Router(router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4,
-                                         head=head)).save_pretrained(d / head, preset="tiny")
+        out[head] = Router(
+            router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4, head=head)
+        ).save_pretrained(d / head, preset="tiny")
     return out
 
 
@@ -233,31 +432,74 @@ def test_encode_with_router_and_budget(video_dir, tiny_tokenizer, routers, tmp_p
     from evatok_cli.route import route
 
     common = ["--tokenizer", str(tiny_tokenizer), "--clips", "4", "--workers", "0", "--quiet", "--json"]
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "r.zarr"), "--router",
-                              str(routers["classify"])] + common)
+    res = runner.invoke(
+        app, ["encode", str(video_dir), "-o", str(tmp_path / "r.zarr"), "--router", str(routers["classify"])] + common
+    )
     assert res.exit_code == 0, res.output
     store = open_store(tmp_path / "r.zarr")
     routed = {r["key"]: tuple(r["assignment"]) for r in route(routers["classify"], [str(video_dir)], clips=4).records}
     assert {s.key: tuple(int(x) for x in s.block_lengths) for s in store} == routed  # encode uses the router's choice
     assert store.attrs["assignment_policy"] == {"router": str(routers["classify"])}
     # budget mode: the mean tokens per clip stays within the budget
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "b.zarr"), "--router",
-                              str(routers["reward"]), "--budget", "20"] + common)
+    res = runner.invoke(
+        app,
+        ["encode", str(video_dir), "-o", str(tmp_path / "b.zarr"), "--router", str(routers["reward"]), "--budget", "20"]
+        + common,
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip())["mean_tokens"] <= 20
     # budget needs a reward head; router and assignment exclude each other
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "c.zarr"), "--router",
-                              str(routers["classify"]), "--budget", "20"] + common)
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(video_dir),
+            "-o",
+            str(tmp_path / "c.zarr"),
+            "--router",
+            str(routers["classify"]),
+            "--budget",
+            "20",
+        ]
+        + common,
+    )
     assert res.exit_code == 1 and "reward" in res.stderr
-    res = runner.invoke(app, ["encode", str(video_dir), "-o", str(tmp_path / "d.zarr"), "--router",
-                              str(routers["classify"]), "--assignment", "uniform:4"] + common)
+    res = runner.invoke(
+        app,
+        [
+            "encode",
+            str(video_dir),
+            "-o",
+            str(tmp_path / "d.zarr"),
+            "--router",
+            str(routers["classify"]),
+            "--assignment",
+            "uniform:4",
+        ]
+        + common,
+    )
     assert res.exit_code == 1 and "only one of" in res.stderr
 
 
 def test_store_records_the_assignment_policy(video_dir, tiny_tokenizer, tmp_path):
     for args, want in ((["--assignment", "fixed:16,4,2,1"], {"fixed": [16, 4, 2, 1]}), ([], {"fixed": [16] * 4})):
         out = tmp_path / f"s{len(args)}.zarr"
-        res = runner.invoke(app, ["encode", str(video_dir), "-o", str(out), "--tokenizer", str(tiny_tokenizer),
-                                  "--clips", "first", "--workers", "0", "--quiet"] + args)
+        res = runner.invoke(
+            app,
+            [
+                "encode",
+                str(video_dir),
+                "-o",
+                str(out),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--clips",
+                "first",
+                "--workers",
+                "0",
+                "--quiet",
+            ]
+            + args,
+        )
         assert res.exit_code == 0, res.output
         assert open_store(out).attrs["assignment_policy"] == want

@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from evatok_cli.cli import app
-from evatok_cli.eval_report import EvalReport
+from evatok_cli.evaluation.report import EvalReport
 from evatok_cli.metrics import FeatureStats
 from evatok_cli.models.gpt import GPT, gpt_config
 from evatok_cli.models.router import Router, router_config
@@ -41,7 +41,8 @@ def reward_router(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("routers") / "reward"
     return Router(router_config("tiny", head="reward")).save_pretrained(
-        path, preset="tiny", extra={"labels": {"w_q": 1.2, "w_l": 0.8}, "clip": {"fps": "native"}})
+        path, preset="tiny", extra={"labels": {"w_q": 1.2, "w_l": 0.8}, "clip": {"fps": "native"}}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,62 +55,310 @@ def tiny_gpt(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------ exact calls
 def test_eval_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
     calls = []
-    fake = EvalReport(kind="recon", protocol={"name": "tiny"}, standard=False, deviations=["x"], test_only=True,
-                      summary={"clips": 1}, models={}, metric_weights={}, data={}, settings={"metrics": ["psnr"]}, seed=0)
+    fake = EvalReport(
+        kind="recon",
+        protocol={"name": "tiny"},
+        standard=False,
+        deviations=["x"],
+        test_only=True,
+        summary={"clips": 1},
+        models={},
+        metric_weights={},
+        data={},
+        settings={"metrics": ["psnr"]},
+        seed=0,
+    )
 
     def record(name):
         return lambda *a, **kw: calls.append((name, a, kw)) or fake
 
-    monkeypatch.setattr("evatok_cli.eval.evaluate_reconstruction", record("recon"))
-    monkeypatch.setattr("evatok_cli.eval.evaluate_generation", record("gen"))
-    monkeypatch.setattr("evatok_cli.eval.evaluate_curve", record("curve"))
-    res = runner.invoke(app, ["eval", "recon", "--tokenizer", "t", "--data", "a", "--data", "b", "--router", "r",
-                              "--w-q", "1.6", "--w-l", "0.4", "--metrics", "psnr, fvd", "--i3d", "i.pt",
-                              "--i3d-variant", "videogpt", "--lpips-weights", "v.pth", "--lpips-heads", "h.pth",
-                              "--lpips-net", "alex", "--protocol", "ucf-rfvd", "--num-clips", "5", "--clips", "all",
-                              "--save-stats", "st", "--batch-size", "3", "--workers", "1", "--device", "cpu", "--json"])
+    monkeypatch.setattr("evatok_cli.evaluation.evaluate_reconstruction", record("recon"))
+    monkeypatch.setattr("evatok_cli.evaluation.evaluate_generation", record("gen"))
+    monkeypatch.setattr("evatok_cli.evaluation.evaluate_curve", record("curve"))
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "recon",
+            "--tokenizer",
+            "t",
+            "--data",
+            "a",
+            "--data",
+            "b",
+            "--router",
+            "r",
+            "--w-q",
+            "1.6",
+            "--w-l",
+            "0.4",
+            "--metrics",
+            "psnr, fvd",
+            "--i3d",
+            "i.pt",
+            "--i3d-variant",
+            "videogpt",
+            "--lpips-weights",
+            "v.pth",
+            "--lpips-heads",
+            "h.pth",
+            "--lpips-net",
+            "alex",
+            "--protocol",
+            "ucf-rfvd",
+            "--num-clips",
+            "5",
+            "--clips",
+            "all",
+            "--save-stats",
+            "st",
+            "--batch-size",
+            "3",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert calls == [("recon", (Path("t"), ["a", "b"]), dict(
-        protocol="ucf-rfvd", assignment=None, router=Path("r"), w_q=1.6, w_l=0.4, metrics=["psnr", "fvd"], i3d="i.pt",
-        i3d_variant="videogpt", lpips_weights="v.pth", lpips_heads="h.pth", lpips_net="alex", num_clips=5, clips="all",
-        batch_size=3, workers=1, device="cpu", stats_dir=Path("st"), stdin=None))]
+    assert calls == [
+        (
+            "recon",
+            (Path("t"), ["a", "b"]),
+            dict(
+                protocol="ucf-rfvd",
+                assignment=None,
+                router=Path("r"),
+                w_q=1.6,
+                w_l=0.4,
+                metrics=["psnr", "fvd"],
+                i3d="i.pt",
+                i3d_variant="videogpt",
+                lpips_weights="v.pth",
+                lpips_heads="h.pth",
+                lpips_net="alex",
+                num_clips=5,
+                clips="all",
+                batch_size=3,
+                workers=1,
+                device="cpu",
+                stats_dir=Path("st"),
+                stdin=None,
+            ),
+        )
+    ]
     assert json.loads(res.stdout)["summary"] == {"clips": 1}
     calls.clear()
-    res = runner.invoke(app, ["eval", "gen", "--gpt", "g", "--tokenizer", "t", "--real", "r1", "--protocol",
-                              "ucf-c2v-10k", "--i3d", "i.pt", "--num-samples", "7", "--num-clips", "9", "--cfg", "1.5",
-                              "--temperature", "0.9", "--top-k", "5", "--top-p", "0.8", "--seed", "3", "--cache-dir",
-                              "c", "--no-cache", "--no-ema", "--batch-size", "4", "--device", "cpu", "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "gen",
+            "--gpt",
+            "g",
+            "--tokenizer",
+            "t",
+            "--real",
+            "r1",
+            "--protocol",
+            "ucf-c2v-10k",
+            "--i3d",
+            "i.pt",
+            "--num-samples",
+            "7",
+            "--num-clips",
+            "9",
+            "--cfg",
+            "1.5",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "5",
+            "--top-p",
+            "0.8",
+            "--seed",
+            "3",
+            "--cache-dir",
+            "c",
+            "--no-cache",
+            "--no-ema",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert calls == [("gen", (Path("g"), Path("t"), ["r1"]), dict(
-        protocol="ucf-c2v-10k", i3d="i.pt", i3d_variant=None, num_samples=7, num_clips=9, cfg_scale=1.5,
-        temperature=0.9, top_k=5, top_p=0.8, seed=3, batch_size=4, workers=0, device="cpu", ema=False,
-        cache_dir=Path("c"), use_cache=False, stdin=None))]
+    assert calls == [
+        (
+            "gen",
+            (Path("g"), Path("t"), ["r1"]),
+            dict(
+                protocol="ucf-c2v-10k",
+                i3d="i.pt",
+                i3d_variant=None,
+                num_samples=7,
+                num_clips=9,
+                cfg_scale=1.5,
+                temperature=0.9,
+                top_k=5,
+                top_p=0.8,
+                seed=3,
+                batch_size=4,
+                workers=0,
+                device="cpu",
+                ema=False,
+                cache_dir=Path("c"),
+                use_cache=False,
+                stdin=None,
+            ),
+        )
+    ]
     calls.clear()
-    res = runner.invoke(app, ["eval", "curve", "--tokenizer", "t", "--data", "a", "--router", "r", "--w-q", "0.8,1.6",
-                              "--metric", "psnr,lpips", "--lpips-weights", "random:1", "--device", "cpu", "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "curve",
+            "--tokenizer",
+            "t",
+            "--data",
+            "a",
+            "--router",
+            "r",
+            "--w-q",
+            "0.8,1.6",
+            "--metric",
+            "psnr,lpips",
+            "--lpips-weights",
+            "random:1",
+            "--device",
+            "cpu",
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert calls == [("curve", (Path("t"), ["a"]), dict(
-        router=Path("r"), w_q="0.8,1.6", budgets=None, metrics=["psnr", "lpips"], protocol=None, i3d=None,
-        i3d_variant=None, lpips_weights="random:1", lpips_heads=None, lpips_net="vgg", num_clips=None, clips=None,
-        batch_size=8, workers=0, device="cpu", stdin=None))]
-    for bad in (["recon", "--tokenizer", "t", "--data", "a", "--router", "r", "--assignment", "uniform:4"],
-                ["recon", "--tokenizer", "t", "--data", "a", "--batch-size", "0"],
-                ["curve", "--tokenizer", "t", "--data", "a", "--w-q", "1", "--budgets", "4"],
-                ["gen", "--gpt", "g", "--tokenizer", "t", "--real", "r", "--protocol", "tiny", "--i3d", "x",
-                 "--num-samples", "0"]):
+    assert calls == [
+        (
+            "curve",
+            (Path("t"), ["a"]),
+            dict(
+                router=Path("r"),
+                w_q="0.8,1.6",
+                budgets=None,
+                metrics=["psnr", "lpips"],
+                protocol=None,
+                i3d=None,
+                i3d_variant=None,
+                lpips_weights="random:1",
+                lpips_heads=None,
+                lpips_net="vgg",
+                num_clips=None,
+                clips=None,
+                batch_size=8,
+                workers=0,
+                device="cpu",
+                stdin=None,
+            ),
+        )
+    ]
+    for bad in (
+        ["recon", "--tokenizer", "t", "--data", "a", "--router", "r", "--assignment", "uniform:4"],
+        ["recon", "--tokenizer", "t", "--data", "a", "--batch-size", "0"],
+        ["curve", "--tokenizer", "t", "--data", "a", "--w-q", "1", "--budgets", "4"],
+        [
+            "gen",
+            "--gpt",
+            "g",
+            "--tokenizer",
+            "t",
+            "--real",
+            "r",
+            "--protocol",
+            "tiny",
+            "--i3d",
+            "x",
+            "--num-samples",
+            "0",
+        ],
+    ):
         assert runner.invoke(app, ["eval", *bad]).exit_code == 2, bad
 
 
 EVAL_SURFACE = {  # a new option is a decision: update docs/evaluation.md and this list together
-    "recon": ["--assignment", "--batch-size", "--clips", "--data", "--device", "--i3d", "--i3d-variant", "--json",
-              "--lpips-heads", "--lpips-net", "--lpips-weights", "--metrics", "--num-clips", "--out", "--protocol",
-              "--quiet", "--router", "--save-stats", "--tokenizer", "--w-l", "--w-q", "--workers"],
-    "gen": ["--batch-size", "--cache-dir", "--cfg", "--device", "--gpt", "--i3d", "--i3d-variant", "--json",
-            "--no-cache", "--no-ema", "--num-clips", "--num-samples", "--out", "--protocol", "--quiet", "--real",
-            "--seed", "--temperature", "--tokenizer", "--top-k", "--top-p", "--workers"],
-    "curve": ["--batch-size", "--budgets", "--clips", "--data", "--device", "--i3d", "--i3d-variant", "--json",
-              "--lpips-heads", "--lpips-net", "--lpips-weights", "--metric", "--num-clips", "--out", "--plot",
-              "--protocol", "--quiet", "--router", "--tokenizer", "--w-q", "--workers"],
+    "recon": [
+        "--assignment",
+        "--batch-size",
+        "--clips",
+        "--data",
+        "--device",
+        "--i3d",
+        "--i3d-variant",
+        "--json",
+        "--lpips-heads",
+        "--lpips-net",
+        "--lpips-weights",
+        "--metrics",
+        "--num-clips",
+        "--out",
+        "--protocol",
+        "--quiet",
+        "--router",
+        "--save-stats",
+        "--tokenizer",
+        "--w-l",
+        "--w-q",
+        "--workers",
+    ],
+    "gen": [
+        "--batch-size",
+        "--cache-dir",
+        "--cfg",
+        "--device",
+        "--gpt",
+        "--i3d",
+        "--i3d-variant",
+        "--json",
+        "--no-cache",
+        "--no-ema",
+        "--num-clips",
+        "--num-samples",
+        "--out",
+        "--protocol",
+        "--quiet",
+        "--real",
+        "--seed",
+        "--temperature",
+        "--tokenizer",
+        "--top-k",
+        "--top-p",
+        "--workers",
+    ],
+    "curve": [
+        "--batch-size",
+        "--budgets",
+        "--clips",
+        "--data",
+        "--device",
+        "--i3d",
+        "--i3d-variant",
+        "--json",
+        "--lpips-heads",
+        "--lpips-net",
+        "--lpips-weights",
+        "--metric",
+        "--num-clips",
+        "--out",
+        "--plot",
+        "--protocol",
+        "--quiet",
+        "--router",
+        "--tokenizer",
+        "--w-q",
+        "--workers",
+    ],
     "compare": ["--out"],
 }
 
@@ -118,12 +367,14 @@ def test_no_new_eval_cli_options():
     import typer
 
     group = typer.main.get_command(app).commands["eval"]
-    got = {name: sorted(o for p in c.params for o in p.opts if o.startswith("--")) for name, c in group.commands.items()}
+    got = {
+        name: sorted(o for p in c.params for o in p.opts if o.startswith("--")) for name, c in group.commands.items()
+    }
     assert got == EVAL_SURFACE
 
 
 def test_plot_without_matplotlib_is_a_clear_usage_error(monkeypatch):
-    monkeypatch.setattr("evatok_cli.eval.matplotlib_available", lambda: False)
+    monkeypatch.setattr("evatok_cli.evaluation.matplotlib_available", lambda: False)
     res = runner.invoke(app, ["eval", "curve", "--tokenizer", "t", "--data", "a", "--plot", "c.png"])
     assert res.exit_code == 2 and "--plot needs matplotlib" in res.output and "evatok[plot]" in res.output
 
@@ -131,15 +382,50 @@ def test_plot_without_matplotlib_is_a_clear_usage_error(monkeypatch):
 # --------------------------------------------------------------------------------- real runs
 def test_eval_recon_on_real_footage(tiny_tokenizer, video_dir, footage, tmp_path):
     out = tmp_path / "rep" / "recon.json"
-    res = runner.invoke(app, ["eval", "recon", "--tokenizer", str(tiny_tokenizer), "--data", str(video_dir), "--data",
-                              str(footage["bigbuckbunny"]), "--protocol", "tiny", "--clips", "2",
-                              "--metrics", "psnr,ssim,lpips,fvd", "-o", str(out), *RANDOM])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "recon",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--data",
+            str(video_dir),
+            "--data",
+            str(footage["bigbuckbunny"]),
+            "--protocol",
+            "tiny",
+            "--clips",
+            "2",
+            "--metrics",
+            "psnr,ssim,lpips,fvd",
+            "-o",
+            str(out),
+            *RANDOM,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "# evatok eval recon: protocol `tiny` (NON-STANDARD, TEST ONLY)" in res.stdout
     rep = json.loads(out.read_text())
     assert out.with_suffix(".md").read_text().strip() in res.stdout
-    for key in ("kind", "protocol", "standard", "deviations", "test_only", "summary", "models", "metric_weights", "data",
-                "settings", "seed", "fvd", "per_clip", "evatok_version", "created_utc", "format"):
+    for key in (
+        "kind",
+        "protocol",
+        "standard",
+        "deviations",
+        "test_only",
+        "summary",
+        "models",
+        "metric_weights",
+        "data",
+        "settings",
+        "seed",
+        "fvd",
+        "per_clip",
+        "evatok_version",
+        "created_utc",
+        "format",
+    ):
         assert key in rep, key
     assert rep["protocol"]["name"] == "tiny" and rep["protocol"]["clips_per_video"] == "2" and rep["test_only"]
     s = rep["summary"]
@@ -147,7 +433,10 @@ def test_eval_recon_on_real_footage(tiny_tokenizer, video_dir, footage, tmp_path
     for k in ("psnr", "ssim", "lpips", "fvd", "mean_tokens", "token_savings"):
         assert s[k] is not None and math.isfinite(s[k]), k
     assert s["mean_tokens"] == s["uniform_tokens"] == 64 and s["token_savings"] == 0  # default: uniform at max level
-    assert all(set(c) >= {"key", "source", "clip_start", "assignment", "tokens", "psnr", "ssim", "lpips"} for c in rep["per_clip"])
+    assert all(
+        set(c) >= {"key", "source", "clip_start", "assignment", "tokens", "psnr", "ssim", "lpips"}
+        for c in rep["per_clip"]
+    )
     assert len(rep["models"]["tokenizer"]["sha256"]) == 64 and rep["metric_weights"]["i3d"]["variant"] == "videogpt"
     assert rep["fvd"]["n_real"] == rep["fvd"]["n_fake"] == 6 and rep["data"]["listing_sha256"]
 
@@ -155,14 +444,43 @@ def test_eval_recon_on_real_footage(tiny_tokenizer, video_dir, footage, tmp_path
 def test_eval_curve_with_a_router_and_plot(tiny_tokenizer, reward_router, video_dir, tmp_path):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "curve.json", tmp_path / "curve.png"
-    res = runner.invoke(app, ["eval", "curve", "--tokenizer", str(tiny_tokenizer), "--data", str(video_dir),
-                              "--router", str(reward_router), "--w-q", "0.4,1.2,2.0", "--metric", "psnr,fvd",
-                              "--clips", "2", "-o", str(out), "--plot", str(png), *RANDOM])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "curve",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--data",
+            str(video_dir),
+            "--router",
+            str(reward_router),
+            "--w-q",
+            "0.4,1.2,2.0",
+            "--metric",
+            "psnr,fvd",
+            "--clips",
+            "2",
+            "-o",
+            str(out),
+            "--plot",
+            str(png),
+            *RANDOM,
+        ],
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     labels = [p["label"] for p in rep["points"]]
-    assert labels == ["uniform-1", "uniform-2", "uniform-4", "uniform-8", "uniform-16",
-                      "router-wq-0.4", "router-wq-1.2", "router-wq-2"]
+    assert labels == [
+        "uniform-1",
+        "uniform-2",
+        "uniform-4",
+        "uniform-8",
+        "uniform-16",
+        "router-wq-0.4",
+        "router-wq-1.2",
+        "router-wq-2",
+    ]
     for p in rep["points"]:
         assert p["clips"] == 4 and math.isfinite(p["psnr"]) and math.isfinite(p["fvd"])
         if p["kind"] == "uniform":
@@ -173,18 +491,53 @@ def test_eval_curve_with_a_router_and_plot(tiny_tokenizer, reward_router, video_
     assert router_tokens == sorted(router_tokens)  # more weight on quality never buys fewer tokens
     assert "| uniform-16 | 64.00 | 0.0% |" in res.stdout and rep["protocol"]["name"] == "custom"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = runner.invoke(app, ["eval", "curve", "--tokenizer", str(tiny_tokenizer), "--data", str(video_dir),
-                              "--router", str(reward_router), "--budgets", "10,40", "--clips", "2", "--json",
-                              "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "curve",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--data",
+            str(video_dir),
+            "--router",
+            str(reward_router),
+            "--budgets",
+            "10,40",
+            "--clips",
+            "2",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     pts = {p["label"]: p for p in json.loads(res.stdout)["points"]}
     assert pts["router-budget-10"]["mean_tokens"] <= 10 and pts["router-budget-40"]["mean_tokens"] <= 40
 
 
 def test_eval_gen_caches_real_stats(tiny_gpt, tiny_tokenizer, video_dir, tmp_path):
-    args = ["eval", "gen", "--gpt", str(tiny_gpt), "--tokenizer", str(tiny_tokenizer), "--real", str(video_dir),
-            "--protocol", "tiny", "--i3d", "random:0", "--num-samples", "2", "--cache-dir", str(tmp_path / "cache"),
-            "--device", "cpu", "--json"]
+    args = [
+        "eval",
+        "gen",
+        "--gpt",
+        str(tiny_gpt),
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--real",
+        str(video_dir),
+        "--protocol",
+        "tiny",
+        "--i3d",
+        "random:0",
+        "--num-samples",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+        "--json",
+    ]
     first = runner.invoke(app, [*args, "-o", str(tmp_path / "g.json")])
     assert first.exit_code == 0, first.output
     a = json.loads(first.stdout)
@@ -199,13 +552,33 @@ def test_eval_gen_caches_real_stats(tiny_gpt, tiny_tokenizer, video_dir, tmp_pat
 
 
 def test_eval_compare_refuses_mismatched_reports(tiny_tokenizer, video_dir, tmp_path):
-    base = ["eval", "recon", "--tokenizer", str(tiny_tokenizer), "--data", str(video_dir), "--protocol", "tiny",
-            "--metrics", "psnr,fvd", "--device", "cpu", "-q"]
+    base = [
+        "eval",
+        "recon",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--data",
+        str(video_dir),
+        "--protocol",
+        "tiny",
+        "--metrics",
+        "psnr,fvd",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     assert runner.invoke(app, [*base, "--i3d", "random:0", "-o", str(tmp_path / "a.json")]).exit_code == 0
-    assert runner.invoke(app, [*base, "--i3d", "random:0", "--assignment", "uniform:4",
-                               "-o", str(tmp_path / "b.json")]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, [*base, "--i3d", "random:0", "--assignment", "uniform:4", "-o", str(tmp_path / "b.json")]
+        ).exit_code
+        == 0
+    )
     assert runner.invoke(app, [*base, "--i3d", "random:7", "-o", str(tmp_path / "c.json")]).exit_code == 0
-    assert runner.invoke(app, [*base, "--i3d", "random:0", "--num-clips", "1", "-o", str(tmp_path / "d.json")]).exit_code == 0
+    assert (
+        runner.invoke(app, [*base, "--i3d", "random:0", "--num-clips", "1", "-o", str(tmp_path / "d.json")]).exit_code
+        == 0
+    )
     res = runner.invoke(app, ["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert res.exit_code == 0, res.output
     assert "| mean tokens | 64.00 | 16.00 | -48.00 |" in res.stdout and "| a | b | b - a |" in res.stdout
@@ -226,22 +599,52 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_statistics_of_one(tiny_tokenizer, video_dir, footage, tmp_path):
     def run(prefix: list[str] | None, name: str) -> dict:
-        args = ["eval", "recon", "--tokenizer", str(tiny_tokenizer), "--data", str(video_dir), "--data",
-                str(footage["bigbuckbunny"]), "--protocol", "tiny", "--clips", "2", "--metrics", "psnr,fvd",
-                "--i3d", "random:0", "--batch-size", "2", "--device", "cpu", "--save-stats", str(tmp_path / name),
-                "-o", str(tmp_path / f"{name}.json"), "-q"]
+        args = [
+            "eval",
+            "recon",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--data",
+            str(video_dir),
+            "--data",
+            str(footage["bigbuckbunny"]),
+            "--protocol",
+            "tiny",
+            "--clips",
+            "2",
+            "--metrics",
+            "psnr,fvd",
+            "--i3d",
+            "random:0",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--save-stats",
+            str(tmp_path / name),
+            "-o",
+            str(tmp_path / f"{name}.json"),
+            "-q",
+        ]
         if prefix is None:  # one process: in this one
             res = runner.invoke(app, args)
             assert res.exit_code == 0, res.output
         else:
-            res = subprocess.run([*prefix, "-m", "evatok_cli", *args], capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+            res = subprocess.run(
+                [*prefix, "-m", "evatok_cli", *args],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                timeout=300,
+            )
             assert res.returncode == 0, res.stderr[-3000:]
         return json.loads((tmp_path / f"{name}.json").read_text())
 
     one = run(None, "one")
-    two = run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-               str(_free_port())], "two")
+    two = run(
+        [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(_free_port())],
+        "two",
+    )
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert [c["key"] for c in one["per_clip"]] == [c["key"] for c in two["per_clip"]]  # same clips, same order
     for a, b in zip(one["per_clip"], two["per_clip"]):
@@ -257,15 +660,42 @@ def test_torchrun_two_ranks_give_the_statistics_of_one(tiny_tokenizer, video_dir
 @pytest.mark.slow
 def test_torchrun_gen_samples_and_cache_do_not_depend_on_ranks(tiny_gpt, tiny_tokenizer, video_dir, tmp_path):
     def run(prefix: list[str] | None, cache: str, name: str) -> dict:
-        args = ["eval", "gen", "--gpt", str(tiny_gpt), "--tokenizer", str(tiny_tokenizer), "--real", str(video_dir),
-                "--protocol", "tiny", "--i3d", "random:0", "--num-samples", "4", "--batch-size", "1",
-                "--cache-dir", str(tmp_path / cache), "--device", "cpu", "-o", str(tmp_path / f"{name}.json"), "-q"]
+        args = [
+            "eval",
+            "gen",
+            "--gpt",
+            str(tiny_gpt),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--real",
+            str(video_dir),
+            "--protocol",
+            "tiny",
+            "--i3d",
+            "random:0",
+            "--num-samples",
+            "4",
+            "--batch-size",
+            "1",
+            "--cache-dir",
+            str(tmp_path / cache),
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / f"{name}.json"),
+            "-q",
+        ]
         if prefix is None:  # one process: in this one
             res = runner.invoke(app, args)
             assert res.exit_code == 0, res.output
         else:
-            res = subprocess.run([*prefix, "-m", "evatok_cli", *args], capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+            res = subprocess.run(
+                [*prefix, "-m", "evatok_cli", *args],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                timeout=300,
+            )
             assert res.returncode == 0, res.stderr[-3000:]
         return json.loads((tmp_path / f"{name}.json").read_text())
 
@@ -273,10 +703,16 @@ def test_torchrun_gen_samples_and_cache_do_not_depend_on_ranks(tiny_gpt, tiny_to
     one = run(None, "c1", "one")
     two = run([*torchrun, "--master_port", str(_free_port())], "c2", "two")  # real statistics split over ranks
     hit = run([*torchrun, "--master_port", str(_free_port())], "c2", "hit")  # rank 0 reads the cache
-    assert [one["data"]["real_stats_cache"]["hit"], two["data"]["real_stats_cache"]["hit"],
-            hit["data"]["real_stats_cache"]["hit"]] == [False, False, True]
+    assert [
+        one["data"]["real_stats_cache"]["hit"],
+        two["data"]["real_stats_cache"]["hit"],
+        hit["data"]["real_stats_cache"]["hit"],
+    ] == [False, False, True]
     assert one["samples"] == two["samples"] == hit["samples"] and [s["class"] for s in one["samples"]] == [0, 1, 0, 1]
-    s1, s2 = (FeatureStats.load(one["data"]["real_stats_cache"]["path"]), FeatureStats.load(two["data"]["real_stats_cache"]["path"]))
+    s1, s2 = (
+        FeatureStats.load(one["data"]["real_stats_cache"]["path"]),
+        FeatureStats.load(two["data"]["real_stats_cache"]["path"]),
+    )
     assert s1.count == s2.count == 2
     torch.testing.assert_close(s2.outer, s1.outer, rtol=1e-5, atol=1e-5)
     assert two["world_size"] == 2 and two["summary"]["fvd"] == pytest.approx(one["summary"]["fvd"], rel=1e-4)

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from evatok_cli.checkpoint import weights_sha256
 from evatok_cli.cli import app
 from evatok_cli.encode import encode_videos
+from evatok_cli.generate import GenerateSummary
 from evatok_cli.models.gpt import GPT, build_sequence, parse_sequence
 from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
-from evatok_cli.sample import GenerateSummary
 from evatok_cli.store import open_store
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.video import probe
@@ -42,10 +42,31 @@ def gpt_run(video_dir, tiny_tokenizer, tmp_path_factory) -> Path:
     """A tiny GPT trained for a few steps by `evatok train gpt` on a store of real encoded clips."""
     d = tmp_path_factory.mktemp("gen")
     store = d / "train.zarr"
-    encode_videos([video_dir], store, tokenizer=tiny_tokenizer, clips="2", label_from="parent-dir", workers=0,
-                  assigner=_mixed)
-    res = runner.invoke(app, ["train", "gpt", "--tokens", str(store), "--preset", "tiny", "--out", str(d / "run"),
-                              "--steps", "3", "--batch-size", "2", "--workers", "0", "--lr", "1e-3", "--quiet"])
+    encode_videos(
+        [video_dir], store, tokenizer=tiny_tokenizer, clips="2", label_from="parent-dir", workers=0, assigner=_mixed
+    )
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "gpt",
+            "--tokens",
+            str(store),
+            "--preset",
+            "tiny",
+            "--out",
+            str(d / "run"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--lr",
+            "1e-3",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return d / "run"
 
@@ -63,18 +84,69 @@ def test_generate_cli_calls_library_with_exact_kwargs(monkeypatch):
 
     def fake(gpt, out, **kw):
         calls.append((gpt, out, kw))
-        return GenerateSummary(out=str(out), samples=2, mean_tokens=30.0, min_tokens=29, most_tokens=31,
-                               assignments={"16,8,2,4": 2})
+        return GenerateSummary(
+            out=str(out), samples=2, mean_tokens=30.0, min_tokens=29, most_tokens=31, assignments={"16,8,2,4": 2}
+        )
 
-    monkeypatch.setattr("evatok_cli.sample.generate_videos", fake)
-    res = runner.invoke(app, ["generate", "--gpt", "g", "--tokenizer", "t", "--classes", "0, ride,17", "--num", "4",
-                              "-o", "o", "--cfg", "3", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95",
-                              "--max-tokens", "40", "--seed", "7", "--format", "both", "--batch-size", "5",
-                              "--device", "cpu", "--no-ema", "--json"])
+    monkeypatch.setattr("evatok_cli.generate.generate_videos", fake)
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--gpt",
+            "g",
+            "--tokenizer",
+            "t",
+            "--classes",
+            "0, ride,17",
+            "--num",
+            "4",
+            "-o",
+            "o",
+            "--cfg",
+            "3",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--max-tokens",
+            "40",
+            "--seed",
+            "7",
+            "--format",
+            "both",
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+            "--no-ema",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert calls == [(Path("g"), Path("o"), dict(
-        tokenizer=Path("t"), classes=["0", "ride", "17"], num=4, cfg_scale=3.0, temperature=0.9, top_k=50, top_p=0.95,
-        max_tokens=40, seed=7, format="both", batch_size=5, device="cpu", ema=False))]
+    assert calls == [
+        (
+            Path("g"),
+            Path("o"),
+            dict(
+                tokenizer=Path("t"),
+                classes=["0", "ride", "17"],
+                num=4,
+                cfg_scale=3.0,
+                temperature=0.9,
+                top_k=50,
+                top_p=0.95,
+                max_tokens=40,
+                seed=7,
+                format="both",
+                batch_size=5,
+                device="cpu",
+                ema=False,
+            ),
+        )
+    ]
     assert json.loads(res.stdout)["assignments"] == {"16,8,2,4": 2}
     calls.clear()
     res = runner.invoke(app, ["generate", "--gpt", "g", "--tokenizer", "t", "-o", "o", "--quiet"])
@@ -87,15 +159,61 @@ def test_generate_cli_calls_library_with_exact_kwargs(monkeypatch):
 def test_train_gpt_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr("evatok_cli.train.gpt.train_gpt", lambda **kw: calls.append(kw) or tmp_path)
-    res = runner.invoke(app, ["train", "gpt", "--tokens", "a.zarr", "--tokens", "b", "--preset", "gpt-l", "--out", "r",
-                              "--epochs", "2.5", "--batch-size", "8", "--class-dropout", "0.2", "--lr", "3e-4",
-                              "--warmup", "10", "--resume", "--seed", "3", "--device", "cpu", "--workers", "0", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "gpt",
+            "--tokens",
+            "a.zarr",
+            "--tokens",
+            "b",
+            "--preset",
+            "gpt-l",
+            "--out",
+            "r",
+            "--epochs",
+            "2.5",
+            "--batch-size",
+            "8",
+            "--class-dropout",
+            "0.2",
+            "--lr",
+            "3e-4",
+            "--warmup",
+            "10",
+            "--resume",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     kw = calls[0]
     assert kw.pop("on_log") is None
-    assert kw == dict(tokens=[Path("a.zarr"), Path("b")], preset="gpt-l", out=Path("r"), steps=None, epochs=2.5,
-                      batch_size=8, resume=True, seed=3, device="cpu", workers=0, checkpoint_every=1000, keep_last=3,
-                      log_every=50, stop_at=None, lr=3e-4, warmup=10, class_dropout=0.2)
+    assert kw == dict(
+        tokens=[Path("a.zarr"), Path("b")],
+        preset="gpt-l",
+        out=Path("r"),
+        steps=None,
+        epochs=2.5,
+        batch_size=8,
+        resume=True,
+        seed=3,
+        device="cpu",
+        workers=0,
+        checkpoint_every=1000,
+        keep_last=3,
+        log_every=50,
+        stop_at=None,
+        lr=3e-4,
+        warmup=10,
+        class_dropout=0.2,
+    )
     for bad in (["--steps", "3", "--epochs", "1"], [], ["--steps", "3", "--preset", "huge"]):
         res = runner.invoke(app, ["train", "gpt", "--tokens", "a", "--out", "r", *bad])
         assert res.exit_code == 2, bad
@@ -103,9 +221,29 @@ def test_train_gpt_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
 
 def test_generate_writes_playable_mp4s_and_a_valid_store(gpt_run, tiny_tokenizer, tmp_path):
     out = tmp_path / "samples"
-    res = runner.invoke(app, ["generate", "--gpt", str(gpt_run), "--tokenizer", str(tiny_tokenizer), "--classes", "0,1",
-                              "--num", "2", "-o", str(out), "--format", "both", "--batch-size", "3", "--device", "cpu",
-                              "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--gpt",
+            str(gpt_run),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--classes",
+            "0,1",
+            "--num",
+            "2",
+            "-o",
+            str(out),
+            "--format",
+            "both",
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["cfg_scale"] == 2.5  # the tiny/gpt-b default (PAPER §6)
@@ -139,39 +277,117 @@ def test_generate_writes_playable_mp4s_and_a_valid_store(gpt_run, tiny_tokenizer
     dec = decode_store(out / "samples.zarr", tmp_path / "dec", tokenizer=tiny_tokenizer, limit=1, device="cpu")
     assert dec.written == 1 and probe(dec.files[0]).frames == tok_cfg.frames
     # the same seed (and batch size) gives the same samples
-    res = runner.invoke(app, ["generate", "--gpt", str(gpt_run), "--tokenizer", str(tiny_tokenizer), "--classes", "0,1",
-                              "--num", "2", "-o", str(tmp_path / "again"), "--format", "store", "--batch-size", "3",
-                              "--device", "cpu", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--gpt",
+            str(gpt_run),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--classes",
+            "0,1",
+            "--num",
+            "2",
+            "-o",
+            str(tmp_path / "again"),
+            "--format",
+            "store",
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     again = open_store(tmp_path / "again" / "samples.zarr")
     assert [x.tokens.tolist() for x in again] == [x.tokens.tolist() for x in store]
     assert not list((tmp_path / "again").glob("*.mp4"))
     # an existing sample store is not overwritten
-    res = runner.invoke(app, ["generate", "--gpt", str(gpt_run), "--tokenizer", str(tiny_tokenizer), "-o",
-                              str(tmp_path / "again"), "--format", "store", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--gpt",
+            str(gpt_run),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "-o",
+            str(tmp_path / "again"),
+            "--format",
+            "store",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 1 and "already exists" in res.stderr
 
 
 def test_class_names_and_unknown_classes(gpt_run, tiny_tokenizer, tmp_path):
     out = tmp_path / "named"
-    res = runner.invoke(app, ["generate", "--gpt", str(gpt_run), "--tokenizer", str(tiny_tokenizer), "--classes",
-                              "talk,ride,null", "-o", str(out), "--cfg", "1", "--max-tokens", "8", "--device", "cpu",
-                              "--json", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--gpt",
+            str(gpt_run),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--classes",
+            "talk,ride,null",
+            "-o",
+            str(out),
+            "--cfg",
+            "1",
+            "--max-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     recs = json.loads(res.stdout)["per_sample"]
     assert [(r["name"], r["class"]) for r in recs] == [("class-talk_0", 1), ("class-ride_0", 0), ("class-null_0", 2)]
     assert all(r["tokens"] <= 8 for r in recs)  # the token budget
     assert sorted(p.name for p in out.glob("*.mp4")) == ["class-null_0.mp4", "class-ride_0.mp4", "class-talk_0.mp4"]
     for bad, msg in ((["--classes", "jump"], "unknown class 'jump'"), (["--classes", "5"], "out of range")):
-        res = runner.invoke(app, ["generate", "--gpt", str(gpt_run), "--tokenizer", str(tiny_tokenizer), "-o",
-                                  str(tmp_path / "x"), "--device", "cpu", *bad])
+        res = runner.invoke(
+            app,
+            [
+                "generate",
+                "--gpt",
+                str(gpt_run),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "-o",
+                str(tmp_path / "x"),
+                "--device",
+                "cpu",
+                *bad,
+            ],
+        )
         assert res.exit_code == 1 and msg in res.stderr, res.output
         assert res.stderr.count("\n") == 1  # one line
 
 
 def test_mismatched_tokenizer_is_refused(gpt_run, other_tokenizer, tmp_path):
-    res = runner.invoke(app, ["generate", "--gpt", str(gpt_run), "--tokenizer", str(other_tokenizer), "-o",
-                              str(tmp_path / "x"), "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "--gpt",
+            str(gpt_run),
+            "--tokenizer",
+            str(other_tokenizer),
+            "-o",
+            str(tmp_path / "x"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 1
     assert "not the tokenizer" in res.stderr and "sha256" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()

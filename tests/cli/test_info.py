@@ -31,11 +31,19 @@ def store(tmp_path):
     path = tmp_path / "toks.zarr"
     picks = [space.to_index((16, 8, 2, 1))] * 3 + [space.to_index((4, 4, 4, 4))] * 2 + [0]
     with open_writer(path, attrs=ATTRS, num_blocks=4) as w:
-        w.append([
-            Sample(key=f"clip{i}", tokens=rng.integers(0, 1024, space.length(a)), block_lengths=space.to_tuple(a),
-                   assignment=a, source=f"/data/v{i}.mp4", clip_start=0)
-            for i, a in enumerate(picks)
-        ])
+        w.append(
+            [
+                Sample(
+                    key=f"clip{i}",
+                    tokens=rng.integers(0, 1024, space.length(a)),
+                    block_lengths=space.to_tuple(a),
+                    assignment=a,
+                    source=f"/data/v{i}.mp4",
+                    clip_start=0,
+                )
+                for i, a in enumerate(picks)
+            ]
+        )
     return path
 
 
@@ -84,8 +92,12 @@ def test_info_unfinished_store_says_so(tmp_path):
 
 
 def test_info_real_subprocess(store, footage):
-    out = subprocess.run([sys.executable, "-m", "evatok_cli", "info", "--json", str(footage["carphone"]), str(store)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "evatok_cli", "info", "--json", str(footage["carphone"]), str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     recs = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["type"] for r in recs] == ["video", "store"]

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from evatok_cli.assignments import AssignmentSpace, label_spread
 from evatok_cli.cli import app
-from evatok_cli.search import SearchSummary, rewards
+from evatok_cli.reward import rewards
+from evatok_cli.search import SearchSummary
 from evatok_cli.store import open_store
 
 runner = CliRunner()
@@ -32,37 +33,116 @@ def test_cli_calls_search_dataset_with_exact_kwargs(monkeypatch, tmp_path):
 
     def fake(tokenizer, data, out, **kw):
         calls.append((tokenizer, data, out, kw))
-        return SearchSummary(out=str(out), format=kw["format"], clips=3, calibration={"metric": "ssim", "mean": 0.5,
-                             "std": 0.1, "count": 7, "seed": 4})
+        return SearchSummary(
+            out=str(out),
+            format=kw["format"],
+            clips=3,
+            calibration={"metric": "ssim", "mean": 0.5, "std": 0.1, "count": 7, "seed": 4},
+        )
 
     monkeypatch.setattr("evatok_cli.search.search_dataset", fake)
-    res = runner.invoke(app, ["search", "--tokenizer", "p", "--data", "a", "--data", "b", "-o", "o.zarr", "--format",
-                              "wds", "--metric", "ssim", "--w-q", "1.4", "--w-l", "0.6", "--calibration", "7", "--beam",
-                              "5", "--clips", "3", "--fps", "3", "--batch-size", "4", "--workers", "0", "--chunk", "50",
-                              "--seed", "4", "--device", "cpu", "--json", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "search",
+            "--tokenizer",
+            "p",
+            "--data",
+            "a",
+            "--data",
+            "b",
+            "-o",
+            "o.zarr",
+            "--format",
+            "wds",
+            "--metric",
+            "ssim",
+            "--w-q",
+            "1.4",
+            "--w-l",
+            "0.6",
+            "--calibration",
+            "7",
+            "--beam",
+            "5",
+            "--clips",
+            "3",
+            "--fps",
+            "3",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--chunk",
+            "50",
+            "--seed",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["clips"] == 3
-    (tokenizer, data, out, kw), = calls
+    ((tokenizer, data, out, kw),) = calls
     assert (tokenizer, data, out) == (Path("p"), ["a", "b"], Path("o.zarr"))
     on_progress = kw.pop("on_progress")
     assert on_progress is None  # --quiet
-    assert kw == dict(format="wds", metric="ssim", metric_options=None, w_q=1.4, w_l=0.6, calibration=7, stats=None,
-                      beam=5, clips=3, fps="3", batch_size=4, workers=0, chunk=50, seed=4, device="cpu", stdin=None)
+    assert kw == dict(
+        format="wds",
+        metric="ssim",
+        metric_options=None,
+        w_q=1.4,
+        w_l=0.6,
+        calibration=7,
+        stats=None,
+        beam=5,
+        clips=3,
+        fps="3",
+        batch_size=4,
+        workers=0,
+        chunk=50,
+        seed=4,
+        device="cpu",
+        stdin=None,
+    )
     # LPIPS weights travel as metric options
-    runner.invoke(app, ["search", "--tokenizer", "p", "--data", "a", "-o", "o", "--metric", "lpips", "--lpips-net", "alex",
-                        "--lpips-backbone", "alex.pth", "--stats", "s.json"])
+    runner.invoke(
+        app,
+        [
+            "search",
+            "--tokenizer",
+            "p",
+            "--data",
+            "a",
+            "-o",
+            "o",
+            "--metric",
+            "lpips",
+            "--lpips-net",
+            "alex",
+            "--lpips-backbone",
+            "alex.pth",
+            "--stats",
+            "s.json",
+        ],
+    )
     assert calls[-1][3]["metric_options"] == {"net": "alex", "backbone": Path("alex.pth"), "heads": None}
     assert calls[-1][3]["stats"] == Path("s.json") and calls[-1][3]["clips"] == "first"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--clips", "some"], "--clips"),
-    (["--metric", "mse"], "--metric"),
-    (["--metric", "lpips"], "--lpips-backbone"),
-    (["--format", "tar"], "--format"),
-    (["--beam", "0"], "--beam"),
-    (["--calibration", "1"], "--calibration"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--clips", "some"], "--clips"),
+        (["--metric", "mse"], "--metric"),
+        (["--metric", "lpips"], "--lpips-backbone"),
+        (["--format", "tar"], "--format"),
+        (["--beam", "0"], "--beam"),
+        (["--calibration", "1"], "--calibration"),
+    ],
+)
 def test_usage_errors_exit_2(args, message, monkeypatch):
     monkeypatch.setattr("evatok_cli.search.search_dataset", lambda *a, **k: pytest.fail("library called"))
     res = runner.invoke(app, ["search", "--tokenizer", "p", "--data", "a", "-o", "o", *args])
@@ -70,15 +150,39 @@ def test_usage_errors_exit_2(args, message, monkeypatch):
 
 
 def test_missing_tokenizer_is_fatal(tmp_path, mixed_dir):
-    res = runner.invoke(app, ["search", "--tokenizer", str(tmp_path / "none"), "--data", str(mixed_dir), "-o",
-                              str(tmp_path / "o.zarr"), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "search",
+            "--tokenizer",
+            str(tmp_path / "none"),
+            "--data",
+            str(mixed_dir),
+            "-o",
+            str(tmp_path / "o.zarr"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 1 and "none" in res.stderr
 
 
 def test_search_directory_with_broken_file(tiny_tokenizer, mixed_dir, tmp_path):
     out = tmp_path / "labels.zarr"
-    args = ["search", "--tokenizer", str(tiny_tokenizer), "--data", str(mixed_dir), "-o", str(out), "--calibration", "8",
-            "--workers", "0", "--device", "cpu"]
+    args = [
+        "search",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--data",
+        str(mixed_dir),
+        "-o",
+        str(out),
+        "--calibration",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     res = runner.invoke(app, [*args, "--json"])
     assert res.exit_code == 3, res.output  # finished, one input skipped
     summary = json.loads(res.stdout)
@@ -106,8 +210,23 @@ def test_search_directory_with_broken_file(tiny_tokenizer, mixed_dir, tmp_path):
 
     # the labels store itself as --stats: same calibration, same labels, on one of the videos
     one = tmp_path / "one.zarr"
-    res = runner.invoke(app, ["search", "--tokenizer", str(tiny_tokenizer), "--data", str(mixed_dir / "bikes.mp4"),
-                              "-o", str(one), "--stats", str(out), "--workers", "0", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "search",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--data",
+            str(mixed_dir / "bikes.mp4"),
+            "-o",
+            str(one),
+            "--stats",
+            str(out),
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     got = open_store(one)
     assert got.attrs["search"]["calibration"] == search["calibration"]
@@ -123,9 +242,31 @@ def test_collapsed_labels_are_reported_with_a_suggestion(tiny_tokenizer, footage
     search still finishes, and says so on stderr and in its JSON (issue: the router then learns a
     constant and route --eval reports 100% everywhere, which nothing used to flag)."""
     out = tmp_path / "labels.zarr"
-    res = runner.invoke(app, ["search", "--tokenizer", str(tiny_tokenizer), "--data", str(footage["bikes"]),
-                              "--data", str(footage["carphone"]), "--clips", "4", "-o", str(out), "--calibration", "8",
-                              "--workers", "0", "--device", "cpu", "--w-l", "100", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "search",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--data",
+            str(footage["bikes"]),
+            "--data",
+            str(footage["carphone"]),
+            "--clips",
+            "4",
+            "-o",
+            str(out),
+            "--calibration",
+            "8",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--w-l",
+            "100",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     spread = json.loads(res.stdout)["spread"]
     assert spread["clips"] == 8 and spread["shortest_share"] == 1.0 and spread["distinct"] == 1
@@ -136,7 +277,11 @@ def test_collapsed_labels_are_reported_with_a_suggestion(tiny_tokenizer, footage
 def test_label_spread_rules():
     space = AssignmentSpace(levels=(1, 2, 4), blocks=2)
     spread = label_spread(space, np.arange(9))  # every assignment once
-    assert spread["distinct"] == 9 and not spread["collapsed"] and spread["entropy_bits"] == pytest.approx(np.log2(9), abs=1e-3)
+    assert (
+        spread["distinct"] == 9
+        and not spread["collapsed"]
+        and spread["entropy_bits"] == pytest.approx(np.log2(9), abs=1e-3)
+    )
     longest = label_spread(space, [8] * 6 + [0, 1, 2, 3])
     assert longest["collapsed"] and longest["longest_share"] == 0.6 and "raise --w-l" in longest["suggestion"]
     middle = label_spread(space, [4] * 5 + [0, 1, 2, 3, 8])

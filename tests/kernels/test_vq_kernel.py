@@ -24,8 +24,10 @@ def _kernel_ready() -> tuple[bool, str]:
     if not HAVE_TRITON:
         return False, "triton is not importable (pip install 'evatok[kernels]')"
     if not CUDA and not vq.interpreter_active():
-        return False, ("triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
-                       "run `TRITON_INTERPRET=1 pytest tests/kernels`")
+        return False, (
+            "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
+            "run `TRITON_INTERPRET=1 pytest tests/kernels`"
+        )
     return True, ""
 
 

@@ -217,12 +217,21 @@ def test_fvd_random_i3d_end_to_end():
     fvd.update(same, real_videos)
     fvd.update(fake, noisy)
     # batching changes only float32 round-off in the network
-    assert real.count == same.count and torch.allclose(real.outer, same.outer, rtol=0, atol=1e-5 * float(real.outer.abs().max()))
+    assert real.count == same.count and torch.allclose(
+        real.outer, same.outer, rtol=0, atol=1e-5 * float(real.outer.abs().max())
+    )
     zero, pos = fvd.compute(real, same), fvd.compute(real, fake)
     assert abs(zero.fvd) < 1e-4 * float(torch.trace(real.cov())) and pos.fvd > 1e-3
     assert abs(fvd.compute(real, real).fvd) < 1e-9 * float(torch.trace(real.cov()))
-    assert pos.to_dict() == {"fvd": pos.fvd, "variant": "videogpt", "weights_sha256": "random(seed=0)",
-                             "resolution": 16, "feature_dim": 400, "n_real": 4, "n_fake": 4}
+    assert pos.to_dict() == {
+        "fvd": pos.fvd,
+        "variant": "videogpt",
+        "weights_sha256": "random(seed=0)",
+        "resolution": 16,
+        "feature_dim": 400,
+        "n_real": 4,
+        "n_fake": 4,
+    }
     other = FVD.random(seed=0, resolution=32)
     with pytest.raises(ValueError, match="statistics made with"):
         other.compute(real, fake)
@@ -246,7 +255,9 @@ class _ToyDetector(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(3, 8)
 
-    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False
+    ) -> torch.Tensor:
         if rescale or resize or not return_features:
             raise RuntimeError("called with the wrong flags")
         if x.shape[1] != 3 or x.shape[3] != 224 or x.shape[4] != 224 or x.min() < -1.0 or x.max() > 1.0:

@@ -101,8 +101,10 @@ def _torchvision_like_state(net: str, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.mark.parametrize("net,convs,channels", [("vgg", VGG16_CONVS, (64, 128, 256, 512, 512)),
-                                                ("alex", ALEX_CONVS, (64, 192, 384, 256, 256))])
+@pytest.mark.parametrize(
+    "net,convs,channels",
+    [("vgg", VGG16_CONVS, (64, 128, 256, 512, 512)), ("alex", ALEX_CONVS, (64, 192, 384, 256, 256))],
+)
 def test_torchvision_and_lpips_files_load_strictly(tmp_path, net, convs, channels):
     expected = sorted(f"features.{i}.{p}" for i in convs for p in ("weight", "bias"))
     sd = _torchvision_like_state(net, seed=3)

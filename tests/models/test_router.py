@@ -43,8 +43,17 @@ def test_presets_match_tokenizer_presets(name):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(head="softmax"), dict(frames=7), dict(height=30), dict(dim=30, heads=4), dict(levels=(2, 1)), dict(depth=0),
-     dict(mlp_ratio=0.0), dict(input_downsample=0), dict(input_downsample=4)],  # 32 is not a multiple of 16 * 4
+    [
+        dict(head="softmax"),
+        dict(frames=7),
+        dict(height=30),
+        dict(dim=30, heads=4),
+        dict(levels=(2, 1)),
+        dict(depth=0),
+        dict(mlp_ratio=0.0),
+        dict(input_downsample=0),
+        dict(input_downsample=4),
+    ],  # 32 is not a multiple of 16 * 4
 )
 def test_config_validation(bad):
     with pytest.raises(ValueError):
@@ -107,7 +116,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_replace_geometry_and_space():
-    cfg = router_config("small", frames=8, height=32, width=32, levels=(4, 8), blocks=2, spatial_patch=8, temporal_patch=2)
+    cfg = router_config(
+        "small", frames=8, height=32, width=32, levels=(4, 8), blocks=2, spatial_patch=8, temporal_patch=2
+    )
     assert cfg.num_assignments == 4 and cfg.grid == (4, 4, 4)
     assert dataclasses.replace(cfg, head="reward").head == "reward"
     assert Router(cfg)(torch.zeros(1, 3, 8, 32, 32)).shape == (1, 4)

@@ -48,9 +48,20 @@ def make_vjepa2(path):
     """A tiny V-JEPA2: 64x64 input, 8x8 patches, tubelet 2, 2 layers of width 32."""
     tr = _transformers()
     torch.manual_seed(0)
-    cfg = tr.VJEPA2Config(crop_size=64, patch_size=8, tubelet_size=2, frames_per_clip=16, hidden_size=32,
-                          num_attention_heads=2, num_hidden_layers=2, mlp_ratio=2.0, pred_hidden_size=16,
-                          pred_num_attention_heads=2, pred_num_hidden_layers=1, num_pooler_layers=1)
+    cfg = tr.VJEPA2Config(
+        crop_size=64,
+        patch_size=8,
+        tubelet_size=2,
+        frames_per_clip=16,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        mlp_ratio=2.0,
+        pred_hidden_size=16,
+        pred_num_attention_heads=2,
+        pred_num_hidden_layers=1,
+        num_pooler_layers=1,
+    )
     tr.VJEPA2Model(cfg).save_pretrained(path)
     return path
 
@@ -59,12 +70,24 @@ def make_videomae(path):
     """A tiny VideoMAE pre-training checkpoint (as MCG-NJU/videomae-base): 4 frames of 32x32, 3 layers."""
     tr = _transformers()
     torch.manual_seed(1)
-    cfg = tr.VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32,
-                            num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, decoder_hidden_size=16,
-                            decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32)
+    cfg = tr.VideoMAEConfig(
+        image_size=32,
+        patch_size=16,
+        num_frames=4,
+        tubelet_size=2,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
     tr.VideoMAEForPreTraining(cfg).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(IMAGENET_MEAN),
-                                                                "image_std": list(IMAGENET_STD)}))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)})
+    )
     return path
 
 

@@ -26,8 +26,17 @@ def opener(path, fmt, **kw):
 def snapshot(path) -> list[tuple]:
     r = open_store(path)
     return [
-        (s.key, s.tokens.tobytes(), tuple(s.block_lengths), s.assignment, s.source, s.clip_start, s.label,
-         s.extra["metric"].tobytes(), float(s.extra["reward"]))
+        (
+            s.key,
+            s.tokens.tobytes(),
+            tuple(s.block_lengths),
+            s.assignment,
+            s.source,
+            s.clip_start,
+            s.label,
+            s.extra["metric"].tobytes(),
+            float(s.extra["reward"]),
+        )
         for s in r
     ], r.failures
 

@@ -9,8 +9,7 @@ import pytest
 import zarr
 from store_job import EXTRA, SPACE, make_attrs, make_sample
 
-from evatok_cli.store import Sample, StoreError, is_store, open_store, open_writer, sample_key
-from evatok_cli.store.common import check_key
+from evatok_cli.store import Sample, StoreError, is_store, open_store, open_writer
 
 FORMATS = ["zarr", "wds"]
 
@@ -18,9 +17,7 @@ FORMATS = ["zarr", "wds"]
 def write(path, samples, fmt, attrs=None, extra=EXTRA, failures=(), **kw):
     kw.setdefault("commit_every", 7)
     kw.setdefault("samples_per_shard", 9)
-    with open_writer(
-        path, format=fmt, attrs=attrs or make_attrs(), num_blocks=4, extra_fields=extra, **kw
-    ) as w:
+    with open_writer(path, format=fmt, attrs=attrs or make_attrs(), num_blocks=4, extra_fields=extra, **kw) as w:
         for j in range(0, len(samples), 5):
             w.append(samples[j : j + 5])
         for src, why in failures:
@@ -196,15 +193,6 @@ def test_invalid_samples_are_refused(tmp_path, fmt):
             with pytest.raises(ValueError, match="do not hold video"):
                 w.append([Sample(**{**make_sample(1).__dict__, "video": b"mp4"})])
     assert open_store(tmp_path / "s").keys == [good.key, make_sample(5).key]
-
-
-def test_sample_key():
-    k = sample_key("/data/UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", 32)
-    assert k == sample_key("/data/UCF-101/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", 32)
-    assert k.startswith("v_ApplyEyeMakeup_g01_c01-") and k.endswith("-0000032")
-    assert k != sample_key("/other/v_ApplyEyeMakeup_g01_c01.avi", 32)
-    check_key(k)
-    check_key(sample_key("weird name.with.dots/..", 0))
 
 
 def test_bad_attrs_are_refused(tmp_path):

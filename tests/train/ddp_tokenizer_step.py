@@ -20,11 +20,16 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = tokenizer_config("tiny")
     model = EVATokTokenizer(cfg)
-    task = TokenizerTask(model=model, cfg=TokenizerTrainConfig(steps=2, warmup=0, lr=1e-3), env=env,
-                         assign=random_assignments(cfg.levels, cfg.blocks, 0, env.rank))
+    task = TokenizerTask(
+        model=model,
+        cfg=TokenizerTrainConfig(steps=2, warmup=0, lr=1e-3),
+        env=env,
+        assign=random_assignments(cfg.levels, cfg.blocks, 0, env.rank),
+    )
     spec = ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width)
-    batch = next(clip_batches(list_inputs([videos]), spec, seed=0, local_batch=1, rank=env.rank,
-                              world_size=env.world_size)(0))
+    batch = next(
+        clip_batches(list_inputs([videos]), spec, seed=0, local_batch=1, rank=env.rank, world_size=env.world_size)(0)
+    )
     task.train_step(batch, 0)
     dump.mkdir(parents=True, exist_ok=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}

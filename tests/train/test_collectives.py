@@ -2,7 +2,7 @@
 
 NCCL rejects CPU tensors: a bare ``dist.all_reduce(torch.tensor(...))`` passes every CPU test and
 fails at the very end of a multi-GPU job, after all the work. So tensor collectives live in the
-helpers of ``train/dist.py`` (which put the tensor on the job's device) and in
+helpers of ``runtime.py`` (which put the tensor on the job's device) and in
 ``metrics/fvd.py`` (which picks the device from the group's backend); every other module uses those
 helpers or the object collectives. This test reads the sources, so the CPU suite catches the
 whole class of bug.
@@ -16,12 +16,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from evatok_cli.train.dist import DistEnv, all_reduce_sum
+from evatok_cli.runtime import DistEnv, all_reduce_mean
 
 PACKAGE = Path(__file__).resolve().parents[2] / "evatok_cli"
-TENSOR_COLLECTIVES = {"all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "gather",
-                      "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-                      "send", "recv", "isend", "irecv"}
+TENSOR_COLLECTIVES = {
+    "all_reduce",
+    "reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "gather",
+    "scatter",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+}
 ALLOWED = {"train/dist.py", "runtime.py", "metrics/fvd.py"}
 
 
@@ -36,9 +50,13 @@ def _tensor_collective_calls(path: Path, root: Path = PACKAGE) -> list[str]:
 
 
 def test_tensor_collectives_only_in_device_aware_helpers():
-    offenders = [hit for p in sorted(PACKAGE.rglob("*.py")) if str(p.relative_to(PACKAGE)) not in ALLOWED
-                 for hit in _tensor_collective_calls(p)]
-    assert not offenders, f"use train/dist.py's helpers (tensor on env.device) instead: {offenders}"
+    offenders = [
+        hit
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if str(p.relative_to(PACKAGE)) not in ALLOWED
+        for hit in _tensor_collective_calls(p)
+    ]
+    assert not offenders, f"use runtime.py's helpers (tensor on env.device) instead: {offenders}"
 
 
 def test_the_scan_finds_a_bare_collective(tmp_path):
@@ -51,7 +69,7 @@ class _Stop(Exception):
     pass
 
 
-def test_all_reduce_sum_puts_its_tensor_on_the_job_device(monkeypatch):
+def test_all_reduce_mean_puts_its_tensor_on_the_job_device(monkeypatch):
     seen = []
 
     def fake_all_reduce(t, *args, **kwargs):
@@ -60,5 +78,5 @@ def test_all_reduce_sum_puts_its_tensor_on_the_job_device(monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
     with pytest.raises(_Stop):
-        all_reduce_sum([1.0, 2.0], DistEnv(rank=0, world_size=2, device=torch.device("meta")))
+        all_reduce_mean({"a": 1.0, "b": 2.0}, DistEnv(rank=0, world_size=2, device=torch.device("meta")))
     assert seen == [torch.device("meta")]

@@ -23,8 +23,20 @@ def test_tiny_tokenizer_golden_loss_curve(footage, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same reduction order on every machine
     try:
-        train_tokenizer(stage="proxy", preset="tiny", data=[str(footage["carphone"])], out=tmp_path / "run", steps=10,
-                        batch_size=2, workers=0, log_every=1, warmup=1, lr=2e-3, discriminator=False, seed=0)
+        train_tokenizer(
+            stage="proxy",
+            preset="tiny",
+            data=[str(footage["carphone"])],
+            out=tmp_path / "run",
+            steps=10,
+            batch_size=2,
+            workers=0,
+            log_every=1,
+            warmup=1,
+            lr=2e-3,
+            discriminator=False,
+            seed=0,
+        )
     finally:
         torch.set_num_threads(threads)
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -20,8 +20,8 @@ import torch
 
 from evatok_cli.checkpoint import weights_sha256
 from evatok_cli.encode import encode_videos
-from evatok_cli.generate import generate
 from evatok_cli.models.gpt import GPT, gpt_config, parse_sequence
+from evatok_cli.sampling import generate
 from evatok_cli.store import open_store
 from evatok_cli.train.gpt import SequenceStream, open_token_stores, steps_for_epochs, train_gpt
 
@@ -60,16 +60,27 @@ def _curve(out: Path) -> list[dict]:
 def test_overfits_and_reproduces_memorised_sequence(stores, tiny_tokenizer, tmp_path):
     store = open_store(stores["one"])
     assert sorted((s.label, tuple(int(k) for k in s.block_lengths)) for s in store) == [
-        (0, ASSIGN["bikes"]), (1, ASSIGN["carphone"])]
+        (0, ASSIGN["bikes"]),
+        (1, ASSIGN["carphone"]),
+    ]
     steps = 120
-    final = train_gpt(tokens=[stores["one"]], out=tmp_path / "run", steps=steps, batch_size=2, lr=3e-3,
-                      checkpoint_every=steps, **COMMON)
+    final = train_gpt(
+        tokens=[stores["one"]],
+        out=tmp_path / "run",
+        steps=steps,
+        batch_size=2,
+        lr=3e-3,
+        checkpoint_every=steps,
+        **COMMON,
+    )
     recs = _curve(tmp_path / "run")
     assert recs[0]["loss"] > 5.0 and recs[-1]["loss"] < 0.1, (recs[0]["loss"], recs[-1]["loss"])
     # WSD: constant for the first 80% of the steps, then linear to 0
     lrs = [r["lr"] for r in recs]
     assert lrs[: int(0.8 * steps)] == [3e-3] * int(0.8 * steps)
-    assert all(a > b for a, b in zip(lrs[int(0.8 * steps) :], lrs[int(0.8 * steps) + 1 :])) and lrs[-1] == pytest.approx(3e-3 / 24)  # reaches 0 at step == steps
+    assert all(a > b for a, b in zip(lrs[int(0.8 * steps) :], lrs[int(0.8 * steps) + 1 :])) and lrs[
+        -1
+    ] == pytest.approx(3e-3 / 24)  # reaches 0 at step == steps
     assert all(r["tokens"] == pytest.approx((30 + 29) / 2) for r in recs)
     # the model directory says what generation needs
     meta = json.loads((final / "config.json").read_text())
@@ -90,8 +101,16 @@ def test_overfits_and_reproduces_memorised_sequence(stores, tiny_tokenizer, tmp_
 
 
 def test_resume_equals_uninterrupted(stores, tmp_path):
-    kw = dict(tokens=[stores["one"], stores["more"]], steps=6, batch_size=2, checkpoint_every=3, lr=1e-3,
-              class_dropout=0.5, warmup=2, **COMMON)
+    kw = dict(
+        tokens=[stores["one"], stores["more"]],
+        steps=6,
+        batch_size=2,
+        checkpoint_every=3,
+        lr=1e-3,
+        class_dropout=0.5,
+        warmup=2,
+        **COMMON,
+    )
     full = train_gpt(out=tmp_path / "full", **kw)
     train_gpt(out=tmp_path / "part", stop_at=3, **kw)
     assert [r["step"] for r in _curve(tmp_path / "part")] == [0, 1, 2]
@@ -146,8 +165,18 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_torchrun_two_ranks_identical_weights(stores, tmp_path):
     out, dump = tmp_path / "ddp", tmp_path / "dump"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), __file__, str(stores["one"]), str(stores["more"]), str(out), str(dump)]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        str(stores["one"]),
+        str(stores["more"]),
+        str(out),
+        str(dump),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     step = out / "step-00000001"
@@ -175,14 +204,20 @@ def _ddp_main(paths: list[str], out: str, dump: str) -> None:
 
     env = init_distributed("cpu")
     data = open_token_stores(paths)
-    cfg = gpt_config("tiny", codebook_size=data.codebook_size, levels=data.space["levels"],
-                     blocks=data.space["blocks"], num_classes=data.num_classes)
+    cfg = gpt_config(
+        "tiny",
+        codebook_size=data.codebook_size,
+        levels=data.space["levels"],
+        blocks=data.space["blocks"],
+        num_classes=data.num_classes,
+    )
     torch.manual_seed(0)
     model = GPT(cfg)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     task = GPTTask(model=model, cfg=GPTTrainConfig(steps=2, lr=1e-2), env=env, preset="tiny", extra_meta=data.record())
-    batches = sequence_batches(SequenceStream(data, cfg, seed=0), local_batch=2, rank=env.rank,
-                               world_size=env.world_size)
+    batches = sequence_batches(
+        SequenceStream(data, cfg, seed=0), local_batch=2, rank=env.rank, world_size=env.world_size
+    )
     first = next(batches(0))
     loop.run(task, batches, cfg=loop.LoopConfig(steps=2, checkpoint_every=2), out=Path(out), env=env)
     d = Path(dump)

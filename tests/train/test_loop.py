@@ -25,13 +25,19 @@ import toy  # noqa: E402
 def _train(out, steps, every, resume=False):
     env = DistEnv()
     task = toy.ToyTask(env, 12)
-    final = loop.run(task, toy.batches(0), cfg=loop.LoopConfig(steps=steps, checkpoint_every=every, log_every=1, keep_last=2),
-                     out=out, env=env, resume=resume)
+    final = loop.run(
+        task,
+        toy.batches(0),
+        cfg=loop.LoopConfig(steps=steps, checkpoint_every=every, log_every=1, keep_last=2),
+        out=out,
+        env=env,
+        resume=resume,
+    )
     return task, final
 
 
 def _losses(out):
-    return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -81,12 +87,24 @@ def _free_port():
 @pytest.mark.slow
 def test_torchrun_ddp_keeps_ranks_in_sync(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(HERE / "toy.py"),
-           "--out", str(tmp_path / "ddp"), "--steps", "4", "--every", "2"]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(HERE / "toy.py"),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--steps",
+        "4",
+        "--every",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
-    recs = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+    recs = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in recs) == [0, 1]
     assert recs[0]["weights"] == recs[1]["weights"]
     assert (tmp_path / "ddp" / "step-00000003" / "rng-rank1.pt").is_file()

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_route import make_labels_store  # noqa: E402
 
 from evatok_cli.cli import app  # noqa: E402
+from evatok_cli.labels import load_labels  # noqa: E402
 from evatok_cli.models.router import Router  # noqa: E402
-from evatok_cli.route import load_labels, route  # noqa: E402
+from evatok_cli.route import route  # noqa: E402
 from evatok_cli.store import StoreError, open_store, open_writer  # noqa: E402
 from evatok_cli.train.router import make_targets, train_router  # noqa: E402
 
@@ -52,8 +53,16 @@ def _curve(out: Path) -> list[dict]:
 
 
 def test_classify_overfits(videos, labels_path, tmp_path):
-    final = train_router(labels=labels_path, data=[str(videos)], head="classify", out=tmp_path / "c", steps=80,
-                         log_every=10, checkpoint_every=80, **COMMON)
+    final = train_router(
+        labels=labels_path,
+        data=[str(videos)],
+        head="classify",
+        out=tmp_path / "c",
+        steps=80,
+        log_every=10,
+        checkpoint_every=80,
+        **COMMON,
+    )
     curve = _curve(tmp_path / "c")
     assert curve[-1]["loss"] < 0.2 * curve[0]["loss"]
     meta = json.loads((final / "config.json").read_text())
@@ -68,8 +77,16 @@ def test_classify_overfits(videos, labels_path, tmp_path):
 
 
 def test_reward_overfits_and_budget_beats_uniform(videos, labels_path, tmp_path):
-    final = train_router(labels=labels_path, data=[str(videos)], head="reward", out=tmp_path / "r", steps=80,
-                         log_every=10, checkpoint_every=80, **COMMON)
+    final = train_router(
+        labels=labels_path,
+        data=[str(videos)],
+        head="reward",
+        out=tmp_path / "r",
+        steps=80,
+        log_every=10,
+        checkpoint_every=80,
+        **COMMON,
+    )
     curve = _curve(tmp_path / "r")
     assert curve[-1]["loss"] < 0.1 * curve[0]["loss"]  # masked MSE to the quality z-scores
     lab = load_labels(labels_path)
@@ -87,8 +104,16 @@ def test_reward_overfits_and_budget_beats_uniform(videos, labels_path, tmp_path)
 
 
 def test_resume_equals_uninterrupted(videos, labels_path, tmp_path):
-    kw = dict(labels=labels_path, data=[str(videos)], head="classify", steps=6, checkpoint_every=3, log_every=1,
-              soft_tau=0.5, **{**COMMON, "batch_size": 3, "ema_decay": 0.9})
+    kw = dict(
+        labels=labels_path,
+        data=[str(videos)],
+        head="classify",
+        steps=6,
+        checkpoint_every=3,
+        log_every=1,
+        soft_tau=0.5,
+        **{**COMMON, "batch_size": 3, "ema_decay": 0.9},
+    )
     full = train_router(out=tmp_path / "full", **kw)
     train_router(out=tmp_path / "part", stop_at=3, **kw)
     part = train_router(out=tmp_path / "part", resume=True, **kw)
@@ -106,7 +131,9 @@ def test_resume_equals_uninterrupted(videos, labels_path, tmp_path):
 
 
 def test_streamed_clips_equal_preloaded(videos, labels_path, tmp_path):
-    kw = dict(labels=labels_path, data=[str(videos)], head="reward", steps=3, log_every=1, **{**COMMON, "batch_size": 3})
+    kw = dict(
+        labels=labels_path, data=[str(videos)], head="reward", steps=3, log_every=1, **{**COMMON, "batch_size": 3}
+    )
     train_router(out=tmp_path / "mem", preload=True, **kw)
     train_router(out=tmp_path / "stream", preload=False, **kw)
     for ra, rb in zip(_curve(tmp_path / "mem"), _curve(tmp_path / "stream")):
@@ -125,14 +152,17 @@ def test_missing_sources_skipped_and_errors(videos, tmp_path, caplog):
     with pytest.raises(ValueError, match="none of the 3 labelled clips"):
         train_router(labels=path, data=[str(only_bikes)], head="reward", out=tmp_path / "x", steps=1, **COMMON)
     with pytest.raises(ValueError, match="classify head only"):
-        train_router(labels=path, data=[str(videos)], head="reward", soft_tau=0.1, out=tmp_path / "y", steps=1, **COMMON)
+        train_router(
+            labels=path, data=[str(videos)], head="reward", soft_tau=0.1, out=tmp_path / "y", steps=1, **COMMON
+        )
     with pytest.raises(StoreError, match="not an evatok token store"):
         train_router(labels=videos, data=[str(videos)], head="reward", out=tmp_path / "z", steps=1, **COMMON)
     with open_writer(tmp_path / "tokens.zarr", attrs={**open_store(path).attrs, "kind": "encode"}, num_blocks=4) as w:
         w.append([])
     with pytest.raises(ValueError, match="not a labels store"):
-        train_router(labels=tmp_path / "tokens.zarr", data=[str(videos)], head="reward", out=tmp_path / "z", steps=1,
-                     **COMMON)
+        train_router(
+            labels=tmp_path / "tokens.zarr", data=[str(videos)], head="reward", out=tmp_path / "z", steps=1, **COMMON
+        )
 
 
 def test_targets_follow_the_weights(labels_path):
@@ -150,35 +180,86 @@ def test_targets_follow_the_weights(labels_path):
 
 def test_cli_train_router_calls_library(tmp_path):
     with mock.patch("evatok_cli.train.router.train_router", return_value=tmp_path / "step-00000009") as m:
-        res = CliRunner().invoke(app, ["train", "router", "--labels", "l.zarr", "--data", "v", "--head", "reward",
-                                       "--preset", "tiny", "--out", str(tmp_path), "--steps", "10", "--w-q", "1.4",
-                                       "--w-l", "0.6", "--quiet"])
+        res = CliRunner().invoke(
+            app,
+            [
+                "train",
+                "router",
+                "--labels",
+                "l.zarr",
+                "--data",
+                "v",
+                "--head",
+                "reward",
+                "--preset",
+                "tiny",
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "10",
+                "--w-q",
+                "1.4",
+                "--w-l",
+                "0.6",
+                "--quiet",
+            ],
+        )
     assert res.exit_code == 0, res.output
     m.assert_called_once_with(
-        labels=Path("l.zarr"), data=["v"], head="reward", preset="tiny", out=tmp_path, steps=10, batch_size=32,
-        reward_form="joint", soft_tau=None, w_q=1.4, w_l=0.6, resume=False, seed=0, device="auto", workers=2, checkpoint_every=1000,
-        keep_last=3, log_every=50, stop_at=None, stdin=None, on_log=None, lr=3e-4, warmup=500,
+        labels=Path("l.zarr"),
+        data=["v"],
+        head="reward",
+        preset="tiny",
+        out=tmp_path,
+        steps=10,
+        batch_size=32,
+        reward_form="joint",
+        soft_tau=None,
+        w_q=1.4,
+        w_l=0.6,
+        resume=False,
+        seed=0,
+        device="auto",
+        workers=2,
+        checkpoint_every=1000,
+        keep_last=3,
+        log_every=50,
+        stop_at=None,
+        stdin=None,
+        on_log=None,
+        lr=3e-4,
+        warmup=500,
     )
-    res = CliRunner().invoke(app, ["train", "router", "--labels", "l", "--data", "v", "--out", "o", "--head", "reward",
-                                   "--soft-tau", "0.1"])
+    res = CliRunner().invoke(
+        app, ["train", "router", "--labels", "l", "--data", "v", "--out", "o", "--head", "reward", "--soft-tau", "0.1"]
+    )
     assert res.exit_code == 2 and "--soft-tau" in res.stderr
     res = CliRunner().invoke(app, ["train", "router", "--labels", "l", "--data", "v", "--out", "o", "--preset", "huge"])
     assert res.exit_code == 2
-    res = CliRunner().invoke(app, ["train", "router", "--labels", "l", "--data", "v", "--out", "o", "--reward-form", "blocks"])
+    res = CliRunner().invoke(
+        app, ["train", "router", "--labels", "l", "--data", "v", "--out", "o", "--reward-form", "blocks"]
+    )
     assert res.exit_code == 2 and "--reward-form applies to --head reward" in res.stderr
 
 
 def test_reward_blocks_form_fits_the_additive_quality(videos, labels_path, tmp_path):
     """The blocks form (T*m outputs, Q(a) = mean_t u[t, a_t]) learns every clip's 625 qualities from
     20 numbers: on real footage the fit is close, and it routes like the joint head."""
-    final = train_router(labels=labels_path, data=[str(videos)], head="reward", reward_form="blocks",
-                         out=tmp_path / "b", steps=80, log_every=10, checkpoint_every=80, **COMMON)
+    final = train_router(
+        labels=labels_path,
+        data=[str(videos)],
+        head="reward",
+        reward_form="blocks",
+        out=tmp_path / "b",
+        steps=80,
+        log_every=10,
+        checkpoint_every=80,
+        **COMMON,
+    )
     model = Router.from_pretrained(final)
     assert model.config.reward_form == "blocks" and model.head.out_features == 4 * 5
     curve = _curve(tmp_path / "b")
-    lab = load_labels(labels_path)
-    Q = lab.quality()
-    spread = float(np.nanvar(Q))
+    spread = float(np.nanvar(load_labels(labels_path).quality()))
     assert curve[-1]["loss"] < 0.1 * spread, (curve[-1]["loss"], spread)  # most of Q's variance is additive
     ev = route(final, [str(videos)], eval_labels=labels_path, device="cpu").summary["eval"]
     assert ev["p_router"] > ev["p_uniform_global"]
@@ -198,10 +279,38 @@ def test_torchrun_two_ranks_train_router_in_sync(videos, labels_path, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "evatok_cli", "train", "router", "--labels", str(labels_path), "--data", str(videos), "--head",
-           "classify", "--preset", "tiny", "--out", str(out), "--steps", "3", "--batch-size", "2", "--workers", "0",
-           "--checkpoint-every", "3", "--device", "cpu", "--quiet"]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "evatok_cli",
+        "train",
+        "router",
+        "--labels",
+        str(labels_path),
+        "--data",
+        str(videos),
+        "--head",
+        "classify",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--checkpoint-every",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     step = out / "step-00000002"

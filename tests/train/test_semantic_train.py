@@ -36,16 +36,41 @@ def teacher_dirs(tmp_path_factory):
         pytest.fail("transformers is not installed: pip install evatok[semantic] (the teacher tests need it)")
     root = tmp_path_factory.mktemp("teachers")
     torch.manual_seed(0)
-    tr.VJEPA2Model(tr.VJEPA2Config(
-        crop_size=64, patch_size=8, tubelet_size=2, frames_per_clip=16, hidden_size=32, num_attention_heads=2,
-        num_hidden_layers=2, mlp_ratio=2.0, pred_hidden_size=16, pred_num_attention_heads=2, pred_num_hidden_layers=1,
-        num_pooler_layers=1)).save_pretrained(root / "vjepa2")
-    tr.VideoMAEForPreTraining(tr.VideoMAEConfig(
-        image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32, num_hidden_layers=3,
-        num_attention_heads=2, intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2, decoder_intermediate_size=32)).save_pretrained(root / "videomae")
+    tr.VJEPA2Model(
+        tr.VJEPA2Config(
+            crop_size=64,
+            patch_size=8,
+            tubelet_size=2,
+            frames_per_clip=16,
+            hidden_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            mlp_ratio=2.0,
+            pred_hidden_size=16,
+            pred_num_attention_heads=2,
+            pred_num_hidden_layers=1,
+            num_pooler_layers=1,
+        )
+    ).save_pretrained(root / "vjepa2")
+    tr.VideoMAEForPreTraining(
+        tr.VideoMAEConfig(
+            image_size=32,
+            patch_size=16,
+            num_frames=4,
+            tubelet_size=2,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            decoder_hidden_size=16,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=32,
+        )
+    ).save_pretrained(root / "videomae")
     (root / "videomae" / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}))
+        json.dumps({"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)})
+    )
     return {"vjepa2": root / "vjepa2", "videomae": root / "videomae"}
 
 
@@ -71,9 +96,14 @@ def test_one_step_all_terms_gradients_reach_phi_and_heads_not_teachers(teacher_d
     phi0 = [p.clone() for p in hook.parameters()]
     heads0 = [p.clone() for p in sd.parameters()]
     task = TokenizerTask(
-        model=EVATokTokenizer(config), env=env, assign=fixed_assignment((4, 4, 4, 4)), preset="tiny",
+        model=EVATokTokenizer(config),
+        env=env,
+        assign=fixed_assignment((4, 4, 4, 4)),
+        preset="tiny",
         cfg=TokenizerTrainConfig(steps=2, warmup=1, disc="both", disc_start=0, semantic_disc_start=0),
-        discriminator=discriminator_for("tiny", 8, 32, 32), align_hook=hook, semantic_disc=sd,
+        discriminator=discriminator_for("tiny", 8, 32, 32),
+        align_hook=hook,
+        semantic_disc=sd,
     )
     spec = ClipSpec(frames=config.frames, height=config.height, width=config.width)
     batch = next(clip_batches(list_inputs([str(video_dir)]), spec, seed=0, local_batch=2)(0))  # real footage
@@ -108,8 +138,9 @@ def test_train_tokenizer_with_each_term(mode, teacher_dirs, video_dir, tmp_path)
         kw["align_teacher"] = teacher_dirs["vjepa2"]
     if mode in ("semantic", "both"):
         kw.update(disc_teacher=teacher_dirs["videomae"], disc=mode, semantic_disc_start=1)
-    out = train_tokenizer(stage="proxy", data=[str(video_dir)], out=tmp_path / mode, steps=2, disc_start=1,
-                          **COMMON, **kw)
+    out = train_tokenizer(
+        stage="proxy", data=[str(video_dir)], out=tmp_path / mode, steps=2, disc_start=1, **COMMON, **kw
+    )
     recs = _curve(tmp_path / mode)
     assert [r["step"] for r in recs] == [0, 1]
     last = recs[-1]
@@ -124,15 +155,25 @@ def test_train_tokenizer_with_each_term(mode, teacher_dirs, video_dir, tmp_path)
 
 @pytest.mark.slow
 def test_both_teachers_and_resume_equals_uninterrupted(teacher_dirs, video_dir, tmp_path):
-    kw = dict(align_teacher=teacher_dirs["vjepa2"], disc_teacher=teacher_dirs["videomae"], semantic_disc_start=0,
-              disc_start=1, steps=2, stage="proxy", data=[str(video_dir)], **COMMON)
+    kw = dict(
+        align_teacher=teacher_dirs["vjepa2"],
+        disc_teacher=teacher_dirs["videomae"],
+        semantic_disc_start=0,
+        disc_start=1,
+        steps=2,
+        stage="proxy",
+        data=[str(video_dir)],
+        **COMMON,
+    )
     out = train_tokenizer(out=tmp_path / "full", **kw)  # default disc with a disc teacher: both
     recs = _curve(tmp_path / "full")
     assert {"align", "g_sem", "d_sem_loss", "lecam", "sem_teacher_s", "align_teacher_s"} <= recs[0].keys()
     assert "d_loss" not in recs[0] and "d_loss" in recs[1]  # the PatchGAN beside it, from its own start
     assert all(math.isfinite(v) for r in recs for v in r.values())
     meta = json.loads((out / "config.json").read_text())
-    assert meta["align_teacher"] == str(teacher_dirs["vjepa2"]) and meta["disc_teacher"] == str(teacher_dirs["videomae"])
+    assert meta["align_teacher"] == str(teacher_dirs["vjepa2"]) and meta["disc_teacher"] == str(
+        teacher_dirs["videomae"]
+    )
     train_tokenizer(out=tmp_path / "part", stop_at=1, **kw)
     train_tokenizer(out=tmp_path / "part", resume=True, **kw)  # phi, heads, LeCam EMAs, optimisers restored
     a, b = _curve(tmp_path / "full"), _curve(tmp_path / "part")
@@ -167,10 +208,34 @@ def test_errors(teacher_dirs, video_dir, tmp_path):
 def test_cli_passes_the_teacher_options(tmp_path, teacher_dirs, video_dir):
     runner = CliRunner()
     with mock.patch("evatok_cli.train.tokenizer.train_tokenizer", return_value=tmp_path / "step") as call:
-        res = runner.invoke(app, ["train", "tokenizer", "--data", "v/", "--out", str(tmp_path), "--preset", "tiny",
-                                  "--align-teacher", "w/vjepa2", "--disc-teacher", "w/videomae", "--align-weight", "0.5",
-                                  "--align-layer", "2", "--disc", "semantic", "--semantic-disc-start", "7",
-                                  "--semantic-disc-weight", "0.3", "--quiet"])
+        res = runner.invoke(
+            app,
+            [
+                "train",
+                "tokenizer",
+                "--data",
+                "v/",
+                "--out",
+                str(tmp_path),
+                "--preset",
+                "tiny",
+                "--align-teacher",
+                "w/vjepa2",
+                "--disc-teacher",
+                "w/videomae",
+                "--align-weight",
+                "0.5",
+                "--align-layer",
+                "2",
+                "--disc",
+                "semantic",
+                "--semantic-disc-start",
+                "7",
+                "--semantic-disc-weight",
+                "0.3",
+                "--quiet",
+            ],
+        )
     assert res.exit_code == 0, res.output
     kw = call.call_args.kwargs
     assert kw["align_teacher"] == Path("w/vjepa2") and kw["disc_teacher"] == Path("w/videomae")
@@ -180,7 +245,26 @@ def test_cli_passes_the_teacher_options(tmp_path, teacher_dirs, video_dir):
         res = runner.invoke(app, ["train", "tokenizer", "--data", "v/", "--out", str(tmp_path), "--disc", "dino"])
     assert res.exit_code == 2 and not call.called
     # a missing teacher directory: a one-line error naming it, exit 1
-    res = runner.invoke(app, ["train", "tokenizer", "--data", str(video_dir), "--out", str(tmp_path / "o"),
-                              "--preset", "tiny", "--steps", "1", "--workers", "0", "--device", "cpu",
-                              "--disc-teacher", str(tmp_path / "no-videomae"), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "tokenizer",
+            "--data",
+            str(video_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--disc-teacher",
+            str(tmp_path / "no-videomae"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 1 and str(tmp_path / "no-videomae") in res.output and "Traceback" not in res.output

@@ -19,8 +19,17 @@ from evatok_cli.train import tokenizer as train_tok
 from evatok_cli.train.checkpoints import write_state
 from evatok_cli.train.tokenizer import TokenizerTask, train_tokenizer
 
-COMMON = dict(preset="tiny", stage="final", assignment="uniform:8", batch_size=2, workers=0, log_every=1, warmup=1,
-              lr=1e-3, discriminator=False)
+COMMON = dict(
+    preset="tiny",
+    stage="final",
+    assignment="uniform:8",
+    batch_size=2,
+    workers=0,
+    log_every=1,
+    warmup=1,
+    lr=1e-3,
+    discriminator=False,
+)
 runner = CliRunner()
 
 
@@ -57,8 +66,11 @@ def spy(monkeypatch) -> dict[int, dict]:
     orig = TokenizerTask.train_step
 
     def train_step(self, batch, step):
-        seen[step] = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                      "ema": {k: v.clone() for k, v in self.ema.shadow.items()}, "opt_state": len(self.opt.state)}
+        seen[step] = {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "ema": {k: v.clone() for k, v in self.ema.shadow.items()},
+            "opt_state": len(self.opt.state),
+        }
         return orig(self, batch, step)
 
     monkeypatch.setattr(TokenizerTask, "train_step", train_step)
@@ -98,8 +110,21 @@ def test_init_mismatch_is_a_clear_error(videos, tmp_path):
     Router(router_config("tiny")).save_pretrained(tmp_path / "router", preset="tiny")
     with pytest.raises(ValueError, match="is a 'router' model, not a tokenizer"):
         train_tokenizer(data=[str(videos)], out=tmp_path / "run", steps=1, init=tmp_path / "router", **COMMON)
-    res = runner.invoke(app, ["train", "tokenizer", "--data", str(videos), "--out", str(tmp_path / "cli"), "--preset",
-                              "tiny", "--init", str(tmp_path / "missing")])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "tokenizer",
+            "--data",
+            str(videos),
+            "--out",
+            str(tmp_path / "cli"),
+            "--preset",
+            "tiny",
+            "--init",
+            str(tmp_path / "missing"),
+        ],
+    )
     assert res.exit_code == 1 and "--init" in res.stderr and str(tmp_path / "missing") in res.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("step-*"))
 
@@ -107,7 +132,8 @@ def test_init_mismatch_is_a_clear_error(videos, tmp_path):
 def test_cli_passes_init(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(train_tok, "train_tokenizer", lambda **kw: seen.update(kw) or tmp_path)
-    res = runner.invoke(app, ["train", "tokenizer", "--data", "v/", "--out", "o", "--preset", "tiny", "--init", "runs/demo",
-                              "--quiet"])
+    res = runner.invoke(
+        app, ["train", "tokenizer", "--data", "v/", "--out", "o", "--preset", "tiny", "--init", "runs/demo", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert seen["init"] == Path("runs/demo") and seen["resume"] is False

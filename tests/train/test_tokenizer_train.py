@@ -32,11 +32,15 @@ def _curve(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_proxy_resume_equals_uninterrupted(videos, tmp_path):
-    full = train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "full", steps=6, checkpoint_every=3, **COMMON)
-    train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "part", steps=6, checkpoint_every=3, stop_at=3,
-                    **COMMON)
-    part = train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "part", steps=6, checkpoint_every=3,
-                           resume=True, **COMMON)
+    full = train_tokenizer(
+        stage="proxy", data=[str(videos)], out=tmp_path / "full", steps=6, checkpoint_every=3, **COMMON
+    )
+    train_tokenizer(
+        stage="proxy", data=[str(videos)], out=tmp_path / "part", steps=6, checkpoint_every=3, stop_at=3, **COMMON
+    )
+    part = train_tokenizer(
+        stage="proxy", data=[str(videos)], out=tmp_path / "part", steps=6, checkpoint_every=3, resume=True, **COMMON
+    )
     a, b = _curve(tmp_path / "full"), _curve(tmp_path / "part")
     assert [r["step"] for r in b] == list(range(6))
     for ra, rb in zip(a, b):
@@ -54,15 +58,24 @@ def test_proxy_resume_equals_uninterrupted(videos, tmp_path):
 
 
 def test_final_stage_fixed_assignment_and_errors(videos, tmp_path):
-    out = train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "u", steps=2, assignment="uniform:8",
-                          discriminator=False, **COMMON)
+    out = train_tokenizer(
+        stage="final",
+        data=[str(videos)],
+        out=tmp_path / "u",
+        steps=2,
+        assignment="uniform:8",
+        discriminator=False,
+        **COMMON,
+    )
     recs = _curve(tmp_path / "u")
     assert all(r["tokens"] == 32 for r in recs)  # 4 blocks x 8
     assert EVATokTokenizer.from_pretrained(out).config.levels == (1, 2, 4, 8, 16)
     with pytest.raises(ValueError, match="assignment"):
         train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "x", steps=1, **COMMON)
     with pytest.raises(ValueError, match="not a level"):
-        train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "y", steps=1, assignment="uniform:3", **COMMON)
+        train_tokenizer(
+            stage="final", data=[str(videos)], out=tmp_path / "y", steps=1, assignment="uniform:3", **COMMON
+        )
 
 
 def _free_port():
@@ -74,10 +87,36 @@ def _free_port():
 @pytest.mark.slow
 def test_torchrun_two_ranks_identical_weights(videos, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "evatok_cli", "train", "tokenizer", "--preset", "tiny", "--data", str(videos), "--out", str(out),
-           "--steps", "2", "--batch-size", "1", "--workers", "0", "--disc-start", "1", "--log-every", "1",
-           "--checkpoint-every", "2", "--quiet"]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "evatok_cli",
+        "train",
+        "tokenizer",
+        "--preset",
+        "tiny",
+        "--data",
+        str(videos),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--disc-start",
+        "1",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -87,9 +126,22 @@ def test_torchrun_two_ranks_identical_weights(videos, tmp_path):
     # rank-1 dump written by the script below, run in the same torchrun job.
     dump = tmp_path / "dump"
     script = Path(__file__).with_name("ddp_tokenizer_step.py")
-    res = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), str(script), str(videos), str(dump)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            str(videos),
+            str(dump),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     w0, w1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     # different ranks saw different clips (the data is sharded by rank) ...
@@ -101,14 +153,16 @@ def test_torchrun_two_ranks_identical_weights(videos, tmp_path):
 
 
 def test_final_stage_with_router(videos, tmp_path):
+    from evatok_cli.assign import RouterPolicy
     from evatok_cli.models.router import Router, router_config
-    from evatok_cli.route import RouterPolicy
 
     torch.manual_seed(5)
-    router_dir = Router(router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4,
-                                      head="classify")).save_pretrained(tmp_path / "router", preset="tiny")
-    out = train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "f", steps=2, router=router_dir,
-                          discriminator=False, **COMMON)
+    router_dir = Router(
+        router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4, head="classify")
+    ).save_pretrained(tmp_path / "router", preset="tiny")
+    out = train_tokenizer(
+        stage="final", data=[str(videos)], out=tmp_path / "f", steps=2, router=router_dir, discriminator=False, **COMMON
+    )
     meta = json.loads((out / "config.json").read_text())
     assert meta["stage"] == "final" and meta["assignment"].startswith("router:")
     # the logged token counts are the router's choices for the step's clips
@@ -118,13 +172,21 @@ def test_final_stage_with_router(videos, tmp_path):
     from evatok_cli.video.dataset import to_model_input
 
     policy = RouterPolicy.load(router_dir, tokenizer_config("tiny").space, (8, 32, 32), torch.device("cpu"))
-    batch = next(clip_batches(list_inputs([str(videos)]), ClipSpec(frames=8, height=32, width=32), seed=0,
-                              local_batch=2)(0))
+    batch = next(
+        clip_batches(list_inputs([str(videos)]), ClipSpec(frames=8, height=32, width=32), seed=0, local_batch=2)(0)
+    )
     expected = float(policy(to_model_input(batch["video"])).sum(1).float().mean())
     assert _curve(tmp_path / "f")[0]["tokens"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="not both"):
-        train_tokenizer(stage="final", data=[str(videos)], out=tmp_path / "g", steps=1, router=router_dir,
-                        assignment="uniform:4", **COMMON)
+        train_tokenizer(
+            stage="final",
+            data=[str(videos)],
+            out=tmp_path / "g",
+            steps=1,
+            router=router_dir,
+            assignment="uniform:4",
+            **COMMON,
+        )
 
 
 def test_lpips_perceptual_loss_from_weight_files(videos, tmp_path):
@@ -135,11 +197,27 @@ def test_lpips_perceptual_loss_from_weight_files(videos, tmp_path):
     backbone = {f"features.{k}": v for k, v in ref.backbone.features.state_dict().items()}
     torch.save(backbone, tmp_path / "alexnet.pth")
     torch.save(ref.heads.state_dict(), tmp_path / "alex_heads.pth")
-    train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "p", steps=2, discriminator=False,
-                    lpips_backbone=tmp_path / "alexnet.pth", lpips_heads=tmp_path / "alex_heads.pth", lpips_net="alex",
-                    **COMMON)
+    train_tokenizer(
+        stage="proxy",
+        data=[str(videos)],
+        out=tmp_path / "p",
+        steps=2,
+        discriminator=False,
+        lpips_backbone=tmp_path / "alexnet.pth",
+        lpips_heads=tmp_path / "alex_heads.pth",
+        lpips_net="alex",
+        **COMMON,
+    )
     recs = _curve(tmp_path / "p")
     assert all("perceptual" in r and r["perceptual"] > 0 for r in recs)
     with pytest.raises((ValueError, FileNotFoundError), match="missing.pth"):
-        train_tokenizer(stage="proxy", data=[str(videos)], out=tmp_path / "q", steps=1, discriminator=False,
-                        lpips_backbone=tmp_path / "missing.pth", lpips_net="alex", **COMMON)
+        train_tokenizer(
+            stage="proxy",
+            data=[str(videos)],
+            out=tmp_path / "q",
+            steps=1,
+            discriminator=False,
+            lpips_backbone=tmp_path / "missing.pth",
+            lpips_net="alex",
+            **COMMON,
+        )

@@ -92,8 +92,14 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     env = init_distributed("cpu")
     task = ToyTask(env, a.steps)
-    loop.run(task, batches(env.rank), cfg=loop.LoopConfig(steps=a.steps, checkpoint_every=a.every, log_every=1),
-             out=Path(a.out), env=env, resume=a.resume)
+    loop.run(
+        task,
+        batches(env.rank),
+        cfg=loop.LoopConfig(steps=a.steps, checkpoint_every=a.every, log_every=1),
+        out=Path(a.out),
+        env=env,
+        resume=a.resume,
+    )
     flat = torch.cat([p.detach().flatten() for p in unwrap(task.model).parameters()])
     sys.stdout.write(json.dumps({"rank": env.rank, "weights": flat.tolist()}) + "\n")
     shutdown(env)

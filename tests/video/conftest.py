@@ -30,7 +30,9 @@ def frame_index(frame: np.ndarray) -> int:
     return int(round((r - 16) / 8)) + 28 * int(round((g - 16) / 8))
 
 
-def encode(path: Path, frames: np.ndarray, fps: float = 25.0, codec: str = "libx264", keyint: int | None = None) -> Path:
+def encode(
+    path: Path, frames: np.ndarray, fps: float = 25.0, codec: str = "libx264", keyint: int | None = None
+) -> Path:
     """Write (F, H, W, 3) uint8 frames with PyAV (container from the suffix)."""
     with av.open(str(path), mode="w") as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))

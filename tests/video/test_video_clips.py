@@ -156,7 +156,15 @@ def test_iter_clips_is_lazy(footage):
 def test_clip_spec_validation():
     assert ClipSpec(fps="12.5").fps == 12.5 and ClipSpec(fps=" Native ").fps == "native"
     assert ClipSpec().to_dict() == {"frames": 16, "height": 128, "width": 128, "fps": "native"}
-    for bad in ({"frames": 0}, {"height": -1}, {"width": 1.5}, {"frames": True}, {"fps": "fast"}, {"fps": 0}, {"fps": float("nan")}):
+    for bad in (
+        {"frames": 0},
+        {"height": -1},
+        {"width": 1.5},
+        {"frames": True},
+        {"fps": "fast"},
+        {"fps": 0},
+        {"fps": float("nan")},
+    ):
         with pytest.raises(ValueError):
             ClipSpec(**bad)
     with pytest.raises(TypeError):

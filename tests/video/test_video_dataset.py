@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,6 @@ from torch.utils.data import DataLoader
 from evatok_cli.video import (
     ClipIndexDataset,
     ClipSpec,
-    RandomClipDataset,
     VideoRef,
     clip_key,
     collate_clips,
@@ -60,7 +57,9 @@ def test_clip_index_through_dataloader_with_bad_files(mixed_refs, footage):
     ordered = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_clips, sampler=ds.worker_order(4, 2))
     good2, failures2 = _drain(ordered)
     assert sorted(good2) == sorted(good)
-    assert sorted((f["source"], f["clip_start"]) for f in failures2) == sorted((f["source"], f["clip_start"]) for f in failures)
+    assert sorted((f["source"], f["clip_start"]) for f in failures2) == sorted(
+        (f["source"], f["clip_start"]) for f in failures
+    )
     by_source = {r.source: sorted(s for src, s, _ in good if src == r.source) for r in mixed_refs}
     assert by_source[mixed_refs[0].source] == [16 * k for k in range(15)]
     assert by_source[mixed_refs[2].source] == [16 * k for k in range(7)]
@@ -101,43 +100,6 @@ def small_refs(make_video, tmp_path):
 def _take(ds, n):
     it = iter(ds)
     return [(d["source"], d["clip_start"], d["epoch"]) for d in (next(it) for _ in range(n))]
-
-
-def test_random_clip_dataset_is_deterministic(small_refs, caplog):
-    spec = ClipSpec(frames=8, height=16, width=16)
-    with caplog.at_level(logging.WARNING, logger="evatok_cli.video.dataset"):
-        a = _take(RandomClipDataset(small_refs, spec, seed=1), 21)  # 3 epochs of the 7 good videos
-    warned = [r.getMessage() for r in caplog.records]
-    assert a == _take(RandomClipDataset(small_refs, spec, seed=1), 21)
-    assert a != _take(RandomClipDataset(small_refs, spec, seed=2), 21)
-    assert [e for _, _, e in a] == [0] * 7 + [1] * 7 + [2] * 7
-    bad = small_refs[-1].source
-    assert all(s != bad for s, _, _ in a)
-    assert sum(bad in m for m in warned) == 1  # logged once, then skipped
-    for epoch in range(3):
-        assert {s for s, _, e in a if e == epoch} == {r.source for r in small_refs[:-1]}
-    assert len({(s, c) for s, c, _ in a}) > 7  # starts change between epochs
-    resumed = _take(RandomClipDataset(small_refs, spec, seed=1, start_epoch=1), 7)
-    assert resumed == a[7:14]
-
-
-def test_random_clip_dataset_rank_and_worker_split(small_refs):
-    spec = ClipSpec(frames=8, height=16, width=16)
-    ranks = [RandomClipDataset(small_refs, spec, seed=5, rank=r, world_size=2) for r in range(2)]
-    for epoch in range(3):
-        s0, s1 = ranks[0].shard(epoch), ranks[1].shard(epoch)
-        assert not set(s0) & set(s1) and sorted(s0 + s1) == list(range(8))
-    seen = []
-    for r, ds in enumerate(ranks):
-        loader = DataLoader(ds, batch_size=None, num_workers=2)
-        items = [(d["source"], int(d["epoch"])) for _, d in zip(range(12), loader)]
-        epoch0 = [s for s, e in items if e == 0]
-        want = {small_refs[v].source for v in ds.shard(0)} - {small_refs[-1].source}
-        assert len(epoch0) == len(set(epoch0)) and set(epoch0) == want  # each video once, per worker split
-        seen.append(set(epoch0))
-    assert not seen[0] & seen[1]
-    with pytest.raises(ValueError):
-        RandomClipDataset(small_refs[:1], spec, rank=0, world_size=2)
 
 
 def test_collate_all_failures():

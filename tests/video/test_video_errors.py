@@ -98,8 +98,11 @@ def test_audio_only(tmp_path, suffix, codec):
         s = c.add_stream(codec, rate=16000)
         s.layout = "mono"
         for i in range(8):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.float32 if codec == "aac" else np.int16),
-                                           format="fltp" if codec == "aac" else "s16", layout="mono")
+            f = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1152), np.float32 if codec == "aac" else np.int16),
+                format="fltp" if codec == "aac" else "s16",
+                layout="mono",
+            )
             f.sample_rate, f.pts, f.time_base = 16000, i * 1152, Fraction(1, 16000)
             c.mux(s.encode(f))
         c.mux(s.encode(None))

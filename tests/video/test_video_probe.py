@@ -34,7 +34,9 @@ def test_probe_accepts_ref_path_and_bytes(footage):
     assert by_bytes.path == "<bytes>"
 
 
-@pytest.mark.parametrize(("suffix", "codec", "expected_codec"), [(".mkv", "libx264", "h264"), (".webm", "libvpx-vp9", "vp9")])
+@pytest.mark.parametrize(
+    ("suffix", "codec", "expected_codec"), [(".mkv", "libx264", "h264"), (".webm", "libvpx-vp9", "vp9")]
+)
 def test_probe_counts_packets_when_container_states_no_count(make_video, suffix, codec, expected_codec):
     # Matroska/WebM do not store a frame count: probe demuxes and counts packets instead.
     path = make_video(f"counted{suffix}", 37, fps=30, codec=codec)

@@ -29,8 +29,19 @@ def _touch(root, *names):
 
 
 def test_directory_recursion_filter_and_order(tmp_path):
-    _touch(tmp_path, "b/z.mp4", "b/a.MKV", "a.webm", "a/c/d.avi", "a/b.mov", "notes.txt", "b/y.mp3",
-           ".hidden.mp4", "b/._a.mp4", ".cache/e.mp4")
+    _touch(
+        tmp_path,
+        "b/z.mp4",
+        "b/a.MKV",
+        "a.webm",
+        "a/c/d.avi",
+        "a/b.mov",
+        "notes.txt",
+        "b/y.mp3",
+        ".hidden.mp4",
+        "b/._a.mp4",
+        ".cache/e.mp4",
+    )
     refs = list_inputs([tmp_path])
     rel = [os.path.relpath(r.source, tmp_path) for r in refs]
     assert rel == ["a/b.mov", "a/c/d.avi", "a.webm", "b/a.MKV", "b/z.mp4"]  # sorted by path parts

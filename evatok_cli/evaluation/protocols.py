@@ -33,6 +33,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from evatok_cli.config import config_from_dict
+from evatok_cli.video import (
+    ClipReader,
+    ClipSpec,
+    VideoError,
+    clip_starts,
+    parse_clip_policy,
+    probe,
+    resampled_length,
+)
 
 COMMANDS = ("recon", "gen")
 TASKS = ("reconstruction", "class-to-video", "frame-prediction", "any")
@@ -110,7 +122,6 @@ class Protocol:
             raise ValueError(f"Protocol.cond_frames must be in [0, frames), got {self.cond_frames}")
         if self.fvd_variant not in ("styleganv", "videogpt"):
             raise ValueError(f"Protocol.fvd_variant must be styleganv or videogpt, got {self.fvd_variant!r}")
-        from evatok_cli.video import ClipSpec, parse_clip_policy
 
         parse_clip_policy(self.clips_per_video)
         ClipSpec(frames=self.frames, height=self.height, width=self.width, fps=self.fps)
@@ -122,7 +133,6 @@ class Protocol:
 
     def clip_spec(self):
         """The :class:`~evatok_cli.video.ClipSpec` clips are read with."""
-        from evatok_cli.video import ClipSpec
 
         return ClipSpec(frames=self.frames, height=self.height, width=self.width, fps=self.fps)
 
@@ -133,57 +143,114 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Protocol:
-        from evatok_cli.config import config_from_dict
 
         return config_from_dict(cls, d)
 
 
 _UCF_TRAIN = "UCF-101 train list of split 1 (ucfTrainTestlist/trainlist01.txt: 9,537 videos, 101 classes)"
-_UCF_REF = ("LARP (Wang et al., 2024) eval/rfvd_evaluator.py and sample.py: ucf101_train.csv, 16 frames, short side "
-            "resized to 128 and centre-cropped, native fps, one clip per video at a random start, StyleGAN-V's "
-            "i3d_torchscript.pt; EVATok PAPER §7 follows LARP/AdapTok")
+_UCF_REF = (
+    "LARP (Wang et al., 2024) eval/rfvd_evaluator.py and sample.py: ucf101_train.csv, 16 frames, short side "
+    "resized to 128 and centre-cropped, native fps, one clip per video at a random start, StyleGAN-V's "
+    "i3d_torchscript.pt; EVATok PAPER §7 follows LARP/AdapTok"
+)
 
 PROTOCOLS: dict[str, Protocol] = {
     "ucf-rfvd": Protocol(
-        name="ucf-rfvd", task="reconstruction", commands=("recon",), dataset="UCF-101", split=_UCF_TRAIN,
-        clips_per_video="random", sampling="every", num_clips=9537, fvd_variant="styleganv", seed=0,
-        reference_tokens=1024, reference=_UCF_REF,
+        name="ucf-rfvd",
+        task="reconstruction",
+        commands=("recon",),
+        dataset="UCF-101",
+        split=_UCF_TRAIN,
+        clips_per_video="random",
+        sampling="every",
+        num_clips=9537,
+        fvd_variant="styleganv",
+        seed=0,
+        reference_tokens=1024,
+        reference=_UCF_REF,
         notes="One 16-frame clip per training video, its start drawn uniformly (LARP draws it unseeded; evatok "
-              "seeds it with `seed` and the video path, so reruns and any number of ranks see the same clips). "
-              "rFVD compares the real clips with their reconstructions (both 9,537). PSNR/SSIM/LPIPS are "
-              "per-frame means over the same clips."),
+        "seeds it with `seed` and the video path, so reruns and any number of ranks see the same clips). "
+        "rFVD compares the real clips with their reconstructions (both 9,537). PSNR/SSIM/LPIPS are "
+        "per-frame means over the same clips.",
+    ),
     "ucf-c2v-10k": Protocol(
-        name="ucf-c2v-10k", task="class-to-video", commands=("gen",), dataset="UCF-101", split=_UCF_TRAIN,
-        clips_per_video="random", sampling="every", num_clips=9537, num_samples=10000, fvd_variant="styleganv",
-        seed=0, class_balanced=True, reference_tokens=1024, reference=_UCF_REF + "; 10,000 samples (PAPER §6)",
+        name="ucf-c2v-10k",
+        task="class-to-video",
+        commands=("gen",),
+        dataset="UCF-101",
+        split=_UCF_TRAIN,
+        clips_per_video="random",
+        sampling="every",
+        num_clips=9537,
+        num_samples=10000,
+        fvd_variant="styleganv",
+        seed=0,
+        class_balanced=True,
+        reference_tokens=1024,
+        reference=_UCF_REF + "; 10,000 samples (PAPER §6)",
         notes="10,000 class-conditional samples, classes balanced: sample i gets class i mod 101 (class 0 gets 100 "
-              "samples, every other class 99). Reference "
-              "statistics: one random 16-frame clip of every training video. CFG: the GPT preset's default "
-              "(PAPER §6: 2.5 for GPT-B, 1.75 larger) unless --cfg is given; the report records it."),
+        "samples, every other class 99). Reference "
+        "statistics: one random 16-frame clip of every training video. CFG: the GPT preset's default "
+        "(PAPER §6: 2.5 for GPT-B, 1.75 larger) unless --cfg is given; the report records it.",
+    ),
     "k600-fp-50k": Protocol(
-        name="k600-fp-50k", task="frame-prediction", commands=("gen",), dataset="Kinetics-600",
-        split="Kinetics-600 validation list (LARP's k600_val.csv)", clips_per_video="random", sampling="every",
-        num_clips=None, num_samples=50000, fvd_variant="styleganv", seed=0, cond_frames=5,
+        name="k600-fp-50k",
+        task="frame-prediction",
+        commands=("gen",),
+        dataset="Kinetics-600",
+        split="Kinetics-600 validation list (LARP's k600_val.csv)",
+        clips_per_video="random",
+        sampling="every",
+        num_clips=None,
+        num_samples=50000,
+        fvd_variant="styleganv",
+        seed=0,
+        cond_frames=5,
         reference_tokens=1024,
         reference="LARP sample.py --fp --num_cond_frames 5 --num_samples 50000; PAPER §6 (5 condition frames "
-                  "padded to 8, condition length 512+128 tokens, condition frames generated too, no CFG)",
+        "padded to 8, condition length 512+128 tokens, condition frames generated too, no CFG)",
         notes="Recorded for completeness: `evatok eval gen` does not implement frame prediction yet (the GPT "
-              "samples class-conditional sequences only) and refuses this protocol."),
+        "samples class-conditional sequences only) and refuses this protocol.",
+    ),
     "fvd2048-16f": Protocol(
-        name="fvd2048-16f", task="any", commands=("recon", "gen"), dataset="any (name it in the report)",
-        split="the videos given", clips_per_video="random", sampling="subset", num_clips=2048, num_samples=2048,
-        fvd_variant="styleganv", seed=0, class_balanced=True,
+        name="fvd2048-16f",
+        task="any",
+        commands=("recon", "gen"),
+        dataset="any (name it in the report)",
+        split="the videos given",
+        clips_per_video="random",
+        sampling="subset",
+        num_clips=2048,
+        num_samples=2048,
+        fvd_variant="styleganv",
+        seed=0,
+        class_balanced=True,
         reference="StyleGAN-V (Skorokhodov et al., 2022) fvd2048_16f: 2048 real and 2048 fake clips of 16 "
-                  "consecutive frames, i3d_torchscript.pt, covariance with ddof=0",
+        "consecutive frames, i3d_torchscript.pt, covariance with ddof=0",
         notes="Real clips: one random clip per video, then a seeded random subset of 2048 clips (StyleGAN-V draws "
-              "2048 random clips of random videos; with fewer than 2048 videos evatok evaluates them all and "
-              "marks the report non-standard). Geometry 16x128x128 (this project's clips)."),
+        "2048 random clips of random videos; with fewer than 2048 videos evatok evaluates them all and "
+        "marks the report non-standard). Geometry 16x128x128 (this project's clips).",
+    ),
     "tiny": Protocol(
-        name="tiny", task="any", commands=("recon", "gen"), dataset="any", split="the videos given",
-        clips_per_video="first", sampling="every", num_clips=None, num_samples=4, frames=8, height=32, width=32,
-        fvd_variant="videogpt", seed=0, class_balanced=True, test_only=True,
+        name="tiny",
+        task="any",
+        commands=("recon", "gen"),
+        dataset="any",
+        split="the videos given",
+        clips_per_video="first",
+        sampling="every",
+        num_clips=None,
+        num_samples=4,
+        frames=8,
+        height=32,
+        width=32,
+        fvd_variant="videogpt",
+        seed=0,
+        class_balanced=True,
+        test_only=True,
         reference="evatok tests and CI only",
-        notes="The `tiny` tokenizer's 8x32x32 clips; never a paper number."),
+        notes="The `tiny` tokenizer's 8x32x32 clips; never a paper number.",
+    ),
 }
 
 
@@ -195,13 +262,35 @@ def get_protocol(name: str) -> Protocol:
         raise ValueError(f"unknown protocol {name!r} (known: {', '.join(PROTOCOLS)})") from None
 
 
-def custom_protocol(frames: int, height: int, width: int, fps: str | float = "native", *,
-                    clips_per_video: str = "first", fvd_variant: str = "styleganv", seed: int = 0) -> Protocol:
+def custom_protocol(
+    frames: int,
+    height: int,
+    width: int,
+    fps: str | float = "native",
+    *,
+    clips_per_video: str = "first",
+    fvd_variant: str = "styleganv",
+    seed: int = 0,
+) -> Protocol:
     """An ad-hoc protocol at a model's own geometry (no ``--protocol``): every clip, never standard."""
-    return Protocol(name="custom", task="any", commands=COMMANDS, dataset="the videos given", split="the videos given",
-                    clips_per_video=str(clips_per_video), sampling="every", num_clips=None, frames=frames,
-                    height=height, width=width, fps=fps, fvd_variant=fvd_variant, seed=seed,
-                    reference="none: no --protocol was given", notes="Every clip of the given videos.")
+    return Protocol(
+        name="custom",
+        task="any",
+        commands=COMMANDS,
+        dataset="the videos given",
+        split="the videos given",
+        clips_per_video=str(clips_per_video),
+        sampling="every",
+        num_clips=None,
+        frames=frames,
+        height=height,
+        width=width,
+        fps=fps,
+        fvd_variant=fvd_variant,
+        seed=seed,
+        reference="none: no --protocol was given",
+        notes="Every clip of the given videos.",
+    )
 
 
 def select_clips(available: int, protocol: Protocol, override: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -245,8 +334,9 @@ def _video_name(source: str) -> str:
     return source.rpartition("::")[2].replace("\\", "/").rpartition("/")[2]
 
 
-def plan_clips(refs: Sequence[Any], protocol: Protocol
-               ) -> tuple[list[tuple[int, int]], list[dict[str, str]], list[int]]:
+def plan_clips(
+    refs: Sequence[Any], protocol: Protocol
+) -> tuple[list[tuple[int, int]], list[dict[str, str]], list[int]]:
     """Every clip the protocol's per-video policy gives, in listing order.
 
     ``random`` draws one start per video from ``(protocol.seed, sha1(file name))``: the same clip
@@ -256,7 +346,6 @@ def plan_clips(refs: Sequence[Any], protocol: Protocol
         ``(clips, failures, frames)``: ``(video number, start)`` pairs, ``{source, reason}`` for
         videos that cannot be read or are too short, and each video's frame count (-1 if failed).
     """
-    from evatok_cli.video import VideoError, clip_starts, parse_clip_policy, probe, resampled_length
 
     spec, policy = protocol.clip_spec(), parse_clip_policy(protocol.clips_per_video)
     clips: list[tuple[int, int]] = []
@@ -302,7 +391,6 @@ class ClipDataset:
         return {**self.__dict__, "_reader": None}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from evatok_cli.video import ClipReader, VideoError
 
         pos, ref, start = self.items[i]
         try:
@@ -315,7 +403,6 @@ class ClipDataset:
         except VideoError as e:
             self._reader = None
             return {"pos": pos, "source": ref.source, "clip_start": start, "error": e.reason}
-        import torch
 
         video = torch.from_numpy(np.ascontiguousarray(frames))
         return {"pos": pos, "source": ref.source, "clip_start": start, "video": video}
@@ -323,14 +410,19 @@ class ClipDataset:
 
 def collate_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(batch with ``video`` uint8 (B, F, H, W, 3) or None, ``pos``, ``source``, ``clip_start``; failures)."""
-    import torch
 
     good = [it for it in items if "error" not in it]
-    bad = [{"source": it["source"], "reason": f"clip at {it['clip_start']}: {it['error']}"}
-           for it in items if "error" in it]
-    return {"video": torch.stack([it["video"] for it in good]) if good else None,
-            "pos": [it["pos"] for it in good], "source": [it["source"] for it in good],
-            "clip_start": [int(it["clip_start"]) for it in good]}, bad
+    bad = [
+        {"source": it["source"], "reason": f"clip at {it['clip_start']}: {it['error']}"}
+        for it in items
+        if "error" in it
+    ]
+    return {
+        "video": torch.stack([it["video"] for it in good]) if good else None,
+        "pos": [it["pos"] for it in good],
+        "source": [it["source"] for it in good],
+        "clip_start": [int(it["clip_start"]) for it in good],
+    }, bad
 
 
 def listing_sha256(refs: Sequence[Any]) -> str:
@@ -347,7 +439,6 @@ def listing_sha256(refs: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
-
 def balanced_labels(n: int, num_classes: int) -> list[int]:
     """Class of sample i: ``i mod num_classes`` (counts differ by at most one); without classes id 0, the null class."""
     if num_classes <= 0:
@@ -355,5 +446,15 @@ def balanced_labels(n: int, num_classes: int) -> list[int]:
     return [i % num_classes for i in range(n)]
 
 
-__all__ = ["PROTOCOLS", "ClipDataset", "Protocol", "balanced_labels", "collate_clips", "custom_protocol",
-           "get_protocol", "listing_sha256", "plan_clips", "select_clips"]
+__all__ = [
+    "PROTOCOLS",
+    "ClipDataset",
+    "Protocol",
+    "balanced_labels",
+    "collate_clips",
+    "custom_protocol",
+    "get_protocol",
+    "listing_sha256",
+    "plan_clips",
+    "select_clips",
+]

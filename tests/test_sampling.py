@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from evatok_cli.generate import (
+from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, gpt_config, pad_batch, parse_sequence
+from evatok_cli.sampling import (
     apply_cfg,
     generate,
     generate_uncached,
@@ -15,7 +16,6 @@ from evatok_cli.generate import (
     top_k_filter,
     top_p_filter,
 )
-from evatok_cli.models.gpt import GPT, GPTConfig, build_sequence, gpt_config, pad_batch, parse_sequence
 
 SMALL = dict(codebook_size=16, levels=(2, 4, 8), blocks=3, num_classes=5)
 
@@ -50,7 +50,11 @@ def assert_valid(samples, cfg: GPTConfig, labels, max_tokens: int | None = None)
 
 
 # -------------------------------------------------------------------------------- validity
-SPACES = [SMALL, dict(codebook_size=7, levels=(1, 3), blocks=4, num_classes=2), dict(codebook_size=32, levels=(5,), blocks=2, num_classes=0)]
+SPACES = [
+    SMALL,
+    dict(codebook_size=7, levels=(1, 3), blocks=4, num_classes=2),
+    dict(codebook_size=32, levels=(5,), blocks=2, num_classes=0),
+]
 MODES = [dict(), dict(cfg_scale=3.0), dict(temperature=1.5, top_k=5), dict(top_p=0.9, cfg_scale=0.5), dict(greedy=True)]
 
 
@@ -117,7 +121,10 @@ def test_kv_cache_greedy_equals_recompute(seed: int) -> None:
     labels = torch.arange(6) % 6
     cached = generate(model, labels, greedy=True)
     assert _same(cached, generate_uncached(model, labels, greedy=True))
-    assert _same(generate(model, labels, greedy=True, cfg_scale=2.0), generate_uncached(model, labels, greedy=True, cfg_scale=2.0))
+    assert _same(
+        generate(model, labels, greedy=True, cfg_scale=2.0),
+        generate_uncached(model, labels, greedy=True, cfg_scale=2.0),
+    )
     assert len({tuple(t.tolist()) for t, _ in cached}) > 1  # not trivially identical samples
 
 

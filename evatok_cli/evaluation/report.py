@@ -1,6 +1,6 @@
 """Evaluation reports: JSON for machines, markdown for people, side-by-side comparison, curve plots.
 
-An :class:`EvalReport` is what every ``evatok eval`` job returns (``evatok_cli.eval``). Its JSON holds
+An :class:`EvalReport` is what every ``evatok eval`` job returns (:mod:`evatok_cli.evaluation`). Its JSON holds
 every field (docs/evaluation.md explains each one); :func:`render_markdown` is the table printed
 and saved beside it. :func:`compare_reports` refuses two reports measured under different
 protocols or with different metric weights (I3D / LPIPS sha256): their numbers are not comparable.
@@ -9,6 +9,7 @@ protocols or with different metric weights (I3D / LPIPS sha256): their numbers a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from evatok_cli import __version__
+from evatok_cli.config import load_json, save_json
 
 REPORT_FORMAT = "evatok-eval-report-1"
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "fvd": False}
@@ -97,7 +99,6 @@ def _jsonable(x: Any) -> Any:
 
 def load_report(path: str | Path) -> EvalReport:
     """Read a report JSON written by :func:`write_report`."""
-    from evatok_cli.config import load_json
 
     p = Path(path)
     if not p.is_file():
@@ -110,7 +111,6 @@ def load_report(path: str | Path) -> EvalReport:
 
 def write_report(report: EvalReport, path: str | Path) -> tuple[Path, Path]:
     """Write ``path`` (JSON) and the same name with ``.md`` (markdown), atomically; returns both."""
-    from evatok_cli.config import save_json
 
     p = Path(path)
     md = p.with_suffix(".md") if p.suffix.lower() != ".md" else p.with_name(p.name + ".md")
@@ -133,16 +133,20 @@ def comparable(a: EvalReport, b: EvalReport) -> None:
         raise NotComparable(f"not comparable: a {a.kind} report and a {b.kind} report")
     if a.protocol != b.protocol:
         diff = sorted(k for k in set(a.protocol) | set(b.protocol) if a.protocol.get(k) != b.protocol.get(k))
-        raise NotComparable(f"not comparable: different protocols ({a.protocol.get('name')} vs "
-                            f"{b.protocol.get('name')}; differing fields: {', '.join(diff)})")
+        raise NotComparable(
+            f"not comparable: different protocols ({a.protocol.get('name')} vs "
+            f"{b.protocol.get('name')}; differing fields: {', '.join(diff)})"
+        )
     checked = (("i3d", ("variant", "sha256", "resolution")), ("lpips", ("net", "backbone_sha256", "heads_sha256")))
     for metric, fields in checked:
         wa, wb = (a.metric_weights or {}).get(metric), (b.metric_weights or {}).get(metric)
         if wa and wb:
             for f in fields:
                 if wa.get(f) != wb.get(f):
-                    raise NotComparable(f"not comparable: different {metric.upper()} weights "
-                                        f"({f} {str(wa.get(f))[:16]} vs {str(wb.get(f))[:16]})")
+                    raise NotComparable(
+                        f"not comparable: different {metric.upper()} weights "
+                        f"({f} {str(wa.get(f))[:16]} vs {str(wb.get(f))[:16]})"
+                    )
 
 
 def compare_reports(a: EvalReport, b: EvalReport, names: tuple[str, str] = ("A", "B")) -> str:
@@ -163,11 +167,21 @@ def compare_reports(a: EvalReport, b: EvalReport, names: tuple[str, str] = ("A",
 
 
 # -------------------------------------------------------------------------------- markdown
-_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "fvd": "FVD", "mean_tokens": "mean tokens",
-           "uniform_tokens": "uniform tokens (max level)", "token_savings": "token savings vs uniform",
-           "clips": "clips", "samples": "samples", "real_clips": "real clips", "cfg_scale": "CFG scale",
-           "reference_tokens": "reference tokens (the paper's uniform baseline)",
-           "savings_vs_reference": "token savings vs reference"}
+_LABELS = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "lpips": "LPIPS",
+    "fvd": "FVD",
+    "mean_tokens": "mean tokens",
+    "uniform_tokens": "uniform tokens (max level)",
+    "token_savings": "token savings vs uniform",
+    "clips": "clips",
+    "samples": "samples",
+    "real_clips": "real clips",
+    "cfg_scale": "CFG scale",
+    "reference_tokens": "reference tokens (the paper's uniform baseline)",
+    "savings_vs_reference": "token savings vs reference",
+}
 
 
 def _label(key: str) -> str:
@@ -198,19 +212,27 @@ def render_markdown(report: EvalReport) -> str:
     flag += ", TEST ONLY" if report.test_only else ""
     lines = [f"# evatok eval {report.kind}: protocol `{p.get('name')}` ({flag})", ""]
     where = p.get("split") if p.get("dataset") in ("any", p.get("split")) else f"{p.get('dataset')}, {p.get('split')}"
-    lines.append(f"{p.get('frames')}x{p.get('height')}x{p.get('width')} clips at {p.get('fps')} fps from {where}; "
-                 f"clips per video: {p.get('clips_per_video')}; FVD variant {p.get('fvd_variant')}; "
-                 f"seed {report.seed}.")
+    lines.append(
+        f"{p.get('frames')}x{p.get('height')}x{p.get('width')} clips at {p.get('fps')} fps from {where}; "
+        f"clips per video: {p.get('clips_per_video')}; FVD variant {p.get('fvd_variant')}; "
+        f"seed {report.seed}."
+    )
     lines.append("")
     if report.kind == "curve":
         names = report.settings["metrics"]
-        lines += ["| point | mean tokens | savings vs uniform | " + " | ".join(_LABELS.get(m, m) for m in names)
-                  + f" | savings at equal {names[0]} |", "|---|---:|---:|" + "---:|" * (len(names) + 1)]
+        lines += [
+            "| point | mean tokens | savings vs uniform | "
+            + " | ".join(_LABELS.get(m, m) for m in names)
+            + f" | savings at equal {names[0]} |",
+            "|---|---:|---:|" + "---:|" * (len(names) + 1),
+        ]
         for pt in report.points:
-            lines.append(f"| {pt['label']} | {_fmt('t', pt['mean_tokens'])} | "
-                         f"{_fmt('token_savings', pt['token_savings'])} | "
-                         + " | ".join(_fmt(m, pt[m]) for m in names)
-                         + f" | {_fmt('savings', pt.get('savings_at_equal_quality'))} |")
+            lines.append(
+                f"| {pt['label']} | {_fmt('t', pt['mean_tokens'])} | "
+                f"{_fmt('token_savings', pt['token_savings'])} | "
+                + " | ".join(_fmt(m, pt[m]) for m in names)
+                + f" | {_fmt('savings', pt.get('savings_at_equal_quality'))} |"
+            )
     else:
         lines += ["| metric | value |", "|---|---:|"]
         for k, v in report.summary.items():
@@ -226,11 +248,15 @@ def render_markdown(report: EvalReport) -> str:
     if i3d:
         lines.append(f"- I3D ({i3d['variant']}, {i3d['resolution']}px): `{i3d['path']}` sha256 `{i3d['sha256']}`")
     if lp:
-        lines.append(f"- LPIPS ({lp['net']}): backbone sha256 `{lp['backbone_sha256']}`, "
-                     f"heads sha256 `{lp['heads_sha256']}`")
-    lines += ["", f"evatok {report.evatok_version}, {report.created_utc}, {report.world_size} process(es), "
-              f"{report.wall_s:.1f}s; data listing sha256 `{report.data.get('listing_sha256', '')[:16]}`, "
-              f"{report.data.get('clips')} of {report.data.get('clips_available')} clips."]
+        lines.append(
+            f"- LPIPS ({lp['net']}): backbone sha256 `{lp['backbone_sha256']}`, heads sha256 `{lp['heads_sha256']}`"
+        )
+    lines += [
+        "",
+        f"evatok {report.evatok_version}, {report.created_utc}, {report.world_size} process(es), "
+        f"{report.wall_s:.1f}s; data listing sha256 `{report.data.get('listing_sha256', '')[:16]}`, "
+        f"{report.data.get('clips')} of {report.data.get('clips_available')} clips.",
+    ]
     if report.deviations:
         lines += ["", "## Deviations from the protocol", ""] + [f"- {d}" for d in report.deviations]
     return "\n".join(lines) + "\n"
@@ -256,8 +282,13 @@ def plot_curve(report: EvalReport, path: str | Path) -> Path:
             if pts:
                 ax.plot([p["mean_tokens"] for p in pts], [p[m] for p in pts], style, label=kind)
                 for p in pts:
-                    ax.annotate(p["label"].removeprefix("router-").removeprefix("uniform-"), (p["mean_tokens"], p[m]),
-                                fontsize=7, textcoords="offset points", xytext=(3, 3))
+                    ax.annotate(
+                        p["label"].removeprefix("router-").removeprefix("uniform-"),
+                        (p["mean_tokens"], p[m]),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                    )
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("mean tokens per clip")
@@ -273,10 +304,20 @@ def plot_curve(report: EvalReport, path: str | Path) -> Path:
 
 
 def matplotlib_available() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
 
 
-__all__ = ["HIGHER_IS_BETTER", "REPORT_FORMAT", "EvalReport", "NotComparable", "comparable", "compare_reports",
-           "load_report", "matplotlib_available", "plot_curve", "render_markdown", "write_report"]
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "REPORT_FORMAT",
+    "EvalReport",
+    "NotComparable",
+    "comparable",
+    "compare_reports",
+    "load_report",
+    "matplotlib_available",
+    "plot_curve",
+    "render_markdown",
+    "write_report",
+]

@@ -1,0 +1,187 @@
+"""Assignment policies: from router outputs to one assignment per clip, and token budgets (EVATok §3.3, §4).
+
+The router (``evatok_cli.models.router``) only maps pixels to m^T numbers; every policy lives here
+(STYLE rule 9), shared by the jobs that assign (encode, route, train tokenizer --stage final, eval):
+
+- :func:`choose_assignments`: the classify head's argmax, or for the reward head
+  ``argmax_a  w_q * Q_hat(a) - w_l * Lz(a)`` (PAPER Eq. 3-5 with the predicted quality);
+- :func:`budget_assignments`: the reward head under a dataset-level token budget: maximise the total
+  predicted quality subject to mean tokens <= budget, by Lagrangian relaxation (bisection on the
+  per-token price lambda; each clip takes ``argmax_a Q_hat(a) - lambda * L(a)``), then a greedy fill
+  of the slack left between the two bracketing prices;
+- :class:`RouterPolicy`: a router directory as a policy, video -> (B, T) tokens per block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.checkpoint import OpenModel, open_model
+from evatok_cli.reward import DEFAULT_W_L, DEFAULT_W_Q, reward_weights
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def routing_scores(
+    pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q, w_l: float = DEFAULT_W_L
+) -> np.ndarray:
+    """(B, m^T) scores whose row argmax is the routed assignment: logits (classify), or w_q*Q_hat - w_l*Lz (reward)."""
+    p = _numpy(pred)
+    if p.ndim != 2 or p.shape[1] != len(space):
+        raise ValueError(f"predictions must be (B, {len(space)}), got {p.shape}")
+    if head == "classify":
+        return p
+    if head == "reward":
+        return w_q * p - w_l * space.lengths_z()[None, :]
+    raise ValueError(f"head must be 'classify' or 'reward', got {head!r}")
+
+
+def choose_assignments(
+    pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q, w_l: float = DEFAULT_W_L
+) -> np.ndarray:
+    """One assignment index per clip (deterministic: the first index wins ties).
+
+    Args:
+        pred: (B, m^T) router outputs (:meth:`Router.predict`): logits or Q_hat.
+        head: ``classify`` (w_q, w_l are ignored: they were fixed when the labels were made) or
+            ``reward`` (argmax of w_q * Q_hat - w_l * Lz).
+        space: the router's assignment space.
+
+    Returns:
+        (B,) int64 indices into ``space``.
+    """
+    return np.argmax(routing_scores(pred, head, space, w_q, w_l), axis=1).astype(np.int64)
+
+
+class RouterPolicy:
+    """A router as an assignment policy: video (B, 3, F, H, W) in [-1, 1] -> (B, T) tokens per block.
+
+    Used by `evatok encode --router` and `evatok train tokenizer --stage final --router`: each clip
+    gets the argmax of the router's scores (logits, or w_q * Q_hat - w_l * Lz for the reward head).
+    """
+
+    def __init__(self, model: Any, space: AssignmentSpace, w_q: float, w_l: float) -> None:
+        self.model, self.space, self.w_q, self.w_l = model, space, w_q, w_l
+        self.table = torch.as_tensor(space.table())
+        self.source: OpenModel | None = None  # the router directory, when loaded with :meth:`load`
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        space: AssignmentSpace,
+        clip: tuple[int, int, int],
+        device: Any,
+        *,
+        w_q: float | None = None,
+        w_l: float | None = None,
+    ) -> RouterPolicy:
+        """Load a router directory and check it matches the tokenizer's space and clip geometry."""
+        router = open_model(path, "router", device=device)
+        model, path = router.model, router.dir
+        c = model.config
+        if model.space != space:
+            raise ValueError(
+                f"{path}: router space {model.space.to_dict()} differs from the tokenizer's {space.to_dict()}"
+            )
+        if (c.frames, c.height, c.width) != tuple(clip):
+            raise ValueError(
+                f"{path}: router clips {c.frames}x{c.height}x{c.width} differ from the tokenizer's "
+                f"{clip[0]}x{clip[1]}x{clip[2]}"
+            )
+        policy = cls(model, space, *reward_weights(w_q, w_l, router.meta.get("labels")))
+        policy.source = router
+        return policy
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        idx = choose_assignments(self.model.predict(video), self.model.config.head, self.space, self.w_q, self.w_l)
+        return self.table[torch.as_tensor(idx)]
+
+
+def _lagrange_choice(q: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
+    return np.argmax(q - lam * lengths[None, :], axis=1)
+
+
+def budget_assignments(
+    q_hat: Any, space: AssignmentSpace, budget: float, *, iters: int = 60
+) -> tuple[np.ndarray, float]:
+    """Assignments with mean tokens <= ``budget`` maximising the total predicted quality.
+
+    Lagrangian relaxation of ``max sum_i Q_hat_i(a_i)  s.t.  mean_i L(a_i) <= budget``: for a price
+    lambda >= 0 per token each clip takes ``argmax_a Q_hat_i(a) - lambda * L(a)``, whose mean length
+    falls as lambda grows; bisection finds the smallest feasible price. The clips whose choice differs
+    between the two bracketing prices are then upgraded greedily (best quality gain per extra token
+    first) while the budget allows, so little of the budget is left unused.
+
+    Args:
+        q_hat: (N, m^T) predicted quality z-scores (the reward head's output).
+        space: the assignment space (lengths L(a) in tokens).
+        budget: mean tokens per clip allowed.
+
+    Returns:
+        ((N,) int64 indices, lambda: the price in quality units per token; 0 when the budget does not bind).
+
+    Raises:
+        ValueError: ``budget`` below the shortest assignment's length.
+    """
+    q = _numpy(q_hat)
+    if q.ndim != 2 or q.shape[1] != len(space):
+        raise ValueError(f"q_hat must be (N, {len(space)}), got {q.shape}")
+    if budget < space.min_length:
+        raise ValueError(f"budget {budget:g} tokens is below the shortest assignment ({space.min_length} tokens)")
+    n = q.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0.0
+    lengths = space.lengths().astype(np.float64)
+    cap = budget * n
+
+    def total(a: np.ndarray) -> float:
+        return float(lengths[a].sum())
+
+    a = _lagrange_choice(q, lengths, 0.0)
+    if total(a) <= cap:
+        return a.astype(np.int64), 0.0
+    lo, hi = 0.0, 1.0
+    while total(_lagrange_choice(q, lengths, hi)) > cap:  # at a high enough price every clip takes the shortest
+        lo, hi = hi, hi * 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if total(_lagrange_choice(q, lengths, mid)) > cap:
+            lo = mid
+        else:
+            hi = mid
+    a_hi, a_lo = _lagrange_choice(q, lengths, hi), _lagrange_choice(q, lengths, lo)
+    rows = np.arange(n)
+    gain = q[rows, a_lo] - q[rows, a_hi]
+    cost = lengths[a_lo] - lengths[a_hi]
+    cand = np.flatnonzero((a_lo != a_hi) & (cost > 0) & (gain > 0))
+    order = cand[np.lexsort((cand, -(gain[cand] / cost[cand])))]
+    used = total(a_hi)
+    out = a_hi.copy()
+    for i in order:
+        if used + cost[i] <= cap:
+            out[i], used = a_lo[i], used + cost[i]
+    # one last pass over the slack: each clip's best upgrade that still fits, biggest gain first
+    extra = lengths[None, :] - lengths[out][:, None]  # (N, M) extra tokens of every alternative
+    up = np.where((extra > 0) & (extra <= cap - used), q - q[rows, out][:, None], -np.inf)
+    choice = np.argmax(up, axis=1)
+    g = up[rows, choice]
+    for i in np.lexsort((rows, -g)):
+        if not g[i] > 0:
+            break
+        if used + extra[i, choice[i]] <= cap:
+            out[i], used = choice[i], used + extra[i, choice[i]]
+    return out.astype(np.int64), float(hi)
+
+
+__all__ = ["RouterPolicy", "budget_assignments", "choose_assignments", "routing_scores"]

@@ -1,0 +1,299 @@
+"""``evatok eval gen``: gFVD of class-conditional GPT samples under a protocol, with cached real statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from evatok_cli import __version__
+from evatok_cli.checkpoint import open_model
+from evatok_cli.evaluation.engine import (
+    EvalError,
+    _check_batch,
+    _Clips,
+    _finish,
+    _fvd_value,
+    _load_tokenizer,
+    _load_weights,
+    _prepare_clips,
+    _protocol,
+    _token_summary,
+)
+from evatok_cli.evaluation.protocols import (
+    ClipDataset,
+    Protocol,
+    balanced_labels,
+    collate_clips,
+    get_protocol,
+)
+from evatok_cli.evaluation.report import (
+    EvalReport,
+)
+from evatok_cli.metrics import FeatureStats
+from evatok_cli.runtime import DistEnv, all_gather_objects, broadcast_object, process_group
+from evatok_cli.sampling import check_tokenizer, default_cfg_scale, generate
+from evatok_cli.video import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/evatok/fvd-stats`` (``~/.cache/evatok/fvd-stats`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "evatok" / "fvd-stats"
+
+
+def real_stats_key(sel: _Clips, protocol: Protocol, i3d_info: dict[str, Any]) -> str:
+    """Cache key of real statistics: the inputs listing, the selected clips and geometry, the I3D weights."""
+    blob = {
+        "format": 1,
+        "listing_sha256": sel.listing_sha256,
+        "clips": [[r.source, s] for _, r, s in sel.items],
+        "clip": protocol.clip_spec().to_dict(),
+        "i3d": {k: i3d_info[k] for k in ("variant", "sha256", "resolution")},
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _real_stats(sel: _Clips, fvd, env: DistEnv, *, batch_size: int, workers: int, spec: Any):
+
+    stats = fvd.new_stats()
+    failures: list[dict[str, str]] = []
+    loader = DataLoader(
+        ClipDataset(sel.mine(env), spec),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_clips,
+    )
+    for batch, bad in loader:
+        failures += bad
+        if batch["video"] is not None:
+            fvd.update(stats, to_model_input(batch["video"]).to(env.device))
+    stats.all_reduce()
+    return stats, [f for part in all_gather_objects(failures, env) for f in part]
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(chunk)]).generate_state(1, dtype=np.uint64)[0] & (2**63 - 1))
+
+
+def evaluate_generation(
+    gpt: str | Path,
+    tokenizer: str | Path,
+    real: Sequence[str | Path],
+    *,
+    protocol: str,
+    i3d: str | Path,
+    i3d_variant: str | None = None,
+    num_samples: int | None = None,
+    num_clips: int | None = None,
+    cfg_scale: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    batch_size: int = 16,
+    workers: int = 0,
+    device: str = "auto",
+    ema: bool = True,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    stdin=None,
+) -> EvalReport:
+    """gFVD of a class-conditional GPT under a protocol (``evatok eval gen``).
+
+    Samples: sample i gets class ``i mod C`` (classes balanced); samples are drawn in chunks of
+    ``batch_size``, chunk c with a generator seeded from ``(seed, c)`` and handed to rank
+    ``c mod world_size``, so the samples do not depend on the number of ranks. Each sample is
+    decoded by the tokenizer and its I3D features summed; statistics are all-reduced.
+
+    Real statistics: the protocol's clips of ``real``, cached in ``cache_dir`` under
+    ``real-<key>.safetensors`` with ``key`` = :func:`real_stats_key` (the inputs listing with file
+    sizes, the selected clips, the geometry and the I3D weights sha256). A second run with the same
+    inputs reads them instead of decoding the videos again.
+
+    Args:
+        gpt: a GPT model directory (or a training output directory).
+        tokenizer: the tokenizer the GPT's token stores were written with (checked).
+        real: the real videos of the protocol's split.
+        protocol: a generation preset (``ucf-c2v-10k``, ``fvd2048-16f``, ``tiny``).
+        i3d, i3d_variant: I3D weights (or ``random:SEED`` for tests) and variant (default: protocol's).
+        num_samples: generated samples (default: the protocol's; another count is non-standard).
+        num_clips: real clips: a seeded subset of this many (non-standard).
+        cfg_scale: classifier-free guidance (default: the GPT preset's, PAPER §6).
+        temperature, top_k, top_p: sampling (see :func:`evatok_cli.generate.generate`).
+        seed: sampler seed (default: the protocol's seed).
+        batch_size: samples per chunk (also clips per I3D batch for the real statistics).
+        cache_dir: where real statistics are cached (default :func:`default_cache_dir`).
+        use_cache: False to recompute (and not write) the real statistics.
+
+    Returns:
+        The :class:`EvalReport` (complete on rank 0).
+    """
+    t0 = time.perf_counter()
+    with process_group(device) as env:
+        _check_batch(batch_size, workers)
+        if i3d is None:
+            raise EvalError("gFVD needs --i3d (i3d_torchscript.pt for the paper's protocols)")
+        tok_open, tok, geometry = _load_tokenizer(tokenizer, env)
+        proto = get_protocol(protocol)
+        if proto.task == "frame-prediction":
+            raise EvalError(
+                f"protocol {proto.name} is frame prediction ({proto.cond_frames} condition frames -> "
+                f"{proto.frames}); evatok's sampler generates class-conditional sequences only"
+            )
+        proto, why = _protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
+        gpt_open = open_model(gpt, "gpt", device=env.device, ema=ema)
+        check_tokenizer(gpt_open, tok_open)
+        model, meta = gpt_open.model, gpt_open.meta
+        cfg = model.config
+        n = proto.num_samples if num_samples is None else int(num_samples)
+        if n < 1:
+            raise EvalError(f"--num-samples must be >= 1, got {n}")
+        if num_samples is not None and num_samples != proto.num_samples:
+            why.append(f"--num-samples {num_samples} overrides the protocol's {proto.num_samples} samples")
+            proto = dataclasses.replace(proto, num_samples=n)
+        scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
+        sampler_seed = proto.seed if seed is None else int(seed)
+        w = _load_weights(
+            ["fvd"],
+            proto,
+            env,
+            i3d=i3d,
+            i3d_variant=i3d_variant,
+            lpips_weights=None,
+            lpips_heads=None,
+            lpips_net="vgg",
+            batch_size=batch_size,
+        )
+        fvd = w.fvd
+
+        # real statistics: cached on disk (rank 0 decides; every rank computes its share on a miss)
+        sel = _prepare_clips(real, proto, num_clips, env, stdin)
+        key = real_stats_key(sel, proto, w.info["i3d"])
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = cache / f"real-{key[:32]}.safetensors"
+        hit = bool(broadcast_object(use_cache and env.is_main and path.is_file(), env))
+        real_failures: list[dict[str, str]] = []
+        if hit:  # only rank 0 needs them: it alone computes the FVD
+            real_stats = FeatureStats.load(path) if env.is_main else None
+            side = path.with_suffix(".json")
+            if env.is_main and side.is_file():  # clips that failed when the statistics were made
+                real_failures = list(json.loads(side.read_text()).get("failures", []))
+        else:
+            real_stats, real_failures = _real_stats(
+                sel, fvd, env, batch_size=batch_size, workers=workers, spec=proto.clip_spec()
+            )
+            if use_cache and env.is_main:
+                cache.mkdir(parents=True, exist_ok=True)
+                real_stats.save(path)
+                side = {
+                    "key": key,
+                    "protocol": proto.name,
+                    "inputs": [str(i) for i in real],
+                    "clips": len(sel.items),
+                    "failures": real_failures,
+                    "i3d": w.info["i3d"],
+                    "evatok_version": __version__,
+                }
+                tmp = path.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(side, indent=2))
+                tmp.replace(path.with_suffix(".json"))
+
+        # samples: chunk c -> rank c mod world, generator seeded by (seed, c)
+        labels = balanced_labels(n, cfg.num_classes)  # no classes: the null class (id 0)
+        chunks = list(range(0, n, batch_size))
+        fake = fvd.new_stats()
+        samples: list[dict[str, Any]] = []
+        for c in range(env.rank, len(chunks), env.world_size):
+            lo = chunks[c]
+            chunk = labels[lo : lo + batch_size]
+            gen = torch.Generator().manual_seed(_chunk_seed(sampler_seed, c))
+            out = generate(
+                model,
+                torch.tensor(chunk),
+                cfg_scale=scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=gen,
+            )
+            with torch.inference_mode():
+                video = tok.decode([t.to(env.device) for t, _ in out], torch.stack([b for _, b in out]).to(env.device))
+            fvd.update(fake, video.float())
+            for j, (label, (tokens, bl)) in enumerate(zip(chunk, out)):
+                samples.append(
+                    {
+                        "index": lo + j,
+                        "class": int(label),
+                        "tokens": int(tokens.numel()),
+                        "block_lengths": [int(k) for k in bl.tolist()],
+                    }
+                )
+        fake.all_reduce()
+        samples = sorted((s for part in all_gather_objects(samples, env) for s in part), key=lambda s: s["index"])
+
+        deviations = why + sel.deviations + w.deviations
+        if real_failures:
+            deviations.append(f"{len(real_failures)} real clips failed to decode (first: {real_failures[0]['source']})")
+        fvd_res = _fvd_value(fvd, real_stats, fake, deviations) if env.is_main else None
+        mean_tokens = float(np.mean([s["tokens"] for s in samples])) if samples else None
+        per_class = Counter(s["class"] for s in samples)
+        real_clips = fvd_res["n_real"] if fvd_res else (real_stats.count if real_stats is not None else None)
+        summary = {
+            "samples": len(samples),
+            "real_clips": real_clips,
+            "fvd": fvd_res["fvd"] if fvd_res else None,
+            **_token_summary(mean_tokens, tok.space, proto),
+            "cfg_scale": scale,
+        }
+        report = EvalReport(
+            kind="gen",
+            protocol=sel.protocol.to_dict(),
+            standard=False,
+            deviations=deviations,
+            test_only=w.test_only,
+            summary=summary,
+            models={"tokenizer": tok_open.record(), "gpt": gpt_open.record()},
+            metric_weights=w.info,
+            data={
+                "inputs": [str(i) for i in real],
+                "videos": len(sel.refs),
+                "listing_sha256": sel.listing_sha256,
+                "clips_available": sel.available,
+                "clips": len(sel.items),
+                "failures": sel.failures + real_failures,
+                "real_stats_cache": {"path": str(path) if use_cache else None, "key": key, "hit": hit},
+            },
+            settings={
+                "num_samples": n,
+                "cfg_scale": scale,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "sampler_seed": sampler_seed,
+                "batch_size": batch_size,
+                "ema": ema,
+                "device": str(env.device),
+                "classes": cfg.num_classes,
+                "per_class": {str(k): v for k, v in sorted(per_class.items())},
+                "num_clips": num_clips,
+            },
+            seed=proto.seed,
+            fvd=fvd_res,
+            samples=samples,
+        )
+        return _finish(report, env, t0)
