@@ -137,6 +137,17 @@ class _Clips:
     def mine(self, env: DistEnv) -> list[tuple[int, Any, int]]:
         return self.items[env.rank :: env.world_size]
 
+    def record(self, inputs: Sequence[str | Path], clips: int, failures: list[dict[str, str]]) -> dict[str, Any]:
+        """The report's ``data`` entry: the inputs, the videos and clips found, the clips used, the failures."""
+        return {
+            "inputs": [str(i) for i in inputs],
+            "videos": len(self.refs),
+            "listing_sha256": self.listing_sha256,
+            "clips_available": self.available,
+            "clips": clips,
+            "failures": self.failures + failures,
+        }
+
 
 def _prepare_clips(
     inputs: Sequence[str | Path], protocol: Protocol, num_clips: int | None, env: DistEnv, stdin=None

@@ -170,14 +170,7 @@ def evaluate_reconstruction(
             summary=summary,
             models={"tokenizer": tok_open.record(), "router": router_rec},
             metric_weights=w.info,
-            data={
-                "inputs": [str(i) for i in data],
-                "videos": len(sel.refs),
-                "listing_sha256": sel.listing_sha256,
-                "clips_available": sel.available,
-                "clips": len(records),
-                "failures": sel.failures + scored.failures,
-            },
+            data=sel.record(data, len(records), scored.failures),
             settings={
                 "assignment_policy": policy_desc,
                 "metrics": names,
