@@ -15,22 +15,22 @@ from torch.utils.data import DataLoader
 
 from evatok_cli.assign import RouterPolicy, budget_assignments, choose_assignments
 from evatok_cli.evaluation.engine import (
+    ClipSelection,
     EvalError,
     Point,
-    _check_batch,
-    _Clips,
-    _finish,
-    _fvd_value,
-    _load_tokenizer,
-    _load_weights,
-    _means,
-    _prepare_clips,
-    _protocol,
-    _reduce,
-    _resolve_metrics,
-    _savings,
-    _score,
-    _Scored,
+    Scored,
+    check_batch,
+    finish_report,
+    fvd_value,
+    load_metric_weights,
+    load_tokenizer,
+    metric_means,
+    prepare_clips,
+    reduce_scores,
+    resolve_metrics,
+    resolve_protocol,
+    savings_against,
+    score_points,
 )
 from evatok_cli.evaluation.protocols import (
     ClipDataset,
@@ -80,7 +80,9 @@ def _parse_floats(values: Sequence[float] | str | None) -> list[float] | None:
     return [float(x) for x in values]
 
 
-def _router_predictions(router, sel: _Clips, env: DistEnv, *, batch_size: int, workers: int, spec: Any) -> np.ndarray:
+def _router_predictions(
+    router, sel: ClipSelection, env: DistEnv, *, batch_size: int, workers: int, spec: Any
+) -> np.ndarray:
     """(N, m^T) router outputs of every selected clip (all ranks gathered), for budget solving."""
 
     pos, preds = [], []
@@ -140,24 +142,24 @@ def evaluate_curve(
     """
     t0 = time.perf_counter()
     with process_group(device) as env:
-        _check_batch(batch_size, workers)
-        names = _resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
+        check_batch(batch_size, workers)
+        names = resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
         w_qs, budget_list = _parse_floats(w_q), _parse_floats(budgets)
         if router is None and (w_qs or budget_list):
             raise EvalError("--w-q and --budgets need --router")
         if w_qs and budget_list:
             raise EvalError("give either --w-q or --budgets, not both")
-        tok_open, model, geometry = _load_tokenizer(tokenizer, env)
-        proto, why = _protocol(protocol, geometry, "recon", clips=clips, i3d=i3d, i3d_variant=i3d_variant)
+        tok_open, model, geometry = load_tokenizer(tokenizer, env)
+        proto, why = resolve_protocol(protocol, geometry, "recon", clips=clips, i3d=i3d, i3d_variant=i3d_variant)
         space = model.space
         points = [
             Point(f"uniform-{k}", "uniform", {"k": int(k)},
                   lambda video, pred, pos, fixed=torch.tensor(space.uniform(k)): fixed.expand(video.shape[0], -1))
             for k in space.levels
         ]  # fmt: skip
-        w = _load_weights(names, proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
+        w = load_metric_weights(names, proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
                           lpips_heads=lpips_heads, lpips_net=lpips_net, batch_size=batch_size)  # fmt: skip
-        sel = _prepare_clips(data, proto, num_clips, env, stdin)
+        sel = prepare_clips(data, proto, num_clips, env, stdin)
         router_model, router_rec = None, None
         if router is not None:
             policy = RouterPolicy.load(router, space, geometry, env.device)
@@ -165,7 +167,7 @@ def evaluate_curve(
             router_points, router_model = _router_points(policy, sel, env, w_qs=w_qs, budgets=budget_list,
                                                          batch_size=batch_size, workers=workers, spec=proto.clip_spec())  # fmt: skip
             points += router_points
-        scored = _reduce(_score(model, sel, points, env, metrics=names, lpips=w.lpips, fvd=w.fvd, router=router_model,
+        scored = reduce_scores(score_points(model, sel, points, env, metrics=names, lpips=w.lpips, fvd=w.fvd, router=router_model,
                                 batch_size=batch_size, workers=workers, spec=proto.clip_spec()), env)  # fmt: skip
         deviations = why + sel.deviations + w.deviations
         if scored.failures:
@@ -195,10 +197,10 @@ def evaluate_curve(
             seed=proto.seed,
             points=out_points,
         )
-        return _finish(report, env, t0)
+        return finish_report(report, env, t0)
 
 
-def _router_points(policy: RouterPolicy, sel: _Clips, env: DistEnv, *, w_qs: list[float] | None,
+def _router_points(policy: RouterPolicy, sel: ClipSelection, env: DistEnv, *, w_qs: list[float] | None,
                    budgets: list[float] | None, batch_size: int, workers: int,
                    spec: Any) -> tuple[list[Point], Any]:  # fmt: skip
     """The router's curve points, and the router to run per batch (None when budgets solved them up front).
@@ -231,7 +233,7 @@ def _router_points(policy: RouterPolicy, sel: _Clips, env: DistEnv, *, w_qs: lis
     ], model  # fmt: skip
 
 
-def _curve_points(points: Sequence[Point], scored: _Scored, names: list[str], fvd: Any, space: Any,
+def _curve_points(points: Sequence[Point], scored: Scored, names: list[str], fvd: Any, space: Any,
                   deviations: list[str], env: DistEnv) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """Each point's means (and savings at equal quality for router points), and the flat summary."""
     uniform_tokens = space.levels[-1] * space.blocks
@@ -240,12 +242,12 @@ def _curve_points(points: Sequence[Point], scored: _Scored, names: list[str], fv
     for p, point in enumerate(points):
         recs = scored.records[p]
         mean_tokens = float(np.mean([r["tokens"] for r in recs])) if recs else None
-        values = _means(recs, clip_names)
+        values = metric_means(recs, clip_names)
         if fvd is not None:
-            res = _fvd_value(fvd, scored.real, scored.fake[p], deviations) if env.is_main else None
+            res = fvd_value(fvd, scored.real, scored.fake[p], deviations) if env.is_main else None
             values["fvd"] = res["fvd"] if res else None
         out_points.append({"label": point.label, "kind": point.kind, "params": point.params, "clips": len(recs),
-                           "mean_tokens": mean_tokens, "token_savings": _savings(mean_tokens, uniform_tokens),
+                           "mean_tokens": mean_tokens, "token_savings": savings_against(mean_tokens, uniform_tokens),
                            **{m: values.get(m) for m in names}})  # fmt: skip
     first = names[0]
     uni = [(pt["mean_tokens"], pt[first]) for pt in out_points if pt["kind"] == "uniform"]

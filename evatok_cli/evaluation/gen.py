@@ -21,16 +21,16 @@ from evatok_cli import __version__
 from evatok_cli.checkpoint import open_model
 from evatok_cli.config import save_json
 from evatok_cli.evaluation.engine import (
+    ClipSelection,
     EvalError,
-    _check_batch,
-    _Clips,
-    _finish,
-    _fvd_value,
-    _load_tokenizer,
-    _load_weights,
-    _prepare_clips,
-    _protocol,
-    _token_summary,
+    check_batch,
+    finish_report,
+    fvd_value,
+    load_metric_weights,
+    load_tokenizer,
+    prepare_clips,
+    resolve_protocol,
+    token_summary,
 )
 from evatok_cli.evaluation.protocols import (
     ClipDataset,
@@ -56,7 +56,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "evatok" / "fvd-stats"
 
 
-def real_stats_key(sel: _Clips, protocol: Protocol, i3d_info: dict[str, Any]) -> str:
+def real_stats_key(sel: ClipSelection, protocol: Protocol, i3d_info: dict[str, Any]) -> str:
     """Cache key of real statistics: the inputs listing, the selected clips and geometry, the I3D weights."""
     blob = {
         "format": 1,
@@ -68,7 +68,7 @@ def real_stats_key(sel: _Clips, protocol: Protocol, i3d_info: dict[str, Any]) ->
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _real_stats(sel: _Clips, fvd, env: DistEnv, *, batch_size: int, workers: int, spec: Any):
+def _real_stats(sel: ClipSelection, fvd, env: DistEnv, *, batch_size: int, workers: int, spec: Any):
 
     stats = fvd.new_stats()
     failures: list[dict[str, str]] = []
@@ -146,17 +146,17 @@ def evaluate_generation(
     """
     t0 = time.perf_counter()
     with process_group(device) as env:
-        _check_batch(batch_size, workers)
+        check_batch(batch_size, workers)
         if i3d is None:
             raise EvalError("gFVD needs --i3d (i3d_torchscript.pt for the paper's protocols)")
-        tok_open, tok, geometry = _load_tokenizer(tokenizer, env)
+        tok_open, tok, geometry = load_tokenizer(tokenizer, env)
         proto = get_protocol(protocol)
         if proto.task == "frame-prediction":
             raise EvalError(
                 f"protocol {proto.name} is frame prediction ({proto.cond_frames} condition frames -> "
                 f"{proto.frames}); evatok's sampler generates class-conditional sequences only"
             )
-        proto, why = _protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
+        proto, why = resolve_protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
         gpt_open = open_model(gpt, "gpt", device=env.device, ema=ema)
         check_tokenizer(gpt_open, tok_open)
         model, meta = gpt_open.model, gpt_open.meta
@@ -169,7 +169,7 @@ def evaluate_generation(
             proto = dataclasses.replace(proto, num_samples=n)
         scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
         sampler_seed = proto.seed if seed is None else int(seed)
-        w = _load_weights(
+        w = load_metric_weights(
             ["fvd"],
             proto,
             env,
@@ -182,7 +182,7 @@ def evaluate_generation(
         )
         fvd = w.fvd
 
-        sel = _prepare_clips(real, proto, num_clips, env, stdin)
+        sel = prepare_clips(real, proto, num_clips, env, stdin)
         real_stats, real_failures, cache_info = _cached_real_stats(
             sel, proto, real, w, env, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, workers=workers
         )
@@ -192,7 +192,7 @@ def evaluate_generation(
         deviations = why + sel.deviations + w.deviations
         if real_failures:
             deviations.append(f"{len(real_failures)} real clips failed to decode (first: {real_failures[0]['source']})")
-        fvd_res = _fvd_value(fvd, real_stats, fake, deviations) if env.is_main else None
+        fvd_res = fvd_value(fvd, real_stats, fake, deviations) if env.is_main else None
         mean_tokens = float(np.mean([s["tokens"] for s in samples])) if samples else None
         per_class = Counter(s["class"] for s in samples)
         real_clips = fvd_res["n_real"] if fvd_res else (real_stats.count if real_stats is not None else None)
@@ -200,7 +200,7 @@ def evaluate_generation(
             "samples": len(samples),
             "real_clips": real_clips,
             "fvd": fvd_res["fvd"] if fvd_res else None,
-            **_token_summary(mean_tokens, tok.space, proto),
+            **token_summary(mean_tokens, tok.space, proto),
             "cfg_scale": scale,
         }
         report = EvalReport(
@@ -231,10 +231,10 @@ def evaluate_generation(
             fvd=fvd_res,
             samples=samples,
         )
-        return _finish(report, env, t0)
+        return finish_report(report, env, t0)
 
 
-def _cached_real_stats(sel: _Clips, proto: Protocol, real: Sequence[str | Path], w: Any, env: DistEnv, *,
+def _cached_real_stats(sel: ClipSelection, proto: Protocol, real: Sequence[str | Path], w: Any, env: DistEnv, *,
                        cache_dir: str | Path | None, use_cache: bool, batch_size: int,
                        workers: int) -> tuple[Any, list[dict[str, str]], dict[str, Any]]:  # fmt: skip
     """Real FVD statistics, cached on disk (rank 0 decides; every rank computes its share on a miss).
