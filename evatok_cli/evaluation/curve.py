@@ -84,7 +84,6 @@ def _router_predictions(
     router, sel: ClipSelection, env: DistEnv, *, batch_size: int, workers: int, spec: Any
 ) -> np.ndarray:
     """(N, m^T) router outputs of every selected clip (all ranks gathered), for budget solving."""
-
     pos, preds = [], []
     loader = DataLoader(
         ClipDataset(sel.mine(env), spec), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips

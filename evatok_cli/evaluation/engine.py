@@ -67,13 +67,11 @@ def parse_random(spec: str | Path | None) -> int | None:
 
 
 def _sha(path: str | Path) -> str:
-
     return file_sha256(path)
 
 
 def load_fvd(i3d: str | Path, variant: str, *, batch_size: int | None = None):
     """An :class:`~evatok_cli.metrics.FVD` and its record for reports; ``random:SEED`` for tests."""
-
     seed = parse_random(i3d)
     if seed is not None:
         fvd = FVD.random(seed, resolution=RANDOM_I3D_RESOLUTION, batch_size=batch_size)
@@ -97,7 +95,6 @@ def load_fvd(i3d: str | Path, variant: str, *, batch_size: int | None = None):
 
 def load_lpips(weights: str | Path, heads: str | Path | None = None, net: str = "vgg"):
     """An :class:`~evatok_cli.metrics.LPIPS` and its record for reports; ``random:SEED`` for tests."""
-
     seed = parse_random(weights)
     if seed is not None:
         m = LPIPS.random(net, seed)
@@ -152,7 +149,6 @@ class ClipSelection:
 def prepare_clips(
     inputs: Sequence[str | Path], protocol: Protocol, num_clips: int | None, env: DistEnv, stdin=None
 ) -> ClipSelection:
-
     refs = list_inputs([str(i) for i in inputs], stdin=stdin)
     # every rank must plan the same clips (stdin, for one, reaches rank 0 only under torchrun)
     if len(set(all_gather_objects(listing_sha256(refs), env))) > 1:
@@ -196,7 +192,6 @@ class Scored:
 
 
 def _clip_metrics(names: Sequence[str], recon: torch.Tensor, video: torch.Tensor, lpips) -> dict[str, list[float]]:
-
     out: dict[str, list[float]] = {}
     if "psnr" in names:
         out["psnr"] = psnr_frames(recon, video).mean(1).tolist()
@@ -222,7 +217,6 @@ def score_points(
     spec: Any,
 ) -> Scored:
     """Reconstruct this rank's clips under every point; per-clip metrics and FVD statistics."""
-
     space = model.space
     loader = DataLoader(
         ClipDataset(clips.mine(env), spec),

@@ -69,7 +69,6 @@ def real_stats_key(sel: ClipSelection, protocol: Protocol, i3d_info: dict[str, A
 
 
 def _real_stats(sel: ClipSelection, fvd, env: DistEnv, *, batch_size: int, workers: int, spec: Any):
-
     stats = fvd.new_stats()
     failures: list[dict[str, str]] = []
     loader = DataLoader(

@@ -302,7 +302,6 @@ def train_router(
     Raises:
         ValueError: bad head/options, not a labels store, or no labelled clip could be read.
     """
-
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if soft_tau is not None and head != "classify":
