@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,12 +50,23 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)  # type: ignore[call-arg]
 
 
-def save_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def save_json(path: str | Path, obj: Any, *, compact: bool = False) -> None:
+    """Write JSON atomically: a hidden temporary file beside ``path``, then a rename over it.
+
+    The one JSON writer of the package (model directories, training state, stores, caches).
+
+    Args:
+        compact: one line without spaces (store indexes); default indented with sorted keys.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_json(path: str | Path) -> Any:

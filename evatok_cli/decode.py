@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evatok_cli.checkpoint import open_model
+from evatok_cli.checkpoint import TokenizerMismatchError, open_model
 from evatok_cli.metrics.pixel import psnr_frames, ssim_frames
 from evatok_cli.runtime import resolve_device
 from evatok_cli.store import open_store
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 
 class DecodeError(Exception):
     """A problem with the decode job as a whole; the message names the path."""
-
-
-class TokenizerMismatchError(DecodeError):
-    """The tokenizer given is not the one that wrote the store (weights sha256 differ)."""
 
 
 @dataclass

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from evatok_cli.checkpoint import open_model, store_attrs
+from evatok_cli.checkpoint import OpenModel, open_model, store_attrs
 from evatok_cli.runtime import resolve_device
-from evatok_cli.sampling import check_tokenizer, default_cfg_scale, generate
+from evatok_cli.sampling import check_tokenizer, decode_samples, default_cfg_scale, generate
 from evatok_cli.store import Sample, open_writer
 from evatok_cli.video import ClipSpec, safe_name, write_mp4
 from evatok_cli.video.dataset import to_uint8
@@ -113,11 +113,6 @@ def resolve_classes(classes: Sequence[int | str] | None, names: Sequence[str] | 
     return ids
 
 
-def _clip_spec(tokenizer: Any, fps: Any) -> ClipSpec:
-    c = tokenizer.config
-    return ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=fps)
-
-
 def generate_videos(
     gpt: str | Path,
     out: str | Path,
@@ -169,7 +164,7 @@ def generate_videos(
     dev = resolve_device(device)
     opened, tokenizer_ = open_model(gpt, "gpt", device=dev, ema=ema), open_model(tokenizer, "tokenizer", device=dev)
     check_tokenizer(opened, tokenizer_)
-    model, meta, gpt_dir, tok = opened.model, opened.meta, opened.dir, tokenizer_.model
+    model, meta, tok = opened.model, opened.meta, tokenizer_.model
     cfg = model.config
     names = meta.get("class_names")
     ids = resolve_classes(classes, names, cfg.num_classes)
@@ -182,98 +177,31 @@ def generate_videos(
     if format in ("store", "both") and store_path.exists():
         raise GenerateError(f"{store_path} already exists; choose another -o or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    root = out.resolve()
-    clip = meta.get("clip") or {}
-    clip_fps = clip.get("fps", "native")
+    clip_fps = (meta.get("clip") or {}).get("fps", "native")
     out_fps = fps or (25.0 if clip_fps == "native" else float(clip_fps))
-
-    summary = GenerateSummary(
-        out=str(out),
-        cfg_scale=scale,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        seed=seed,
-    )
+    summary = GenerateSummary(out=str(out), cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                              max_tokens=max_tokens, seed=seed)  # fmt: skip
     writer = None
     if format in ("store", "both"):
-        extra = {"kind": "generate", "generate": {
-            "gpt": str(gpt_dir), "gpt_preset": meta.get("preset"), "gpt_sha256": opened.sha256, "ema": ema,
-            "cfg_scale": scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": max_tokens,
-            "seed": seed, "batch_size": batch_size}}  # fmt: skip
-        if names is not None:
-            extra["labels"] = list(names)
-        writer = open_writer(
-            store_path, attrs=store_attrs(tokenizer_, _clip_spec(tok, clip_fps), extra), num_blocks=cfg.blocks
-        )
+        settings = {"ema": ema, "cfg_scale": scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                    "max_tokens": max_tokens, "seed": seed, "batch_size": batch_size}  # fmt: skip
+        writer = _store_writer(store_path, opened, tokenizer_, clip_fps, settings)
         summary.store = str(store_path)
-
-    def class_name(c: int) -> str:
-        if c == cfg.num_classes:
-            return NULL_CLASS
-        return str(names[c]) if names is not None else str(c)
-
+    namer = _Namer(cfg.num_classes, names)
     labels = [c for c in ids for _ in range(num)]
     gen = torch.Generator().manual_seed(int(seed))
-    taken: set[str] = set()
-    counters: Counter[int] = Counter()
-    space = tok.space
     try:
         for b in range(0, len(labels), batch_size):
             chunk = labels[b : b + batch_size]
-            samples = generate(
-                model,
-                torch.tensor(chunk),
-                cfg_scale=scale,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                generator=gen,
-            )
-            frames = None
+            samples = generate(model, torch.tensor(chunk), cfg_scale=scale, temperature=temperature, top_k=top_k,
+                               top_p=top_p, max_tokens=max_tokens, generator=gen)  # fmt: skip
+            recs = [namer.record(c, tokens, bl, tok.space) for c, (tokens, bl) in zip(chunk, samples)]
             if format in ("mp4", "both"):
-                with torch.inference_mode():
-                    video = tok.decode(
-                        [t.to(dev) for t in (s[0] for s in samples)], torch.stack([s[1] for s in samples]).to(dev)
-                    )
-                frames = to_uint8(video.float().cpu()).numpy()  # (B, F, H, W, 3)
-            rows = []
-            for j, (c, (tokens, block_lengths)) in enumerate(zip(chunk, samples)):
-                stem = safe_name(f"class-{class_name(c)}_{counters[c]}", taken)
-                counters[c] += 1
-                bl = tuple(int(k) for k in block_lengths.tolist())
-                rec: dict[str, Any] = {
-                    "name": stem,
-                    "class": c,
-                    "class_name": class_name(c),
-                    "tokens": int(tokens.numel()),
-                    "block_lengths": list(bl),
-                    "assignment": space.to_index(bl),
-                }
-                if frames is not None:
-                    path = (out / f"{stem}.mp4").resolve()
-                    if path.parent != root:  # defence in depth: safe_name already removed separators
-                        raise GenerateError(f"refusing to write outside {out}: {path}")
-                    write_mp4(path, frames[j], fps=out_fps)
-                    rec["file"] = str(path)
-                    summary.files.append(str(path))
-                if writer is not None:
-                    rows.append(
-                        Sample(
-                            key=stem,
-                            tokens=tokens.numpy().astype(np.int64),
-                            block_lengths=bl,
-                            assignment=rec["assignment"],
-                            source=f"generated:{stem}",
-                            clip_start=0,
-                            label=c if c < cfg.num_classes else -1,
-                        )
-                    )
-                summary.per_sample.append(rec)
+                frames = to_uint8(decode_samples(tok, samples, dev).cpu()).numpy()  # (B, F, H, W, 3)
+                summary.files += _write_mp4s(recs, frames, out, out_fps)
             if writer is not None:
-                writer.append(rows)
+                writer.append([_sample(rec, tokens, cfg.num_classes) for rec, (tokens, _) in zip(recs, samples)])
+            summary.per_sample += recs
             summary.samples += len(chunk)
             if on_progress is not None:
                 on_progress(summary.samples, len(labels))
@@ -283,6 +211,63 @@ def generate_videos(
         if writer is not None:
             writer.abort()
         raise
+    return _finish(summary, t0)
+
+
+class _Namer:
+    """File stems ``class-<name>_<i>`` (safe, unique) and the per-sample records of the summary."""
+
+    def __init__(self, num_classes: int, names: Sequence[str] | None) -> None:
+        self.num_classes, self.names = num_classes, names
+        self.taken: set[str] = set()
+        self.counters: Counter[int] = Counter()
+
+    def class_name(self, c: int) -> str:
+        if c == self.num_classes:
+            return NULL_CLASS
+        return str(self.names[c]) if self.names is not None else str(c)
+
+    def record(self, c: int, tokens: torch.Tensor, block_lengths: torch.Tensor, space: Any) -> dict[str, Any]:
+        stem = safe_name(f"class-{self.class_name(c)}_{self.counters[c]}", self.taken)
+        self.counters[c] += 1
+        bl = tuple(int(k) for k in block_lengths.tolist())
+        return {"name": stem, "class": c, "class_name": self.class_name(c), "tokens": int(tokens.numel()),
+                "block_lengths": list(bl), "assignment": space.to_index(bl)}  # fmt: skip
+
+
+def _write_mp4s(recs: list[dict[str, Any]], frames: np.ndarray, out: Path, fps: float) -> list[str]:
+    """One mp4 per record (``file`` is added to it); returns the paths written."""
+    root, paths = out.resolve(), []
+    for rec, clip in zip(recs, frames):
+        path = (out / f"{rec['name']}.mp4").resolve()
+        if path.parent != root:  # defence in depth: safe_name already removed separators
+            raise GenerateError(f"refusing to write outside {out}: {path}")
+        write_mp4(path, clip, fps=fps)
+        rec["file"] = str(path)
+        paths.append(str(path))
+    return paths
+
+
+def _sample(rec: dict[str, Any], tokens: torch.Tensor, num_classes: int) -> Sample:
+    c = rec["class"]
+    return Sample(key=rec["name"], tokens=tokens.numpy().astype(np.int64), block_lengths=tuple(rec["block_lengths"]),
+                  assignment=rec["assignment"], source=f"generated:{rec['name']}", clip_start=0,
+                  label=c if c < num_classes else -1)  # fmt: skip
+
+
+def _store_writer(path: Path, gpt: OpenModel, tokenizer: OpenModel, clip_fps: Any, settings: dict[str, Any]) -> Any:
+    """The samples store: the tokenizer's attrs (DESIGN §4) + ``kind: generate`` and how the samples were drawn."""
+    meta = gpt.meta
+    extra: dict[str, Any] = {"kind": "generate", "generate": {
+        "gpt": str(gpt.dir), "gpt_preset": meta.get("preset"), "gpt_sha256": gpt.sha256, **settings}}  # fmt: skip
+    if meta.get("class_names") is not None:
+        extra["labels"] = list(meta["class_names"])
+    c = tokenizer.model.config
+    spec = ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=clip_fps)
+    return open_writer(path, attrs=store_attrs(tokenizer, spec, extra), num_blocks=gpt.model.config.blocks)
+
+
+def _finish(summary: GenerateSummary, t0: float) -> GenerateSummary:
     counts = [r["tokens"] for r in summary.per_sample]
     summary.mean_tokens = float(np.mean(counts))
     summary.min_tokens, summary.most_tokens = int(min(counts)), int(max(counts))

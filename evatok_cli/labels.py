@@ -290,7 +290,6 @@ class LabelClipDataset:
 
 def collate_label_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(batch with ``video`` uint8 (B, F, H, W, 3), ``row`` int64 (B,), ``source``, ``clip_start``; failures)."""
-
     good = [it for it in items if "error" not in it]
     bad = [it for it in items if "error" in it]
     batch = {

@@ -31,6 +31,7 @@ import numpy as np
 from torch import Tensor
 
 from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.config import save_json
 from evatok_cli.store import open_store
 
 DEFAULT_W_Q, DEFAULT_W_L = 1.2, 0.8  # PAPER §3: the default router's weights
@@ -80,7 +81,7 @@ class CalibrationStats:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        save_json(path, self.to_dict())
         return path
 
     @classmethod

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -341,3 +341,10 @@ def generate_uncached(
             model, labels, cached=False, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
             max_tokens=max_tokens, force_assignment=force_assignment, greedy=greedy, generator=generator,
         )  # fmt: skip
+
+
+@torch.inference_mode()
+def decode_samples(tokenizer: Any, samples: Sequence[Sample], device: torch.device | str) -> torch.Tensor:
+    """Pixels of sampled sequences with their tokenizer: (B, 3, F, H, W) float in [-1, 1]."""
+    tokens = [t.to(device) for t, _ in samples]
+    return tokenizer.decode(tokens, torch.stack([b for _, b in samples]).to(device)).float()

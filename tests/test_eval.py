@@ -65,12 +65,12 @@ def test_paper_protocols_name_everything():
 
 def test_token_savings_against_max_level_and_the_papers_1024():
     from evatok_cli.assignments import PAPER_SPACE
-    from evatok_cli.evaluation.engine import _token_summary
+    from evatok_cli.evaluation.engine import token_summary
 
-    s = _token_summary(774.0, PAPER_SPACE, get_protocol("ucf-rfvd"))
+    s = token_summary(774.0, PAPER_SPACE, get_protocol("ucf-rfvd"))
     assert s["uniform_tokens"] == 2048 and s["token_savings"] == pytest.approx(1 - 774 / 2048)
     assert s["reference_tokens"] == 1024 and round(100 * s["savings_vs_reference"], 1) == 24.4  # PAPER Table 2
-    assert "reference_tokens" not in _token_summary(774.0, PAPER_SPACE, get_protocol("fvd2048-16f"))
+    assert "reference_tokens" not in token_summary(774.0, PAPER_SPACE, get_protocol("fvd2048-16f"))
 
 
 def test_balanced_labels_for_10k_ucf_samples():

@@ -44,8 +44,8 @@ def decode(
     quiet: QuietOpt = False,
 ) -> None:
     """Decode token-store samples back to video files."""
-    from evatok_cli.checkpoint import CheckpointError
-    from evatok_cli.decode import DecodeError, TokenizerMismatchError, decode_store
+    from evatok_cli.checkpoint import CheckpointError, TokenizerMismatchError
+    from evatok_cli.decode import DecodeError, decode_store
     from evatok_cli.store import StoreError
     from evatok_cli.video import VideoError
 

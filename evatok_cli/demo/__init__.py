@@ -77,7 +77,6 @@ def describe_model(path: str | Path, kind: str | None = None) -> dict[str, Any]:
 
     Loads the model once to count its parameters (buffers such as a codebook are not parameters).
     """
-
     path = Path(path)
     meta = read_model_meta(path)
     if kind is not None and meta.get("model_kind") != kind:

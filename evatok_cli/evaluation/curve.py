@@ -15,21 +15,22 @@ from torch.utils.data import DataLoader
 
 from evatok_cli.assign import RouterPolicy, budget_assignments, choose_assignments
 from evatok_cli.evaluation.engine import (
+    ClipSelection,
     EvalError,
     Point,
-    _check_batch,
-    _Clips,
-    _finish,
-    _fvd_value,
-    _load_tokenizer,
-    _load_weights,
-    _means,
-    _prepare_clips,
-    _protocol,
-    _reduce,
-    _resolve_metrics,
-    _savings,
-    _score,
+    Scored,
+    check_batch,
+    finish_report,
+    fvd_value,
+    load_metric_weights,
+    load_tokenizer,
+    metric_means,
+    prepare_clips,
+    reduce_scores,
+    resolve_metrics,
+    resolve_protocol,
+    savings_against,
+    score_points,
 )
 from evatok_cli.evaluation.protocols import (
     ClipDataset,
@@ -79,9 +80,10 @@ def _parse_floats(values: Sequence[float] | str | None) -> list[float] | None:
     return [float(x) for x in values]
 
 
-def _router_predictions(router, sel: _Clips, env: DistEnv, *, batch_size: int, workers: int, spec: Any) -> np.ndarray:
+def _router_predictions(
+    router, sel: ClipSelection, env: DistEnv, *, batch_size: int, workers: int, spec: Any
+) -> np.ndarray:
     """(N, m^T) router outputs of every selected clip (all ranks gathered), for budget solving."""
-
     pos, preds = [], []
     loader = DataLoader(
         ClipDataset(sel.mine(env), spec), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips
@@ -139,141 +141,38 @@ def evaluate_curve(
     """
     t0 = time.perf_counter()
     with process_group(device) as env:
-        _check_batch(batch_size, workers)
-        names = _resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
+        check_batch(batch_size, workers)
+        names = resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
         w_qs, budget_list = _parse_floats(w_q), _parse_floats(budgets)
         if router is None and (w_qs or budget_list):
             raise EvalError("--w-q and --budgets need --router")
         if w_qs and budget_list:
             raise EvalError("give either --w-q or --budgets, not both")
-        tok_open, model, geometry = _load_tokenizer(tokenizer, env)
-        proto, why = _protocol(protocol, geometry, "recon", clips=clips, i3d=i3d, i3d_variant=i3d_variant)
+        tok_open, model, geometry = load_tokenizer(tokenizer, env)
+        proto, why = resolve_protocol(protocol, geometry, "recon", clips=clips, i3d=i3d, i3d_variant=i3d_variant)
         space = model.space
-        points = []
-        for k in space.levels:
-            fixed = torch.tensor(space.uniform(k), dtype=torch.long)
-            points.append(
-                Point(
-                    f"uniform-{k}",
-                    "uniform",
-                    {"k": int(k)},
-                    lambda video, pred, pos, fixed=fixed: fixed.expand(video.shape[0], -1),
-                )
-            )
-        w = _load_weights(
-            names,
-            proto,
-            env,
-            i3d=i3d,
-            i3d_variant=i3d_variant,
-            lpips_weights=lpips_weights,
-            lpips_heads=lpips_heads,
-            lpips_net=lpips_net,
-            batch_size=batch_size,
-        )
-        sel = _prepare_clips(data, proto, num_clips, env, stdin)
+        points = [
+            Point(f"uniform-{k}", "uniform", {"k": int(k)},
+                  lambda video, pred, pos, fixed=torch.tensor(space.uniform(k)): fixed.expand(video.shape[0], -1))
+            for k in space.levels
+        ]  # fmt: skip
+        w = load_metric_weights(names, proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
+                          lpips_heads=lpips_heads, lpips_net=lpips_net, batch_size=batch_size)  # fmt: skip
+        sel = prepare_clips(data, proto, num_clips, env, stdin)
         router_model, router_rec = None, None
         if router is not None:
             policy = RouterPolicy.load(router, space, geometry, env.device)
-            router_model, router_rec = policy.model, policy.source.record()
-            head = router_model.config.head
-            table = torch.as_tensor(space.table())
-            if budget_list and head != "reward":
-                raise EvalError(f"--budgets needs a reward-head router; {router} has a {head!r} head")
-            if head == "classify":
-                if w_qs:
-                    log.warning("a classify-head router fixed its trade-off at training: --w-q is ignored (one point)")
-                points.append(
-                    Point(
-                        "router",
-                        "router",
-                        {"head": head},
-                        lambda video, pred, pos: table[torch.as_tensor(choose_assignments(pred, "classify", space))],
-                    )
-                )
-            elif budget_list:
-                preds = _router_predictions(
-                    router_model, sel, env, batch_size=batch_size, workers=workers, spec=proto.clip_spec()
-                )
-                for b in budget_list:
-                    idx, lam = budget_assignments(preds, space, b)
-                    chosen = table[torch.as_tensor(idx)]
-                    points.append(
-                        Point(
-                            f"router-budget-{b:g}",
-                            "router",
-                            {"head": head, "budget": b, "lambda": lam},
-                            lambda video, pred, pos, chosen=chosen: chosen[torch.as_tensor(pos)],
-                        )
-                    )
-                router_model = None  # the assignments are solved: no per-batch prediction needed
-            else:
-                for q in w_qs or DEFAULT_W_Q:
-                    points.append(
-                        Point(
-                            f"router-wq-{q:g}",
-                            "router",
-                            {"head": head, "w_q": q, "w_l": 2.0 - q},
-                            lambda video, pred, pos, q=q: table[
-                                torch.as_tensor(choose_assignments(pred, "reward", space, q, 2.0 - q))
-                            ],
-                        )
-                    )
-        scored = _reduce(
-            _score(
-                model,
-                sel,
-                points,
-                env,
-                metrics=names,
-                lpips=w.lpips,
-                fvd=w.fvd,
-                router=router_model,
-                batch_size=batch_size,
-                workers=workers,
-                spec=proto.clip_spec(),
-            ),
-            env,
-        )
+            router_rec = policy.source.record()
+            router_points, router_model = _router_points(policy, sel, env, w_qs=w_qs, budgets=budget_list,
+                                                         batch_size=batch_size, workers=workers, spec=proto.clip_spec())  # fmt: skip
+            points += router_points
+        scored = reduce_scores(score_points(model, sel, points, env, metrics=names, lpips=w.lpips, fvd=w.fvd, router=router_model,
+                                batch_size=batch_size, workers=workers, spec=proto.clip_spec()), env)  # fmt: skip
         deviations = why + sel.deviations + w.deviations
         if scored.failures:
             deviations.append(f"{len(scored.failures)} clips failed to decode (first: {scored.failures[0]['source']})")
-        uniform_tokens = space.levels[-1] * space.blocks
-        out_points: list[dict[str, Any]] = []
-        clip_names = [m for m in names if m != "fvd"]
-        for p, point in enumerate(points):
-            recs = scored.records[p]
-            mean_tokens = float(np.mean([r["tokens"] for r in recs])) if recs else None
-            values = _means(recs, clip_names)
-            if w.fvd is not None:
-                res = _fvd_value(w.fvd, scored.real, scored.fake[p], deviations) if env.is_main else None
-                values["fvd"] = res["fvd"] if res else None
-            out_points.append(
-                {
-                    "label": point.label,
-                    "kind": point.kind,
-                    "params": point.params,
-                    "clips": len(recs),
-                    "mean_tokens": mean_tokens,
-                    "token_savings": _savings(mean_tokens, uniform_tokens),
-                    **{m: values.get(m) for m in names},
-                }
-            )
-        first = names[0]
-        uni = [(pt["mean_tokens"], pt[first]) for pt in out_points if pt["kind"] == "uniform"]
-        summary: dict[str, Any] = {"clips": len(sel.items)}
-        for pt in out_points:
-            if pt["kind"] != "uniform":
-                eq = None if pt[first] is None else equal_quality_tokens(uni, pt[first], HIGHER_IS_BETTER[first])
-                pt["equal_quality_tokens"] = eq
-                pt["savings_at_equal_quality"] = (
-                    None if eq is None or pt["mean_tokens"] is None else 1.0 - pt["mean_tokens"] / eq
-                )
-            summary[f"{pt['label']}/mean_tokens"] = pt["mean_tokens"]
-            for m in names:
-                summary[f"{pt['label']}/{m}"] = pt[m]
-            if "savings_at_equal_quality" in pt:
-                summary[f"{pt['label']}/savings_at_equal_{first}"] = pt["savings_at_equal_quality"]
+        out_points, summary = _curve_points(points, scored, names, w.fvd, space, deviations, env)
+        summary = {"clips": len(sel.items), **summary}
         report = EvalReport(
             kind="curve",
             protocol=sel.protocol.to_dict(),
@@ -283,14 +182,7 @@ def evaluate_curve(
             summary=summary,
             models={"tokenizer": tok_open.record(), "router": router_rec},
             metric_weights=w.info,
-            data={
-                "inputs": [str(i) for i in data],
-                "videos": len(sel.refs),
-                "listing_sha256": sel.listing_sha256,
-                "clips_available": sel.available,
-                "clips": len(sel.items),
-                "failures": sel.failures + scored.failures,
-            },
+            data=sel.record(data, len(sel.items), scored.failures),
             settings={
                 "metrics": names,
                 "w_q": w_qs,
@@ -304,4 +196,71 @@ def evaluate_curve(
             seed=proto.seed,
             points=out_points,
         )
-        return _finish(report, env, t0)
+        return finish_report(report, env, t0)
+
+
+def _router_points(policy: RouterPolicy, sel: ClipSelection, env: DistEnv, *, w_qs: list[float] | None,
+                   budgets: list[float] | None, batch_size: int, workers: int,
+                   spec: Any) -> tuple[list[Point], Any]:  # fmt: skip
+    """The router's curve points, and the router to run per batch (None when budgets solved them up front).
+
+    A classify head gives one point (its trade-off was fixed at training); a reward head one point
+    per w_q (w_l = 2 - w_q) or per budget (solved over all the clips at once).
+    """
+    model, space = policy.model, policy.space
+    head, table = model.config.head, torch.as_tensor(space.table())
+    if budgets and head != "reward":
+        raise EvalError(f"--budgets needs a reward-head router; {policy.source.dir} has a {head!r} head")
+    if head == "classify":
+        if w_qs:
+            log.warning("a classify-head router fixed its trade-off at training: --w-q is ignored (one point)")
+        choose = lambda video, pred, pos: table[torch.as_tensor(choose_assignments(pred, "classify", space))]  # noqa: E731
+        return [Point("router", "router", {"head": head}, choose)], model
+    if budgets:
+        preds = _router_predictions(model, sel, env, batch_size=batch_size, workers=workers, spec=spec)
+        points = []
+        for b in budgets:
+            idx, lam = budget_assignments(preds, space, b)
+            chosen = table[torch.as_tensor(idx)]
+            points.append(Point(f"router-budget-{b:g}", "router", {"head": head, "budget": b, "lambda": lam},
+                                lambda video, pred, pos, chosen=chosen: chosen[torch.as_tensor(pos)]))  # fmt: skip
+        return points, None  # the assignments are solved: no per-batch prediction needed
+    return [
+        Point(f"router-wq-{q:g}", "router", {"head": head, "w_q": q, "w_l": 2.0 - q},
+              lambda video, pred, pos, q=q: table[torch.as_tensor(choose_assignments(pred, "reward", space, q, 2.0 - q))])
+        for q in w_qs or DEFAULT_W_Q
+    ], model  # fmt: skip
+
+
+def _curve_points(points: Sequence[Point], scored: Scored, names: list[str], fvd: Any, space: Any,
+                  deviations: list[str], env: DistEnv) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Each point's means (and savings at equal quality for router points), and the flat summary."""
+    uniform_tokens = space.levels[-1] * space.blocks
+    out_points: list[dict[str, Any]] = []
+    clip_names = [m for m in names if m != "fvd"]
+    for p, point in enumerate(points):
+        recs = scored.records[p]
+        mean_tokens = float(np.mean([r["tokens"] for r in recs])) if recs else None
+        values = metric_means(recs, clip_names)
+        if fvd is not None:
+            res = fvd_value(fvd, scored.real, scored.fake[p], deviations) if env.is_main else None
+            values["fvd"] = res["fvd"] if res else None
+        out_points.append({"label": point.label, "kind": point.kind, "params": point.params, "clips": len(recs),
+                           "mean_tokens": mean_tokens, "token_savings": savings_against(mean_tokens, uniform_tokens),
+                           **{m: values.get(m) for m in names}})  # fmt: skip
+    first = names[0]
+    uni = [(pt["mean_tokens"], pt[first]) for pt in out_points if pt["kind"] == "uniform"]
+    summary: dict[str, Any] = {}
+    for pt in out_points:
+        if pt["kind"] != "uniform":
+            eq = None if pt[first] is None else equal_quality_tokens(uni, pt[first], HIGHER_IS_BETTER[first])
+            pt["equal_quality_tokens"] = eq
+            pt["savings_at_equal_quality"] = (
+                None if eq is None or pt["mean_tokens"] is None else 1.0 - pt["mean_tokens"] / eq
+            )
+        summary[f"{pt['label']}/mean_tokens"] = pt["mean_tokens"]
+        for m in names:
+            summary[f"{pt['label']}/{m}"] = pt[m]
+        if "savings_at_equal_quality" in pt:
+            summary[f"{pt['label']}/savings_at_equal_{first}"] = pt["savings_at_equal_quality"]
+    return out_points, summary

@@ -67,13 +67,11 @@ def parse_random(spec: str | Path | None) -> int | None:
 
 
 def _sha(path: str | Path) -> str:
-
     return file_sha256(path)
 
 
 def load_fvd(i3d: str | Path, variant: str, *, batch_size: int | None = None):
     """An :class:`~evatok_cli.metrics.FVD` and its record for reports; ``random:SEED`` for tests."""
-
     seed = parse_random(i3d)
     if seed is not None:
         fvd = FVD.random(seed, resolution=RANDOM_I3D_RESOLUTION, batch_size=batch_size)
@@ -97,7 +95,6 @@ def load_fvd(i3d: str | Path, variant: str, *, batch_size: int | None = None):
 
 def load_lpips(weights: str | Path, heads: str | Path | None = None, net: str = "vgg"):
     """An :class:`~evatok_cli.metrics.LPIPS` and its record for reports; ``random:SEED`` for tests."""
-
     seed = parse_random(weights)
     if seed is not None:
         m = LPIPS.random(net, seed)
@@ -123,7 +120,7 @@ def load_lpips(weights: str | Path, heads: str | Path | None = None, net: str = 
 
 
 @dataclass
-class _Clips:
+class ClipSelection:
     """The clips one job evaluates (the same on every rank) and this rank's share."""
 
     refs: list[Any]
@@ -137,11 +134,21 @@ class _Clips:
     def mine(self, env: DistEnv) -> list[tuple[int, Any, int]]:
         return self.items[env.rank :: env.world_size]
 
+    def record(self, inputs: Sequence[str | Path], clips: int, failures: list[dict[str, str]]) -> dict[str, Any]:
+        """The report's ``data`` entry: the inputs, the videos and clips found, the clips used, the failures."""
+        return {
+            "inputs": [str(i) for i in inputs],
+            "videos": len(self.refs),
+            "listing_sha256": self.listing_sha256,
+            "clips_available": self.available,
+            "clips": clips,
+            "failures": self.failures + failures,
+        }
 
-def _prepare_clips(
+
+def prepare_clips(
     inputs: Sequence[str | Path], protocol: Protocol, num_clips: int | None, env: DistEnv, stdin=None
-) -> _Clips:
-
+) -> ClipSelection:
     refs = list_inputs([str(i) for i in inputs], stdin=stdin)
     # every rank must plan the same clips (stdin, for one, reaches rank 0 only under torchrun)
     if len(set(all_gather_objects(listing_sha256(refs), env))) > 1:
@@ -158,7 +165,7 @@ def _prepare_clips(
         f = failures[0]
         why.append(f"{len(failures)} videos could not be used (first: {f['source']}: {f['reason']})")
     ran = protocol if num_clips is None else dataclasses.replace(protocol, num_clips=num_clips, sampling="subset")
-    return _Clips(refs, items, failures, len(clips), why, listing_sha256(refs), ran)
+    return ClipSelection(refs, items, failures, len(clips), why, listing_sha256(refs), ran)
 
 
 @dataclass
@@ -177,7 +184,7 @@ class Point:
 
 
 @dataclass
-class _Scored:
+class Scored:
     records: list[list[dict[str, Any]]]  # per point, per clip
     real: Any  # FeatureStats or None
     fake: list[Any]  # per point
@@ -185,7 +192,6 @@ class _Scored:
 
 
 def _clip_metrics(names: Sequence[str], recon: torch.Tensor, video: torch.Tensor, lpips) -> dict[str, list[float]]:
-
     out: dict[str, list[float]] = {}
     if "psnr" in names:
         out["psnr"] = psnr_frames(recon, video).mean(1).tolist()
@@ -196,9 +202,9 @@ def _clip_metrics(names: Sequence[str], recon: torch.Tensor, video: torch.Tensor
     return out
 
 
-def _score(
+def score_points(
     model,
-    clips: _Clips,
+    clips: ClipSelection,
     points: Sequence[Point],
     env: DistEnv,
     *,
@@ -209,9 +215,8 @@ def _score(
     batch_size: int,
     workers: int,
     spec: Any,
-) -> _Scored:
+) -> Scored:
     """Reconstruct this rank's clips under every point; per-clip metrics and FVD statistics."""
-
     space = model.space
     loader = DataLoader(
         ClipDataset(clips.mine(env), spec),
@@ -253,10 +258,10 @@ def _score(
                     }
                     rec.update({k: float(v[j]) for k, v in values.items()})
                     records[p].append(rec)
-    return _Scored(records, real, fake, failures)
+    return Scored(records, real, fake, failures)
 
 
-def _reduce(scored: _Scored, env: DistEnv) -> _Scored:
+def reduce_scores(scored: Scored, env: DistEnv) -> Scored:
     """All ranks' records (sorted by position) and failures; FVD statistics summed over ranks."""
     parts = all_gather_objects((scored.records, scored.failures), env)
     records = [
@@ -267,10 +272,10 @@ def _reduce(scored: _Scored, env: DistEnv) -> _Scored:
         scored.real.all_reduce()
         for s in scored.fake:
             s.all_reduce()
-    return _Scored(records, scored.real, scored.fake, failures)
+    return Scored(records, scored.real, scored.fake, failures)
 
 
-def _means(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
+def metric_means(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for m in metrics:
         vals = [r[m] for r in records if m in r]
@@ -278,7 +283,7 @@ def _means(records: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[st
     return out
 
 
-def _fvd_value(fvd, real, fake, deviations: list[str]) -> dict[str, Any] | None:
+def fvd_value(fvd, real, fake, deviations: list[str]) -> dict[str, Any] | None:
     try:
         return fvd.compute(real, fake).to_dict()
     except ValueError as e:  # fewer clips than a covariance needs
@@ -287,7 +292,7 @@ def _fvd_value(fvd, real, fake, deviations: list[str]) -> dict[str, Any] | None:
 
 
 @dataclass
-class _Weights:
+class MetricWeights:
     lpips: Any = None
     fvd: Any = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -295,7 +300,7 @@ class _Weights:
     test_only: bool = False
 
 
-def _resolve_metrics(metrics: Sequence[str] | None, *, i3d, lpips_weights) -> list[str]:
+def resolve_metrics(metrics: Sequence[str] | None, *, i3d, lpips_weights) -> list[str]:
     if metrics is None:
         return [
             "psnr",
@@ -314,7 +319,7 @@ def _resolve_metrics(metrics: Sequence[str] | None, *, i3d, lpips_weights) -> li
     return list(dict.fromkeys(names))
 
 
-def _load_weights(
+def load_metric_weights(
     metrics: Sequence[str],
     protocol: Protocol,
     env: DistEnv,
@@ -325,8 +330,8 @@ def _load_weights(
     lpips_heads,
     lpips_net,
     batch_size,
-) -> _Weights:
-    w = _Weights(info={"i3d": None, "lpips": None})
+) -> MetricWeights:
+    w = MetricWeights(info={"i3d": None, "lpips": None})
     if "lpips" in metrics:
         w.lpips, w.info["lpips"] = load_lpips(lpips_weights, lpips_heads, lpips_net)
         w.lpips = w.lpips.to(env.device)
@@ -349,7 +354,7 @@ def _load_weights(
     return w
 
 
-def _protocol(
+def resolve_protocol(
     name: str | None,
     geometry: tuple[int, int, int],
     command: str,
@@ -381,13 +386,13 @@ def _protocol(
     return p, why
 
 
-def _load_tokenizer(path: str | Path, env: DistEnv) -> tuple[OpenModel, EVATokTokenizer, tuple[int, int, int]]:
+def load_tokenizer(path: str | Path, env: DistEnv) -> tuple[OpenModel, EVATokTokenizer, tuple[int, int, int]]:
     tok = open_model(path, "tokenizer", device=env.device)
     c = tok.model.config
     return tok, tok.model, (c.frames, c.height, c.width)
 
 
-def _finish(report: EvalReport, env: DistEnv, t0: float) -> EvalReport:
+def finish_report(report: EvalReport, env: DistEnv, t0: float) -> EvalReport:
     report.standard = not report.deviations
     report.created_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     report.wall_s = time.perf_counter() - t0
@@ -395,21 +400,25 @@ def _finish(report: EvalReport, env: DistEnv, t0: float) -> EvalReport:
     return report
 
 
-def _savings(mean_tokens: float | None, uniform: int) -> float | None:
+def savings_against(mean_tokens: float | None, uniform: int) -> float | None:
     return None if mean_tokens is None else 1.0 - mean_tokens / uniform
 
 
-def _token_summary(mean_tokens: float | None, space: Any, protocol: Protocol) -> dict[str, Any]:
+def token_summary(mean_tokens: float | None, space: Any, protocol: Protocol) -> dict[str, Any]:
     """Mean tokens, the saving against the uniform assignment at the largest level, and against the
     protocol's reference count (the paper's 1024) when it names one."""
     uniform = space.levels[-1] * space.blocks
-    out = {"mean_tokens": mean_tokens, "uniform_tokens": uniform, "token_savings": _savings(mean_tokens, uniform)}
+    out = {
+        "mean_tokens": mean_tokens,
+        "uniform_tokens": uniform,
+        "token_savings": savings_against(mean_tokens, uniform),
+    }
     if protocol.reference_tokens is not None:
         out["reference_tokens"] = protocol.reference_tokens
-        out["savings_vs_reference"] = _savings(mean_tokens, protocol.reference_tokens)
+        out["savings_vs_reference"] = savings_against(mean_tokens, protocol.reference_tokens)
     return out
 
 
-def _check_batch(batch_size: int, workers: int) -> None:
+def check_batch(batch_size: int, workers: int) -> None:
     if batch_size < 1 or workers < 0:
         raise EvalError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size} and {workers}")

@@ -19,17 +19,18 @@ from torch.utils.data import DataLoader
 
 from evatok_cli import __version__
 from evatok_cli.checkpoint import open_model
+from evatok_cli.config import save_json
 from evatok_cli.evaluation.engine import (
+    ClipSelection,
     EvalError,
-    _check_batch,
-    _Clips,
-    _finish,
-    _fvd_value,
-    _load_tokenizer,
-    _load_weights,
-    _prepare_clips,
-    _protocol,
-    _token_summary,
+    check_batch,
+    finish_report,
+    fvd_value,
+    load_metric_weights,
+    load_tokenizer,
+    prepare_clips,
+    resolve_protocol,
+    token_summary,
 )
 from evatok_cli.evaluation.protocols import (
     ClipDataset,
@@ -43,7 +44,7 @@ from evatok_cli.evaluation.report import (
 )
 from evatok_cli.metrics import FeatureStats
 from evatok_cli.runtime import DistEnv, all_gather_objects, broadcast_object, process_group
-from evatok_cli.sampling import check_tokenizer, default_cfg_scale, generate
+from evatok_cli.sampling import check_tokenizer, decode_samples, default_cfg_scale, generate
 from evatok_cli.video import to_model_input
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "evatok" / "fvd-stats"
 
 
-def real_stats_key(sel: _Clips, protocol: Protocol, i3d_info: dict[str, Any]) -> str:
+def real_stats_key(sel: ClipSelection, protocol: Protocol, i3d_info: dict[str, Any]) -> str:
     """Cache key of real statistics: the inputs listing, the selected clips and geometry, the I3D weights."""
     blob = {
         "format": 1,
@@ -67,8 +68,7 @@ def real_stats_key(sel: _Clips, protocol: Protocol, i3d_info: dict[str, Any]) ->
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _real_stats(sel: _Clips, fvd, env: DistEnv, *, batch_size: int, workers: int, spec: Any):
-
+def _real_stats(sel: ClipSelection, fvd, env: DistEnv, *, batch_size: int, workers: int, spec: Any):
     stats = fvd.new_stats()
     failures: list[dict[str, str]] = []
     loader = DataLoader(
@@ -145,17 +145,17 @@ def evaluate_generation(
     """
     t0 = time.perf_counter()
     with process_group(device) as env:
-        _check_batch(batch_size, workers)
+        check_batch(batch_size, workers)
         if i3d is None:
             raise EvalError("gFVD needs --i3d (i3d_torchscript.pt for the paper's protocols)")
-        tok_open, tok, geometry = _load_tokenizer(tokenizer, env)
+        tok_open, tok, geometry = load_tokenizer(tokenizer, env)
         proto = get_protocol(protocol)
         if proto.task == "frame-prediction":
             raise EvalError(
                 f"protocol {proto.name} is frame prediction ({proto.cond_frames} condition frames -> "
                 f"{proto.frames}); evatok's sampler generates class-conditional sequences only"
             )
-        proto, why = _protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
+        proto, why = resolve_protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
         gpt_open = open_model(gpt, "gpt", device=env.device, ema=ema)
         check_tokenizer(gpt_open, tok_open)
         model, meta = gpt_open.model, gpt_open.meta
@@ -168,7 +168,7 @@ def evaluate_generation(
             proto = dataclasses.replace(proto, num_samples=n)
         scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
         sampler_seed = proto.seed if seed is None else int(seed)
-        w = _load_weights(
+        w = load_metric_weights(
             ["fvd"],
             proto,
             env,
@@ -181,75 +181,17 @@ def evaluate_generation(
         )
         fvd = w.fvd
 
-        # real statistics: cached on disk (rank 0 decides; every rank computes its share on a miss)
-        sel = _prepare_clips(real, proto, num_clips, env, stdin)
-        key = real_stats_key(sel, proto, w.info["i3d"])
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = cache / f"real-{key[:32]}.safetensors"
-        hit = bool(broadcast_object(use_cache and env.is_main and path.is_file(), env))
-        real_failures: list[dict[str, str]] = []
-        if hit:  # only rank 0 needs them: it alone computes the FVD
-            real_stats = FeatureStats.load(path) if env.is_main else None
-            side = path.with_suffix(".json")
-            if env.is_main and side.is_file():  # clips that failed when the statistics were made
-                real_failures = list(json.loads(side.read_text()).get("failures", []))
-        else:
-            real_stats, real_failures = _real_stats(
-                sel, fvd, env, batch_size=batch_size, workers=workers, spec=proto.clip_spec()
-            )
-            if use_cache and env.is_main:
-                cache.mkdir(parents=True, exist_ok=True)
-                real_stats.save(path)
-                side = {
-                    "key": key,
-                    "protocol": proto.name,
-                    "inputs": [str(i) for i in real],
-                    "clips": len(sel.items),
-                    "failures": real_failures,
-                    "i3d": w.info["i3d"],
-                    "evatok_version": __version__,
-                }
-                tmp = path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(side, indent=2))
-                tmp.replace(path.with_suffix(".json"))
-
-        # samples: chunk c -> rank c mod world, generator seeded by (seed, c)
+        sel = prepare_clips(real, proto, num_clips, env, stdin)
+        real_stats, real_failures, cache_info = _cached_real_stats(
+            sel, proto, real, w, env, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, workers=workers
+        )
         labels = balanced_labels(n, cfg.num_classes)  # no classes: the null class (id 0)
-        chunks = list(range(0, n, batch_size))
-        fake = fvd.new_stats()
-        samples: list[dict[str, Any]] = []
-        for c in range(env.rank, len(chunks), env.world_size):
-            lo = chunks[c]
-            chunk = labels[lo : lo + batch_size]
-            gen = torch.Generator().manual_seed(_chunk_seed(sampler_seed, c))
-            out = generate(
-                model,
-                torch.tensor(chunk),
-                cfg_scale=scale,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=gen,
-            )
-            with torch.inference_mode():
-                video = tok.decode([t.to(env.device) for t, _ in out], torch.stack([b for _, b in out]).to(env.device))
-            fvd.update(fake, video.float())
-            for j, (label, (tokens, bl)) in enumerate(zip(chunk, out)):
-                samples.append(
-                    {
-                        "index": lo + j,
-                        "class": int(label),
-                        "tokens": int(tokens.numel()),
-                        "block_lengths": [int(k) for k in bl.tolist()],
-                    }
-                )
-        fake.all_reduce()
-        samples = sorted((s for part in all_gather_objects(samples, env) for s in part), key=lambda s: s["index"])
-
+        fake, samples = _sample_stats(model, tok, labels, fvd, env, batch_size=batch_size, seed=sampler_seed,
+                                      cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
         deviations = why + sel.deviations + w.deviations
         if real_failures:
             deviations.append(f"{len(real_failures)} real clips failed to decode (first: {real_failures[0]['source']})")
-        fvd_res = _fvd_value(fvd, real_stats, fake, deviations) if env.is_main else None
+        fvd_res = fvd_value(fvd, real_stats, fake, deviations) if env.is_main else None
         mean_tokens = float(np.mean([s["tokens"] for s in samples])) if samples else None
         per_class = Counter(s["class"] for s in samples)
         real_clips = fvd_res["n_real"] if fvd_res else (real_stats.count if real_stats is not None else None)
@@ -257,7 +199,7 @@ def evaluate_generation(
             "samples": len(samples),
             "real_clips": real_clips,
             "fvd": fvd_res["fvd"] if fvd_res else None,
-            **_token_summary(mean_tokens, tok.space, proto),
+            **token_summary(mean_tokens, tok.space, proto),
             "cfg_scale": scale,
         }
         report = EvalReport(
@@ -269,15 +211,7 @@ def evaluate_generation(
             summary=summary,
             models={"tokenizer": tok_open.record(), "gpt": gpt_open.record()},
             metric_weights=w.info,
-            data={
-                "inputs": [str(i) for i in real],
-                "videos": len(sel.refs),
-                "listing_sha256": sel.listing_sha256,
-                "clips_available": sel.available,
-                "clips": len(sel.items),
-                "failures": sel.failures + real_failures,
-                "real_stats_cache": {"path": str(path) if use_cache else None, "key": key, "hit": hit},
-            },
+            data={**sel.record(real, len(sel.items), real_failures), "real_stats_cache": cache_info},
             settings={
                 "num_samples": n,
                 "cfg_scale": scale,
@@ -296,4 +230,58 @@ def evaluate_generation(
             fvd=fvd_res,
             samples=samples,
         )
-        return _finish(report, env, t0)
+        return finish_report(report, env, t0)
+
+
+def _cached_real_stats(sel: ClipSelection, proto: Protocol, real: Sequence[str | Path], w: Any, env: DistEnv, *,
+                       cache_dir: str | Path | None, use_cache: bool, batch_size: int,
+                       workers: int) -> tuple[Any, list[dict[str, str]], dict[str, Any]]:  # fmt: skip
+    """Real FVD statistics, cached on disk (rank 0 decides; every rank computes its share on a miss).
+
+    Returns:
+        (statistics (rank 0; None elsewhere on a hit), clips that failed, the report's cache record).
+    """
+    key = real_stats_key(sel, proto, w.info["i3d"])
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"real-{key[:32]}.safetensors"
+    info = {"path": str(path) if use_cache else None, "key": key, "hit": False}
+    info["hit"] = hit = bool(broadcast_object(use_cache and env.is_main and path.is_file(), env))
+    if hit:  # only rank 0 needs them: it alone computes the FVD
+        side = path.with_suffix(".json")
+        if not env.is_main:
+            return None, [], info
+        failures = list(json.loads(side.read_text()).get("failures", [])) if side.is_file() else []
+        return FeatureStats.load(path), failures, info
+    stats, failures = _real_stats(sel, w.fvd, env, batch_size=batch_size, workers=workers, spec=proto.clip_spec())
+    if use_cache and env.is_main:
+        cache.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
+        save_json(path.with_suffix(".json"), {
+            "key": key, "protocol": proto.name, "inputs": [str(i) for i in real], "clips": len(sel.items),
+            "failures": failures, "i3d": w.info["i3d"], "evatok_version": __version__})  # fmt: skip
+    return stats, failures, info
+
+
+def _sample_stats(model: Any, tok: Any, labels: Sequence[int], fvd: Any, env: DistEnv, *, batch_size: int,
+                  seed: int, cfg_scale: float, temperature: float, top_k: int | None,
+                  top_p: float | None) -> tuple[Any, list[dict[str, Any]]]:  # fmt: skip
+    """FVD statistics of generated samples (all ranks summed) and a record per sample (all ranks, in order).
+
+    Chunk c of ``batch_size`` labels goes to rank c mod world with a generator seeded by (seed, c),
+    so the samples do not depend on the number of ranks.
+    """
+    chunks = list(range(0, len(labels), batch_size))
+    fake = fvd.new_stats()
+    samples: list[dict[str, Any]] = []
+    for c in range(env.rank, len(chunks), env.world_size):
+        lo = chunks[c]
+        chunk = labels[lo : lo + batch_size]
+        gen = torch.Generator().manual_seed(_chunk_seed(seed, c))
+        out = generate(model, torch.tensor(chunk), cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=gen)  # fmt: skip
+        fvd.update(fake, decode_samples(tok, out, env.device))
+        samples += [{"index": lo + j, "class": int(label), "tokens": int(tokens.numel()),
+                     "block_lengths": [int(k) for k in bl.tolist()]}
+                    for j, (label, (tokens, bl)) in enumerate(zip(chunk, out))]  # fmt: skip
+    fake.all_reduce()
+    return fake, sorted((s for part in all_gather_objects(samples, env) for s in part), key=lambda s: s["index"])

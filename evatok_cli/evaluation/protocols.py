@@ -133,7 +133,6 @@ class Protocol:
 
     def clip_spec(self):
         """The :class:`~evatok_cli.video.ClipSpec` clips are read with."""
-
         return ClipSpec(frames=self.frames, height=self.height, width=self.width, fps=self.fps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -346,7 +345,6 @@ def plan_clips(
         ``(clips, failures, frames)``: ``(video number, start)`` pairs, ``{source, reason}`` for
         videos that cannot be read or are too short, and each video's frame count (-1 if failed).
     """
-
     spec, policy = protocol.clip_spec(), parse_clip_policy(protocol.clips_per_video)
     clips: list[tuple[int, int]] = []
     failures: list[dict[str, str]] = []
@@ -391,7 +389,6 @@ class ClipDataset:
         return {**self.__dict__, "_reader": None}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-
         pos, ref, start = self.items[i]
         try:
             pid = os.getpid()
@@ -410,7 +407,6 @@ class ClipDataset:
 
 def collate_clips(items: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(batch with ``video`` uint8 (B, F, H, W, 3) or None, ``pos``, ``source``, ``clip_start``; failures)."""
-
     good = [it for it in items if "error" not in it]
     bad = [
         {"source": it["source"], "reason": f"clip at {it['clip_start']}: {it['error']}"}

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,23 +15,23 @@ from evatok_cli.assign import RouterPolicy
 from evatok_cli.evaluation.engine import (
     EvalError,
     Point,
-    _check_batch,
-    _finish,
-    _fvd_value,
-    _load_tokenizer,
-    _load_weights,
-    _means,
-    _prepare_clips,
-    _protocol,
-    _reduce,
-    _resolve_metrics,
-    _score,
-    _token_summary,
+    check_batch,
+    finish_report,
+    fvd_value,
+    load_metric_weights,
+    load_tokenizer,
+    metric_means,
+    prepare_clips,
+    reduce_scores,
+    resolve_metrics,
+    resolve_protocol,
+    score_points,
+    token_summary,
 )
 from evatok_cli.evaluation.report import (
     EvalReport,
 )
-from evatok_cli.runtime import process_group
+from evatok_cli.runtime import DistEnv, process_group
 
 log = logging.getLogger(__name__)
 
@@ -86,33 +87,15 @@ def evaluate_reconstruction(
     """
     t0 = time.perf_counter()
     with process_group(device) as env:
-        _check_batch(batch_size, workers)
+        check_batch(batch_size, workers)
         if assignment is not None and router is not None:
             raise EvalError("give either --assignment or --router, not both")
-        names = _resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
-        tok_open, model, geometry = _load_tokenizer(tokenizer, env)
-        proto, why = _protocol(protocol, geometry, "recon", clips=clips, i3d=i3d, i3d_variant=i3d_variant)
+        names = resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
+        tok_open, model, geometry = load_tokenizer(tokenizer, env)
+        proto, why = resolve_protocol(protocol, geometry, "recon", clips=clips, i3d=i3d, i3d_variant=i3d_variant)
         space = model.space
-        router_rec, policy_desc = None, None
-        if router is not None:
-            policy = RouterPolicy.load(router, space, geometry, env.device, w_q=w_q, w_l=w_l)
-            router_rec = policy.source.record()
-            head = policy.model.config.head
-            policy_desc = {"router": str(router), "head": head}
-            if head == "reward":
-                policy_desc.update(w_q=policy.w_q, w_l=policy.w_l)
-            point = Point("router", "router", policy_desc, lambda video, pred, pos: policy(video))
-        else:
-            fixed = space.parse(assignment or f"uniform:{space.levels[-1]}")
-            policy_desc = {"fixed": list(fixed)}
-            table = torch.tensor(fixed, dtype=torch.long)
-            point = Point(
-                assignment or f"uniform:{space.levels[-1]}",
-                "fixed",
-                policy_desc,
-                lambda video, pred, pos: table.expand(video.shape[0], -1),
-            )
-        w = _load_weights(
+        point, router_rec = _policy_point(router, assignment, space, geometry, env, w_q=w_q, w_l=w_l)
+        w = load_metric_weights(
             names,
             proto,
             env,
@@ -123,9 +106,9 @@ def evaluate_reconstruction(
             lpips_net=lpips_net,
             batch_size=batch_size,
         )
-        sel = _prepare_clips(data, proto, num_clips, env, stdin)
-        scored = _reduce(
-            _score(
+        sel = prepare_clips(data, proto, num_clips, env, stdin)
+        scored = reduce_scores(
+            score_points(
                 model,
                 sel,
                 [point],
@@ -149,7 +132,7 @@ def evaluate_reconstruction(
         mean_tokens = float(np.mean([r["tokens"] for r in records])) if records else None
         fvd_res = None
         if w.fvd is not None and env.is_main:
-            fvd_res = _fvd_value(w.fvd, scored.real, scored.fake[0], deviations)
+            fvd_res = fvd_value(w.fvd, scored.real, scored.fake[0], deviations)
             if stats_dir is not None:
                 d = Path(stats_dir)
                 d.mkdir(parents=True, exist_ok=True)
@@ -157,9 +140,9 @@ def evaluate_reconstruction(
                 scored.fake[0].save(d / "recon.safetensors")
         summary = {
             "clips": len(records),
-            **_means(records, [m for m in names if m != "fvd"]),
+            **metric_means(records, [m for m in names if m != "fvd"]),
             **({"fvd": fvd_res["fvd"] if fvd_res else None} if w.fvd is not None else {}),
-            **_token_summary(mean_tokens, space, proto),
+            **token_summary(mean_tokens, space, proto),
         }
         report = EvalReport(
             kind="recon",
@@ -170,16 +153,9 @@ def evaluate_reconstruction(
             summary=summary,
             models={"tokenizer": tok_open.record(), "router": router_rec},
             metric_weights=w.info,
-            data={
-                "inputs": [str(i) for i in data],
-                "videos": len(sel.refs),
-                "listing_sha256": sel.listing_sha256,
-                "clips_available": sel.available,
-                "clips": len(records),
-                "failures": sel.failures + scored.failures,
-            },
+            data=sel.record(data, len(records), scored.failures),
             settings={
-                "assignment_policy": policy_desc,
+                "assignment_policy": point.params,
                 "metrics": names,
                 "batch_size": batch_size,
                 "device": str(env.device),
@@ -191,4 +167,20 @@ def evaluate_reconstruction(
             fvd=fvd_res,
             per_clip=[{k: v for k, v in r.items() if k != "pos"} for r in records],
         )
-        return _finish(report, env, t0)
+        return finish_report(report, env, t0)
+
+
+def _policy_point(router: str | Path | None, assignment: str | None, space: Any, geometry: tuple[int, int, int],
+                  env: DistEnv, *, w_q: float | None, w_l: float | None) -> tuple[Point, dict[str, Any] | None]:  # fmt: skip
+    """The one point recon scores: the router's choice (and the router's record), or a fixed assignment."""
+    if router is not None:
+        policy = RouterPolicy.load(router, space, geometry, env.device, w_q=w_q, w_l=w_l)
+        head = policy.model.config.head
+        desc: dict[str, Any] = {"router": str(router), "head": head}
+        if head == "reward":
+            desc.update(w_q=policy.w_q, w_l=policy.w_l)
+        return Point("router", "router", desc, lambda video, pred, pos: policy(video)), policy.source.record()
+    name = assignment or f"uniform:{space.levels[-1]}"
+    fixed = space.parse(name)
+    table = torch.tensor(fixed, dtype=torch.long)
+    return Point(name, "fixed", {"fixed": list(fixed)}, lambda video, pred, pos: table.expand(video.shape[0], -1)), None

@@ -99,7 +99,6 @@ def _jsonable(x: Any) -> Any:
 
 def load_report(path: str | Path) -> EvalReport:
     """Read a report JSON written by :func:`write_report`."""
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such report")
@@ -111,7 +110,6 @@ def load_report(path: str | Path) -> EvalReport:
 
 def write_report(report: EvalReport, path: str | Path) -> tuple[Path, Path]:
     """Write ``path`` (JSON) and the same name with ``.md`` (markdown), atomically; returns both."""
-
     p = Path(path)
     md = p.with_suffix(".md") if p.suffix.lower() != ".md" else p.with_name(p.name + ".md")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +302,6 @@ def plot_curve(report: EvalReport, path: str | Path) -> Path:
 
 
 def matplotlib_available() -> bool:
-
     return importlib.util.find_spec("matplotlib") is not None
 
 

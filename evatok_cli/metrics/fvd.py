@@ -102,7 +102,6 @@ class FeatureStats:
 
     def all_reduce(self, group: Any = None) -> FeatureStats:
         """Sum the statistics over all ranks (in place); a no-op unless torch.distributed is initialised."""
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
         device = (

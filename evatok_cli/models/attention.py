@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evatok_kernels.flex import flex_attention_dense, flex_available
+from evatok_kernels import flex  # a module reference: tests patch its functions
 
 
 # ------------------------------------------------------------------------------------ layouts
@@ -152,9 +152,9 @@ def use_flex(q: Tensor) -> bool:
     if mode == "sdpa" or (mode == "auto" and not q.is_cuda):
         return False
 
-    if mode == "flex" and not flex_available():
+    if mode == "flex" and not flex.flex_available():
         raise RuntimeError(f"{ATTENTION_ENV}=flex but this torch has no torch.nn.attention.flex_attention")
-    return flex_available()
+    return flex.flex_available()
 
 
 # ----------------------------------------------------------------------------------- modules
@@ -189,7 +189,7 @@ class Attention(nn.Module):
         B, Lq, D = x.shape
         q = self._split(self.q(x))
         if mask is not None and mask.dtype == torch.bool and use_flex(q):
-            out = flex_attention_dense(q, k, v, mask)  # same result, block-sparse (docs/kernels.md)
+            out = flex.flex_attention_dense(q, k, v, mask)  # same result, block-sparse (docs/kernels.md)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Lq, dh)
         return self.proj(out.transpose(1, 2).reshape(B, Lq, D))

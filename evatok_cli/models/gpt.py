@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evatok_cli.models.kv_cache import KVCache
-from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
+from evatok_cli.models.modeldir import load_as, register_model_kind, save_model
 
 IGNORE_INDEX = -100
 
@@ -443,10 +443,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> GPT:
         """Load a ``gpt`` model directory (EMA weights when present and ``ema``)."""
-        model = load_model(path, kind="gpt", ema=ema, map_location=map_location)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path}: loaded a {type(model).__name__}, expected {cls.__name__}")
-        return model
+        return load_as(cls, path, ema=ema, map_location=map_location)
 
 
 # ----------------------------------------------------------------------------------------- presets

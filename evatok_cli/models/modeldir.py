@@ -18,7 +18,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +27,8 @@ from evatok_cli import __version__
 from evatok_cli.config import config_from_dict, config_to_dict, load_json, save_json
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -152,6 +154,14 @@ def load_model(
         )
     model.preset = meta.get("preset")  # type: ignore[attr-defined]
     return model.to(map_location).eval()
+
+
+def load_as(cls: type[M], path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> M:
+    """:func:`load_model` for a registered class's own kind; what each model's ``from_pretrained`` calls."""
+    model = load_model(path, kind=cls.model_kind, ema=ema, map_location=map_location)  # type: ignore[attr-defined]
+    if not isinstance(model, cls):
+        raise TypeError(f"{path}: loaded a {type(model).__name__}, expected {cls.__name__}")
+    return model
 
 
 def weights_sha256(path: str | Path) -> str:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
+from evatok_cli.models.modeldir import load_as, register_model_kind, save_model
 from evatok_cli.models.qformer import PatchLayer, PosEmbed3D, init_linear, patchify
 
 HEADS = ("classify", "reward")
@@ -205,10 +205,7 @@ class Router(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> Router:
         """Load a ``router`` model directory (EMA weights when present and ``ema``), in eval mode."""
-        model = load_model(path, kind="router", ema=ema, map_location=map_location)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path}: loaded a {type(model).__name__}, expected {cls.__name__}")
-        return model
+        return load_as(cls, path, ema=ema, map_location=map_location)
 
 
 # ----------------------------------------------------------------------------------- presets

@@ -36,7 +36,7 @@ from evatok_cli.models.attention import (
     patch_block_ids,
 )
 from evatok_cli.models.blockwise import DecoderState, EncoderState
-from evatok_cli.models.modeldir import load_model, register_model_kind, save_model
+from evatok_cli.models.modeldir import load_as, register_model_kind, save_model
 from evatok_cli.models.qformer import (
     PatchLayer,
     PosEmbed3D,
@@ -567,10 +567,7 @@ class EVATokTokenizer(nn.Module):
         cls, path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu"
     ) -> EVATokTokenizer:
         """Load a model directory written by :meth:`save_pretrained` (EMA weights when present)."""
-        model = load_model(path, kind="tokenizer", ema=ema, map_location=map_location)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path}: loaded a {type(model).__name__}, expected {cls.__name__}")
-        return model
+        return load_as(cls, path, ema=ema, map_location=map_location)
 
 
 # ----------------------------------------------------------------------------------- presets

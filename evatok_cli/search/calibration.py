@@ -19,7 +19,7 @@ from evatok_cli.metrics import Metric
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.reward import CalibrationStats
 from evatok_cli.runtime import DistEnv, all_gather_objects
-from evatok_cli.search.tree import _resolve_metric, reconstruct
+from evatok_cli.search.tree import reconstruct, resolve_metric
 from evatok_cli.store import StoreError, detect_format, open_store
 from evatok_cli.video import VideoError, read_clips
 from evatok_cli.video.dataset import to_model_input
@@ -74,7 +74,7 @@ def calibrate(
         raise ValueError(f"calibration needs at least 2 pairs, got {count}")
     if not refs:
         raise ValueError("calibration needs at least one video")
-    metric = _resolve_metric(metric)
+    metric = resolve_metric(metric)
     space, pt, dev = model.config.space, model.config.temporal_patch, next(model.parameters()).device
     rng = np.random.default_rng([seed, CALIBRATION_STREAM])
     videos = rng.integers(len(refs), size=count)
@@ -107,7 +107,7 @@ def calibrate(
     return CalibrationStats(float(values.mean()), float(values.std()), int(len(values)), int(seed), name, proxy_sha256)
 
 
-def _stored_attrs(path: Path) -> dict[str, Any] | None:
+def stored_attrs(path: Path) -> dict[str, Any] | None:
     try:
         if detect_format(path) is None:
             return None
@@ -116,7 +116,7 @@ def _stored_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _reusable_calibration(
+def reusable_calibration(
     attrs: dict[str, Any] | None, metric: str, sha256: str, seed: int, count: int
 ) -> CalibrationStats | None:
     """The calibration of an earlier run of the same search into the same store (resume)."""
@@ -131,7 +131,7 @@ def _reusable_calibration(
     return CalibrationStats(float(c["mean"]), float(c["std"]), int(c["count"]), int(c["seed"]), metric, sha256)
 
 
-def _check_stats(stats: CalibrationStats, metric: str, sha256: str) -> None:
+def check_stats(stats: CalibrationStats, metric: str, sha256: str) -> None:
     if stats.metric and stats.metric != metric:
         raise ValueError(f"--stats were computed for metric {stats.metric!r}, this search uses {metric!r}")
     if stats.proxy_sha256 and stats.proxy_sha256 != sha256:

@@ -14,13 +14,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from evatok_cli.assignments import label_spread
-from evatok_cli.checkpoint import open_model
+from evatok_cli.checkpoint import OpenModel, open_model
 from evatok_cli.labels import labels_attrs
 from evatok_cli.metrics import Metric, get_metric
 from evatok_cli.reward import DEFAULT_W_L, DEFAULT_W_Q, CalibrationStats, best_assignments, rewards
-from evatok_cli.runtime import all_gather_objects, broadcast_object, process_group
-from evatok_cli.search.calibration import _check_stats, _reusable_calibration, _stored_attrs, calibrate
-from evatok_cli.search.tree import SearchStats, beam_search, exact_search
+from evatok_cli.runtime import DistEnv, all_gather_objects, broadcast_object, process_group
+from evatok_cli.search.calibration import calibrate, check_stats, reusable_calibration, stored_attrs
+from evatok_cli.search.tree import beam_search, exact_search
 from evatok_cli.store import Sample, open_store, open_writer
 from evatok_cli.video import ClipSpec, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input
@@ -117,166 +117,125 @@ def search_dataset(
     with process_group(device) as env:
         t0 = time.perf_counter()
         proxy = open_model(tokenizer, "tokenizer", device=env.device, ema=True)
-        model, meta, sha = proxy.model, proxy.meta, proxy.sha256
+        model, meta, space = proxy.model, proxy.meta, proxy.model.config.space
         if meta.get("stage") not in (None, "proxy"):
             log.warning("%s is a %r tokenizer; the search is meant for a proxy tokenizer", proxy.dir, meta.get("stage"))
-        config, space = model.config, model.config.space
-        spec = ClipSpec(
-            frames=config.frames,
-            height=config.height,
-            width=config.width,
-            fps=fps if fps is not None else meta.get("clip_fps", "native"),
-        )
+        c = model.config
+        clip_fps = fps if fps is not None else meta.get("clip_fps", "native")
+        spec = ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=clip_fps)
         met = get_metric(metric, **(metric_options or {})) if isinstance(metric, str) else metric
         if isinstance(met, torch.nn.Module):
             met = met.to(env.device)
         refs = list_inputs(data, stdin=stdin)
         if not refs:
             raise ValueError(f"no videos found in {', '.join(map(str, data))}")
-
-        # Calibration: a --stats file, the store's own (resume), or computed collectively.
         t_cal = time.perf_counter()
-        if stats is not None:
-            calib = stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
-            _check_stats(calib, met.name, sha)
-        else:
-            calib = broadcast_object(_reusable_calibration(_stored_attrs(out), met.name, sha, seed, calibration), env)
-            if calib is None:
-                calib = calibrate(
-                    model,
-                    refs,
-                    spec,
-                    met,
-                    count=calibration,
-                    seed=seed,
-                    batch_size=batch_size,
-                    workers=workers,
-                    rank=env.rank,
-                    world_size=env.world_size,
-                    proxy_sha256=sha,
-                )
-                log.info(
-                    "calibration: %s mean %.6g std %.6g over %d pairs", met.name, calib.mean, calib.std, calib.count
-                )
-        calibration_s = time.perf_counter() - t_cal
+        calib = _calibration(stats, proxy, refs, spec, met, out, env, count=calibration, seed=seed,
+                             batch_size=batch_size, workers=workers)  # fmt: skip
+        summary = SearchSummary(out=str(out), format=fmt, world_size=env.world_size, beam=beam,
+                                calibration={"metric": met.name, **calib.attrs()},
+                                calibration_s=time.perf_counter() - t_cal)  # fmt: skip
         attrs = labels_attrs(proxy, spec, met, w_q=w_q, w_l=w_l, calibration=calib, beam=beam)
-
-        summary = SearchSummary(
-            out=str(out),
-            format=fmt,
-            world_size=env.world_size,
-            beam=beam,
-            calibration={"metric": met.name, **calib.attrs()},
-            calibration_s=calibration_s,
-        )
-        writer = open_writer(
-            out,
-            format=fmt,
-            attrs=attrs,
-            num_blocks=space.blocks,
-            rank=env.rank,
-            world_size=env.world_size,
-            barrier=env.barrier if env.distributed else None,
-            extra_fields={"metric": ("float32", (len(space),)), "reward": ("float32", ())},
-        )
+        writer = open_writer(out, format=fmt, attrs=attrs, num_blocks=space.blocks, rank=env.rank,
+                             world_size=env.world_size, barrier=env.barrier if env.distributed else None,
+                             extra_fields={"metric": ("float32", (len(space),)), "reward": ("float32", ())})  # fmt: skip
         if writer.finished:
             writer.close()
             summary.nothing_to_do, summary.resumed = True, len(open_store(out))
             log.info("%s is already finished; nothing to do", out)
             summary.wall_s = time.perf_counter() - t0
             return summary
-
         # This rank's share: videos rank, rank + world, ...; skip what an earlier run committed.
         ds = ClipIndexDataset(refs[env.rank :: env.world_size], spec, policy, seed)
-        todo, resumed = [], 0
-        for i, (v, start, _err) in enumerate(ds.index):
-            source = ds.refs[v].source
-            if clip_key(source, max(start, 0)) in writer.done_keys or source in writer.failed_sources:
-                resumed += 1  # done, or failed in an earlier run (recorded once, not retried)
-            else:
-                todo.append(i)
+        todo = _todo(ds, writer)
         loader = DataLoader(Subset(ds, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
-        work = SearchStats()
-        tokens_sum, done, failed, chosen = 0, 0, [], []
-        lengths = space.lengths()
-        t_search = time.perf_counter()
+        mine = {"clips": 0, "evals": 0, "tokens": 0, "resumed": len(ds) - len(todo), "failed": [], "search_s": 0.0,
+                "chosen": []}  # fmt: skip
+        t_search, done = time.perf_counter(), 0
         with writer:
             for batch, failures in loader:
                 for f in failures:
                     if f["source"] not in writer.failed_sources:
                         writer.add_failure(f["source"], f["error"])
-                        failed.append({"source": f["source"], "reason": f["error"]})
+                        mine["failed"].append({"source": f["source"], "reason": f["error"]})
                 if batch["key"]:
                     video = to_model_input(batch["video"]).to(env.device)
-                    if beam is None:
-                        res = exact_search(model, video, met, chunk=chunk)
-                    else:
-                        res = beam_search(
-                            model, video, met, width=beam, calibration=calib, w_q=w_q, w_l=w_l, chunk=chunk
-                        )
-                    metric_np = res.metric.numpy()
-                    reward = rewards(metric_np, calib, space, w_q, w_l, met.higher_is_better)
-                    best = best_assignments(reward)
-                    table = torch.as_tensor(space.table()[best], device=env.device)
-                    tokens, _ = model.encode(video, table)
-                    writer.append(
-                        [
-                            Sample(
-                                key=key,
-                                tokens=tok.cpu().numpy(),
-                                block_lengths=space.to_tuple(int(a)),
-                                assignment=int(a),
-                                source=src,
-                                clip_start=int(start),
-                                label=-1,
-                                extra={"metric": metric_np[j].astype(np.float32), "reward": np.float32(reward[j, a])},
-                            )
-                            for j, (key, src, start, a, tok) in enumerate(
-                                zip(batch["key"], batch["source"], batch["clip_start"].tolist(), best, tokens)
-                            )
-                        ]
-                    )
-                    work.clips += res.stats.clips
-                    work.block_evals += res.stats.block_evals
-                    tokens_sum += int(lengths[best].sum())
-                    chosen.extend(int(a) for a in best)
+                    res = (exact_search(model, video, met, chunk=chunk) if beam is None else
+                           beam_search(model, video, met, width=beam, calibration=calib, w_q=w_q, w_l=w_l, chunk=chunk))  # fmt: skip
+                    samples = _labelled(model, video, batch, res.metric.numpy(), calib, met, w_q=w_q, w_l=w_l)
+                    writer.append(samples)
+                    mine["clips"] += res.stats.clips
+                    mine["evals"] += res.stats.block_evals
+                    mine["tokens"] += sum(sum(s.block_lengths) for s in samples)
+                    mine["chosen"] += [s.assignment for s in samples]
                 done += len(batch["key"]) + len(failures)
                 if on_progress is not None:
                     on_progress(done, len(todo))
-        search_s = time.perf_counter() - t_search
-
-        mine = {
-            "clips": work.clips,
-            "evals": work.block_evals,
-            "tokens": tokens_sum,
-            "resumed": resumed,
-            "failed": failed,
-            "search_s": search_s,
-            "chosen": chosen,
-        }
+        mine["search_s"] = time.perf_counter() - t_search
         parts = all_gather_objects(mine, env)
-        clips_total = sum(p["clips"] for p in parts)
-        summary.clips = clips_total
-        summary.resumed = sum(p["resumed"] for p in parts)
-        summary.failed = [f for p in parts for f in p["failed"]]
-        summary.failures = len(summary.failed)
-        summary.mean_best_tokens = sum(p["tokens"] for p in parts) / clips_total if clips_total else 0.0
-        summary.search_s = max(p["search_s"] for p in parts)
-        summary.clips_per_s = clips_total / summary.search_s if summary.search_s > 0 else 0.0
-        summary.block_evals_per_clip = sum(p["evals"] for p in parts) / clips_total if clips_total else 0.0
         summary.spread = label_spread(space, [a for p in parts for a in p["chosen"]])
         if summary.spread["collapsed"] and env.is_main:
-            log.warning(
-                "the labels collapsed: %s (w_q=%g, w_l=%g); a router trained on them learns a constant. %s",
-                summary.spread["reason"],
-                w_q,
-                w_l,
-                summary.spread["suggestion"],
-            )
-        summary.wall_s = time.perf_counter() - t0
-        if clips_total == 0 and summary.resumed == 0 and summary.failed:
-            first = summary.failed[0]
-            raise ValueError(
-                f"no valid input: all {summary.failures} inputs failed (first: {first['source']}: {first['reason']})"
-            )
-        return summary
+            log.warning("the labels collapsed: %s (w_q=%g, w_l=%g); a router trained on them learns a constant. %s",
+                        summary.spread["reason"], w_q, w_l, summary.spread["suggestion"])  # fmt: skip
+        return _job_summary(summary, parts, t0)
+
+
+def _calibration(stats: str | Path | CalibrationStats | None, proxy: OpenModel, refs: Sequence[Any], spec: ClipSpec,
+                 met: Metric, out: Path, env: DistEnv, *, count: int, seed: int, batch_size: int,
+                 workers: int) -> CalibrationStats:  # fmt: skip
+    """A --stats file, the store's own (resume), or computed collectively (every rank gets the same)."""
+    if stats is not None:
+        calib = stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
+        check_stats(calib, met.name, proxy.sha256)
+        return calib
+    calib = broadcast_object(reusable_calibration(stored_attrs(out), met.name, proxy.sha256, seed, count), env)
+    if calib is None:
+        calib = calibrate(proxy.model, refs, spec, met, count=count, seed=seed, batch_size=batch_size,
+                          workers=workers, rank=env.rank, world_size=env.world_size, proxy_sha256=proxy.sha256)  # fmt: skip
+        log.info("calibration: %s mean %.6g std %.6g over %d pairs", met.name, calib.mean, calib.std, calib.count)
+    return calib
+
+
+def _todo(ds: ClipIndexDataset, writer: Any) -> list[int]:
+    """Positions of the clips still to search: not committed, and not of a source that failed in an earlier run."""
+    todo = []
+    for i, (v, start, _err) in enumerate(ds.index):
+        source = ds.refs[v].source
+        if clip_key(source, max(start, 0)) not in writer.done_keys and source not in writer.failed_sources:
+            todo.append(i)
+    return todo
+
+
+def _labelled(model: Any, video: torch.Tensor, batch: dict[str, Any], metric: np.ndarray,
+              calib: CalibrationStats, met: Metric, *, w_q: float, w_l: float) -> list[Sample]:  # fmt: skip
+    """The labels-store samples of a searched batch: the best assignment's tokens, the metric vector, its reward."""
+    space = model.config.space
+    reward = rewards(metric, calib, space, w_q, w_l, met.higher_is_better)
+    best = best_assignments(reward)
+    tokens, _ = model.encode(video, torch.as_tensor(space.table()[best], device=video.device))
+    rows = zip(batch["key"], batch["source"], batch["clip_start"].tolist(), best, tokens)
+    return [
+        Sample(key=key, tokens=tok.cpu().numpy(), block_lengths=space.to_tuple(int(a)), assignment=int(a),
+               source=src, clip_start=int(start), label=-1,
+               extra={"metric": metric[j].astype(np.float32), "reward": np.float32(reward[j, a])})
+        for j, (key, src, start, a, tok) in enumerate(rows)
+    ]  # fmt: skip
+
+
+def _job_summary(summary: SearchSummary, parts: list[dict[str, Any]], t0: float) -> SearchSummary:
+    """Job totals from every rank's counts (the same on every rank)."""
+    clips = summary.clips = sum(p["clips"] for p in parts)
+    summary.resumed = sum(p["resumed"] for p in parts)
+    summary.failed = [f for p in parts for f in p["failed"]]
+    summary.failures = len(summary.failed)
+    summary.mean_best_tokens = sum(p["tokens"] for p in parts) / clips if clips else 0.0
+    summary.search_s = max(p["search_s"] for p in parts)
+    summary.clips_per_s = clips / summary.search_s if summary.search_s > 0 else 0.0
+    summary.block_evals_per_clip = sum(p["evals"] for p in parts) / clips if clips else 0.0
+    summary.wall_s = time.perf_counter() - t0
+    if clips == 0 and summary.resumed == 0 and summary.failed:
+        first = summary.failed[0]
+        raise ValueError(
+            f"no valid input: all {summary.failures} inputs failed (first: {first['source']}: {first['reason']})"
+        )
+    return summary

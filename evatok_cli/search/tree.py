@@ -45,7 +45,7 @@ class SearchResult:
     stats: SearchStats
 
 
-def _resolve_metric(metric: Metric | str) -> Metric:
+def resolve_metric(metric: Metric | str) -> Metric:
     return get_metric(metric) if isinstance(metric, str) else metric
 
 
@@ -108,7 +108,7 @@ def exact_search(
     Returns:
         A :class:`SearchResult`; ``stats.block_evals`` = B * (m + m^2 + ... + m^T).
     """
-    metric = _resolve_metric(metric)
+    metric = resolve_metric(metric)
     space, pt = model.config.space, model.config.temporal_patch
     m, T = space.num_levels, space.blocks
     B, dev = video.shape[0], video.device
@@ -196,7 +196,7 @@ def beam_search(
     """
     if width < 1:
         raise ValueError(f"beam width must be >= 1, got {width}")
-    metric = _resolve_metric(metric)
+    metric = resolve_metric(metric)
     space = model.config.space
     m, T = space.num_levels, space.blocks
     mean, std = (
@@ -263,7 +263,7 @@ def brute_force_search(
         model, video, metric: as :func:`exact_search`.
         chunk: (clip, assignment) pairs per forward pass.
     """
-    metric = _resolve_metric(metric)
+    metric = resolve_metric(metric)
     space = model.config.space
     N, pt, dev = len(space), model.config.temporal_patch, video.device
     B = video.shape[0]

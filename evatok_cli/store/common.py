@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.config import save_json
 
 log = logging.getLogger("evatok_cli.store")
 
@@ -156,16 +155,8 @@ def describe_mismatch(path: Path, old: dict[str, Any], new: dict[str, Any], what
 
 # ---------------------------------------------------------------------------------------- files
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same directory and rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Store JSON (compact), written atomically by :func:`evatok_cli.config.save_json`."""
+    save_json(path, obj, compact=True)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -322,7 +322,6 @@ def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
 
 def _check_resume(out: Path, record: dict[str, Any], samples: int) -> None:
     """A resumed run must train on the same kind of data it started with."""
-
     latest = latest_step_dir(out)
     if latest is None:
         return
@@ -381,7 +380,6 @@ def train_gpt(
     Raises:
         ValueError: bad options, or stores that cannot be trained on together.
     """
-
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown GPT preset {preset!r} (known: {', '.join(GPT_PRESETS)})")
     if (steps is None) == (epochs is None):

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from evatok_cli.labels import LabelClipDataset, Labels, label_clips, load_labels
 from evatok_cli.models.router import HEADS, Router, router_config
+from evatok_cli.reward import DEFAULT_W_L, DEFAULT_W_Q
 from evatok_cli.runtime import process_group
 from evatok_cli.train import loop
 from evatok_cli.train.data import StepSampler
@@ -76,8 +77,8 @@ class RouterTargets:
     quality: torch.Tensor | None = None  # (N, m^T) float32 Q, NaN where unexplored (reward head)
     soft: torch.Tensor | None = None  # (N, m^T) float32 softmax(R / tau) (classify head, soft targets)
     lengths_z: torch.Tensor | None = None  # (m^T,) for the reward head's routed accuracy
-    w_q: float = 1.2
-    w_l: float = 0.8
+    w_q: float = DEFAULT_W_Q
+    w_l: float = DEFAULT_W_L
 
 
 def make_targets(
@@ -304,7 +305,6 @@ def train_router(
     Raises:
         ValueError: bad head/options, not a labels store, or no labelled clip could be read.
     """
-
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if soft_tau is not None and head != "classify":

@@ -121,7 +121,6 @@ def router_assignments(
     w_l: float | None = None,
 ) -> AssignmentPolicy:
     """Final stage (PAPER §3.4): a frozen router decides every training clip's assignment."""
-
     router = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
 
     def policy(batch: dict, step: int) -> torch.Tensor:
@@ -359,7 +358,6 @@ def init_weights(model: EVATokTokenizer, init: str | Path, preset: str) -> dict[
     kept in the run's config.json: path, preset, weights sha256 (of its ``model.safetensors``, the
     identity used everywhere) and which weights were loaded.
     """
-
     src = resolve_model_dir(init)
     try:
         meta = read_model_meta(src)
@@ -393,7 +391,6 @@ def _init_record(
     init: str | Path | None, model: EVATokTokenizer, preset: str, out: Path, resume: bool, env: DistEnv
 ) -> dict[str, Any] | None:
     """``--init`` before step 0; a checkpoint found by ``--resume`` wins (its ``init_from`` is kept)."""
-
     latest = latest_step_dir(out) if resume else None
     if latest is not None:
         if init is not None and env.is_main:
@@ -466,7 +463,6 @@ def train_tokenizer(
     Returns:
         The directory of the final checkpoint.
     """
-
     if stage not in ("proxy", "final"):
         raise ValueError(f"stage must be 'proxy' or 'final', got {stage!r}")
     with process_group(device) as env:

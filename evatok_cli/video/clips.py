@@ -114,7 +114,6 @@ class Clip:
     @property
     def key(self) -> str:
         """The sample key (:func:`~evatok_cli.video.sources.clip_key`)."""
-
         return clip_key(self.source, self.start)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -268,8 +269,6 @@ def flex_attention(
         compiled: run ``torch.compile(flex_attention)`` (the fused kernel); default: on CUDA only.
             Uncompiled FlexAttention is torch's unfused reference (materialises the scores).
     """
-    import warnings
-
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     if compiled if compiled is not None else q.is_cuda:
