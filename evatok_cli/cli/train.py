@@ -7,8 +7,10 @@ Usage:
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/final --router runs/router
     evatok train tokenizer --stage final --preset small --data mine/ --out runs/mine --init runs/final --steps 2000
     evatok train tokenizer --stage final --preset paper --data ucf/ --out runs/final --router runs/router \
+        --codebook-size 8192 --lpips-backbone weights/vgg16-397923af.pth \
         --align-teacher weights/vjepa2-vitl-fpc64-256 --disc-teacher weights/videomae-base   # docs/training.md
-    torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p
+    torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p \
+        --lpips-backbone weights/vgg16-397923af.pth
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def tokenizer(
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
     disc_start: Annotated[int, typer.Option("--disc-start", help="Step at which the PatchGAN loss starts.")] = 20_000,
     no_disc: Annotated[bool, typer.Option("--no-disc", help="Train without the adversarial loss.")] = False,
-    lpips_backbone: Annotated[Path | None, typer.Option("--lpips-backbone", help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss.", show_default=False)] = None,
+    codebook_size: Annotated[int | None, typer.Option("--codebook-size", help="VQ codebook entries (default: the preset's; paper: 16384, 8192 for the UCF/K600 final tokenizers). Recorded in config.json.", show_default=False)] = None,
+    lpips_backbone: Annotated[Path | None, typer.Option("--lpips-backbone", help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss (required at --preset paper unless --no-lpips).", show_default=False)] = None,
+    no_lpips: Annotated[bool, typer.Option("--no-lpips", help="Train without the LPIPS perceptual loss on purpose.")] = False,
     lpips_heads: Annotated[Path | None, typer.Option("--lpips-heads", help="LPIPS linear heads (default: the installed lpips package's).", show_default=False)] = None,
     lpips_net: Annotated[str, typer.Option("--lpips-net", help="vgg or alex.")] = "vgg",
     perceptual_weight: Annotated[float, typer.Option("--perceptual-weight", help="Weight of the LPIPS loss.")] = 1.0,
@@ -93,6 +97,10 @@ def tokenizer(
         fail(f"--stage must be proxy or final, got {stage!r}", code=2)
     if disc is not None and disc not in ("patchgan", "semantic", "both"):
         fail(f"--disc must be patchgan, semantic or both, got {disc!r}", code=2)
+    if codebook_size is not None and codebook_size < 2:
+        fail(f"--codebook-size must be >= 2, got {codebook_size}", code=2)
+    if no_lpips and lpips_backbone is not None:
+        fail("give --lpips-backbone or --no-lpips, not both", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_tokenizer(
@@ -101,7 +109,8 @@ def tokenizer(
             fps=fps if fps == "native" else float(fps), checkpoint_every=checkpoint_every, keep_last=keep_last,
             log_every=log_every, stop_at=stop_at, discriminator=not no_disc, stdin=sys.stdin if "-" in data else None,
             on_log=None if quiet else _log_line, lr=lr, warmup=warmup, disc_start=disc_start,
-            lpips_backbone=lpips_backbone, lpips_heads=lpips_heads, lpips_net=lpips_net,
+            codebook_size=codebook_size, lpips_backbone=lpips_backbone, lpips_heads=lpips_heads, lpips_net=lpips_net,
+            perceptual_loss=not no_lpips,
             perceptual_weight=perceptual_weight, align_teacher=align_teacher, disc_teacher=disc_teacher, align_layer=align_layer, disc=disc,
             align_weight=align_weight, semantic_disc_start=semantic_disc_start, semantic_disc_weight=semantic_disc_weight,
         )
