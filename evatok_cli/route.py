@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.reward import NO_ASSIGNMENT, best_assignments
 from evatok_cli.video import ClipReader, ClipSpec, VideoError, VideoRef, clip_key, probe, resampled_length
 
 if TYPE_CHECKING:
@@ -104,16 +105,11 @@ class Labels:
         w_q, w_l = self.weights(w_q, w_l)
         if (w_q, w_l) == (self.w_q, self.w_l):
             return self.best.copy()
-        return nanargmax_rows(self.rewards(w_q, w_l))
+        return best_assignments(self.rewards(w_q, w_l))  # -1 for a clip with nothing scored (evatok_cli.reward)
 
     def clip_spec(self) -> ClipSpec:
         c = self.clip
         return ClipSpec(frames=int(c["frames"]), height=int(c["height"]), width=int(c["width"]), fps=c.get("fps", "native"))
-
-
-def nanargmax_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise argmax ignoring NaN (first index on ties; a row of NaN gives 0)."""
-    return np.argmax(np.where(np.isnan(x), -np.inf, x), axis=1).astype(np.int64)
 
 
 def load_labels(path: str | Path) -> Labels:
@@ -354,7 +350,8 @@ def evaluate(indices: Sequence[int] | np.ndarray, labels: Labels, w_q: float | N
     r_router = R[ar, idx]
     uni = np.array([space.to_index(space.uniform(k)) for k in space.levels])
     R_uni = R[:, uni]  # (N, m)
-    per_clip = uni[nanargmax_rows(R_uni)]
+    b_uni = best_assignments(R_uni)  # a clip with no scored uniform keeps uniform[0]: its reward is NaN, left out
+    per_clip = uni[np.where(b_uni == NO_ASSIGNMENT, 0, b_uni)]
     seen = np.isfinite(R_uni)
     col_mean = np.where(seen.any(0), np.where(seen, R_uni, 0).sum(0) / np.maximum(seen.sum(0), 1), -np.inf)
     glob = int(uni[int(np.argmax(col_mean))])

@@ -60,6 +60,7 @@ from evatok_cli.assignments import AssignmentSpace, label_spread
 from evatok_cli.metrics import Metric, get_metric
 from evatok_cli.models.blockwise import BlockwiseCodec, PrefixState
 from evatok_cli.models.tokenizer import EVATokTokenizer, TokenizerConfig
+from evatok_cli.reward import NO_ASSIGNMENT, best_assignments
 
 if TYPE_CHECKING:
     from evatok_cli.train.dist import DistEnv
@@ -183,14 +184,6 @@ def rewards(
     if not higher_is_better:
         q = -q
     return float(w_q) * q - float(w_l) * space.lengths_z()
-
-
-def best_assignments(reward: np.ndarray) -> np.ndarray:
-    """(N, m**T) rewards -> (N,) int64 index of the best explored assignment (ties: lowest index)."""
-    r = np.asarray(reward, dtype=np.float64)
-    if np.isnan(r).all(axis=-1).any():
-        raise ValueError("a clip has no scored assignment")
-    return np.nanargmax(r, axis=-1).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------- search
@@ -719,7 +712,10 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
                     res = beam_search(model, video, met, width=beam, calibration=calib, w_q=w_q, w_l=w_l, chunk=chunk)
                 metric_np = res.metric.numpy()
                 reward = rewards(metric_np, calib, space, w_q, w_l, met.higher_is_better)
-                best = best_assignments(reward)
+                best = best_assignments(reward)  # the NaN rule: evatok_cli.reward
+                if (best == NO_ASSIGNMENT).any():  # a label needs an assignment
+                    raise ValueError(f"clip {batch['key'][int(np.argmax(best == NO_ASSIGNMENT))]}: "
+                                     "no scored assignment (every reward is NaN)")
                 table = torch.as_tensor(space.table()[best], device=env.device)
                 tokens, _ = model.encode(video, table)
                 writer.append([
