@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from evatok_cli import route, search
 from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.models.tokenizer import EVATokTokenizer, tokenizer_config
 from evatok_cli.reward import NO_ASSIGNMENT, best_assignments
 
 nan, inf = np.nan, np.inf
@@ -41,3 +45,23 @@ def test_search_and_route_share_it():
                           best=np.array([0, 0]), metric=metric, metric_name="psnr", higher_is_better=True, mean=0.2,
                           std=0.1, w_q=1.0, w_l=0.0, clip={})
     assert labels.best_assignments(2.0, 0.0).tolist() == [2, NO_ASSIGNMENT]  # was [2, 0] (a silent guess)
+
+
+def test_search_refuses_a_clip_with_nothing_scored(footage, tmp_path, monkeypatch):
+    """The search cannot write a label without an assignment: one line naming the clip."""
+    torch.manual_seed(0)
+    proxy = EVATokTokenizer(tokenizer_config("tiny")).save_pretrained(tmp_path / "tiny", preset="tiny")
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"metric": "psnr", "mean": 11.0, "std": 1.0, "count": 8, "seed": 0,
+                                 "proxy_sha256": None}))
+    real = search.exact_search
+
+    def unscored(model, video, metric, **kw):
+        res = real(model, video, metric, **kw)
+        res.metric[:] = float("nan")
+        return res
+
+    monkeypatch.setattr(search, "exact_search", unscored)
+    with pytest.raises(ValueError, match=r"^clip \S*carphone\S*: no scored assignment \(every reward is NaN\)$"):
+        search.search_dataset(proxy, [str(footage["carphone"])], tmp_path / "s.zarr", stats=stats, clips="first",
+                              workers=0, device="cpu")
