@@ -7,8 +7,10 @@ Usage:
     evatok train tokenizer --stage final --preset small --data videos/ --out runs/final --router runs/router
     evatok train tokenizer --stage final --preset small --data mine/ --out runs/mine --init runs/final --steps 2000
     evatok train tokenizer --stage final --preset paper --data ucf/ --out runs/final --router runs/router \
+        --codebook-size 8192 --lpips-backbone weights/vgg16-397923af.pth \
         --align-teacher weights/vjepa2-vitl-fpc64-256 --disc-teacher weights/videomae-base   # docs/training.md
-    torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p
+    torchrun --nproc_per_node 8 -m evatok_cli train tokenizer --stage proxy --preset paper --data webvid/ --out runs/p \
+        --lpips-backbone weights/vgg16-397923af.pth
 """
 
 from __future__ import annotations
@@ -94,14 +96,25 @@ def tokenizer(
     warmup: Annotated[int, typer.Option("--warmup", help="Warmup steps (at most steps/10).")] = 1000,
     disc_start: Annotated[int, typer.Option("--disc-start", help="Step at which the PatchGAN loss starts.")] = 20_000,
     no_disc: Annotated[bool, typer.Option("--no-disc", help="Train without the adversarial loss.")] = False,
+    codebook_size: Annotated[
+        int | None,
+        typer.Option(
+            "--codebook-size",
+            help="VQ codebook entries (default: the preset's; paper: 16384, 8192 for the UCF/K600 final tokenizers). Recorded in config.json.",
+            show_default=False,
+        ),
+    ] = None,
     lpips_backbone: Annotated[
         Path | None,
         typer.Option(
             "--lpips-backbone",
-            help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss.",
+            help="torchvision VGG16/AlexNet state dict: adds the LPIPS perceptual loss (required at --preset paper unless --no-lpips).",
             show_default=False,
         ),
     ] = None,
+    no_lpips: Annotated[
+        bool, typer.Option("--no-lpips", help="Train without the LPIPS perceptual loss on purpose.")
+    ] = False,
     lpips_heads: Annotated[
         Path | None,
         typer.Option(
@@ -171,6 +184,10 @@ def tokenizer(
         fail(f"--stage must be proxy or final, got {stage!r}", code=2)
     if disc is not None and disc not in ("patchgan", "semantic", "both"):
         fail(f"--disc must be patchgan, semantic or both, got {disc!r}", code=2)
+    if codebook_size is not None and codebook_size < 2:
+        fail(f"--codebook-size must be >= 2, got {codebook_size}", code=2)
+    if no_lpips and lpips_backbone is not None:
+        fail("give --lpips-backbone or --no-lpips, not both", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_tokenizer(
@@ -198,9 +215,11 @@ def tokenizer(
             lr=lr,
             warmup=warmup,
             disc_start=disc_start,
+            codebook_size=codebook_size,
             lpips_backbone=lpips_backbone,
             lpips_heads=lpips_heads,
             lpips_net=lpips_net,
+            perceptual_loss=not no_lpips,
             perceptual_weight=perceptual_weight,
             align_teacher=align_teacher,
             disc_teacher=disc_teacher,

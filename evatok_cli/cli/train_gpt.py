@@ -4,6 +4,7 @@ Usage:
     evatok train gpt --tokens ucf.zarr --preset gpt-b --out runs/gpt --epochs 3000 --batch-size 128
     evatok train gpt --tokens part1.zarr --tokens part2.zarr --preset tiny --out runs/g --steps 2000 --lr 3e-4
     evatok train gpt --tokens ucf.zarr --preset gpt-b --out runs/gpt --epochs 3000 --resume
+    evatok train gpt --tokens ucf.zarr --preset gpt-b --out runs/gpt --epochs 3000 --dropout 0.1 --token-dropout 0.1
     torchrun --nproc_per_node 8 -m evatok_cli train gpt --tokens k600/ --preset gpt-l --out runs/k --epochs 75
 """
 
@@ -51,6 +52,16 @@ def gpt(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step per process.")] = 32,
     class_dropout: Annotated[float, typer.Option("--class-dropout", help="Probability of the null class (CFG).")] = 0.1,
+    dropout: Annotated[
+        float,
+        typer.Option(
+            "--dropout",
+            help="Residual dropout after attention and FFN-output dropout (LlamaGen: 0.1; the paper is silent).",
+        ),
+    ] = 0.0,
+    token_dropout: Annotated[
+        float, typer.Option("--token-dropout", help="Dropout on the input token embeddings (LlamaGen: 0.1).")
+    ] = 0.0,
     lr: Annotated[
         float, typer.Option("--lr", help="Learning rate (WSD: constant, then linear to 0 over the last 20%).")
     ] = 1e-4,
@@ -76,6 +87,9 @@ def gpt(
         fail(f"unknown preset {preset!r} (choose from {', '.join(GPT_PRESETS)})", code=2)
     if (steps is None) == (epochs is None):
         fail("give exactly one of --steps and --epochs", code=2)
+    for name, p in (("--dropout", dropout), ("--token-dropout", token_dropout)):
+        if not 0.0 <= p < 1.0:
+            fail(f"{name} must be in [0, 1), got {p}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_gpt(
@@ -97,6 +111,8 @@ def gpt(
             lr=lr,
             warmup=warmup,
             class_dropout=class_dropout,
+            dropout=dropout,
+            token_dropout=token_dropout,
         )
     except (ResumeError, StoreError, CheckpointError, ValueError) as e:
         fail(str(e), code=1)

@@ -18,7 +18,10 @@ embedding); the sampler (``evatok_cli/generate.py``) masks what may not come nex
 sits at position 0 and is never a prediction target.
 
 Class dropout for CFG training is a *training* setting (the GPT train config owns its rate); this
-module only provides :func:`drop_class`, the pure function that applies it to a batch.
+module only provides :func:`drop_class`, the pure function that applies it to a batch. Dropout
+inside the network (LlamaGen's: ``token_dropout`` on the input embeddings, ``resid_dropout`` on the
+attention output before the residual add, ``ffn_dropout`` on the SwiGLU output before the residual
+add) is architecture config, 0 by default (the paper is silent); it acts in training mode only.
 
 Sections, in order: config, sequence helpers, blocks, model, presets.
 """
@@ -62,6 +65,11 @@ class GPTConfig:
         tie_embeddings: share the token embedding with the output head.
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal init of every linear and embedding weight.
+        token_dropout: dropout on the token embeddings (LlamaGen ``token_dropout_p``).
+        resid_dropout: dropout on each attention output before the residual add (``resid_dropout_p``).
+        ffn_dropout: dropout on each SwiGLU output before the residual add (``ffn_dropout_p``).
+            All three are 0 by default (the paper states none; LlamaGen trains with 0.1) and act in
+            training mode only; at 0 no dropout module exists, so outputs and RNG use are unchanged.
     """
 
     codebook_size: int
@@ -79,9 +87,15 @@ class GPTConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    token_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    ffn_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.levels = tuple(int(k) for k in self.levels)
+        for name in ("token_dropout", "resid_dropout", "ffn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {self.codebook_size}")
         if not self.levels or any(k < 1 for k in self.levels) or list(self.levels) != sorted(set(self.levels)):
@@ -274,6 +288,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def _dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or an identity at p = 0 (no RNG draws: bit-identical to a model without it)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -282,6 +301,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
+        self.resid_drop = _dropout(cfg.resid_dropout)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B, L, _ = x.shape
@@ -296,7 +316,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, **sdpa)  # (B, H, L, hd)
         B, _, L, _ = out.shape
-        return self.wo(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
+        return self.resid_drop(self.wo(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Full causal attention over x (B, L, D), positions 0..L-1."""
@@ -324,9 +344,10 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.ffn_drop = _dropout(cfg.ffn_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.ffn_drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class Block(nn.Module):
@@ -355,6 +376,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_drop = _dropout(config.token_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -387,7 +409,7 @@ class GPT(nn.Module):
         if L > self.config.max_seq_len:
             raise ValueError(f"sequence length {L} > max_seq_len {self.config.max_seq_len}")
         cos, sin = rope_tables(torch.arange(L, device=idx.device), self.config.head_dim, self.config.rope_theta)
-        x = self.tok_emb(idx)  # (B, L, D)
+        x = self.tok_drop(self.tok_emb(idx))  # (B, L, D)
         for block in self.blocks:
             x = block(x, cos, sin)
         logits = self.head(self.norm(x))  # (B, L, V)
@@ -420,7 +442,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         # new position start+i may see cached positions <= start+i; one new position sees all of them
         mask = None if L == 1 else torch.arange(start + L, device=idx.device)[None, :] <= positions[:, None]
-        x = self.tok_emb(idx)  # (B, L, D)
+        x = self.tok_drop(self.tok_emb(idx))  # (B, L, D)
         for layer, block in enumerate(self.blocks):
             x = block.cached(x, cos, sin, cache, layer, mask)
         cache.advance(L)

@@ -1,7 +1,7 @@
 """The EVATok router: a ViT that predicts a clip's token assignment in one forward pass (EVATok §3.3).
 
 video (B, 3, F, H, W) in [-1, 1]
-  -> spatial area pooling by ``input_downsample`` (a router needs coarse content only)
+  [-> spatial area pooling by ``input_downsample``; 1 (off) in the paper preset, an option of ours]
   -> 3D patches (temporal_patch x spatial_patch^2) -> linear embedding + factorized 3D positions
   -> [CLS] prepended -> ``depth`` pre-norm transformer layers (full attention)
   -> LayerNorm(CLS) -> linear head over the m^T assignments of the space
@@ -237,10 +237,10 @@ ROUTER_PRESETS: dict[str, RouterConfig] = {
         levels=(8, 16, 32, 64, 128),
         blocks=4,
     ),
-    # ViT-S (PAPER §4: "19.9M"): 16x128x128 pooled 4x to 16x32x32, 4x8x8 patches -> 64 tokens, 625 classes: 21.8M
-    # (a dim-384 depth-12 ViT body alone is 21.3M; coarser patches would push the embedding past +10%, so the
-    # pooling, not the patch size, brings the forward under 10% of an encode; docs/pipeline.md "Router").
-    "paper": RouterConfig(input_downsample=4),
+    # ViT-S (PAPER §4: "19.9M"): the full 16x128x128 clip, 4x8x8 patches -> 1024 tokens, 625 classes: 21.8M
+    # (a dim-384 depth-12 ViT body alone is 21.3M). router_config("paper", input_downsample=4) pools the frames
+    # 4x first (64 tokens instead of 1024; docs/pipeline.md "Router").
+    "paper": RouterConfig(),
 }
 
 

@@ -1,13 +1,15 @@
 """EVATok adaptive-length block-causal 1D video tokenizer (EVATok §3.1, supplementary K).
 
 video (B, 3, F, H, W) in [-1, 1]
-  -> linear patch embedding + 3D positions -> ``patch_depth`` block-causal layers  ("reference")
+  -> linear patch embedding + 3D positions [-> ``patch_depth`` block-causal layers; 0 in the paper]
+     ("reference")
   -> Q-Former encoder: block t gets k_t queries seeded by pooling block t's reference grid
      (+ learned (level, index) and block embeddings); self-attn among queries, cross-attn to the
      reference, MLP, all block-causal
   -> l2-normalised VQ (codebook_size x code_dim)
   -> Q-Former decoder: one 3D query per patch, initialised from the first token of its block
-     + 3D positions; self-attn among 3D queries, cross-attn to tokens (both block-causal), MLP
+     + 3D positions; self-attn among 3D queries, cross-attn to tokens (both block-causal,
+     [+ a learned locality bias, ``dec_locality_bias``; off in the paper]), MLP
   -> linear depatchify -> (B, 3, F, H, W)
 
 Every clip of a batch has its own assignment; tokens are packed per clip and padded (see
@@ -52,7 +54,12 @@ from evatok_cli.models.quantizer import VectorQuantizer
 # ------------------------------------------------------------------------------------ config
 @dataclass(frozen=True, kw_only=True)
 class TokenizerConfig:
-    """Architecture of an :class:`EVATokTokenizer` (defaults: the paper's S-B, ~145M params)."""
+    """Architecture of an :class:`EVATokTokenizer` (defaults: the paper's S-B, ~142M params; PAPER: 145M).
+
+    The defaults are the paper's architecture (EVATok §3.1): a linear patch embedding feeds the
+    Q-Former directly (``patch_depth=0``) and the decoder's cross-attention has no locality bias
+    (``dec_locality_bias=0``). Both extras are ours, kept as options and on in ``tiny``/``small``.
+    """
 
     frames: int = 16
     height: int = 128
@@ -62,7 +69,7 @@ class TokenizerConfig:
     levels: tuple[int, ...] = (32, 64, 128, 256, 512)
     enc_width: int = 512  # reference layers and Q-Former encoder
     enc_heads: int = 8
-    patch_depth: int = 2  # block-causal transformer layers over patches ("reference" features)
+    patch_depth: int = 0  # extra: block-causal transformer layers over patches; 0 = linear embedding (paper)
     enc_depth: int = 6  # Q-Former encoder layers
     dec_width: int = 768
     dec_heads: int = 12
@@ -75,7 +82,7 @@ class TokenizerConfig:
     query_init: str = "pool"  # "pool": pooled block features + learned; "learned": learned only
     pos_embed: str = "factorized"  # "factorized" (t + y + x) or "learned" (one per position)
     dec_feature_layer: int = 6  # decoder layer (1-based) whose output is exposed; 0 = none
-    dec_locality_bias: float = 4.0  # initial learned cross-attn bias towards covering tokens; 0 = off
+    dec_locality_bias: float = 0.0  # extra: initial learned cross-attn bias towards covering tokens; 0 = off (paper)
     nearest_chunk: int = 4096  # tile size of the nearest-code search
 
     def __post_init__(self) -> None:
@@ -591,6 +598,7 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
         code_dim=8,
         pos_embed="learned",
         dec_feature_layer=1,
+        dec_locality_bias=4.0,
     ),
     # 16x64x64 clips, pt=4: 4 blocks of 8x8 patches; a few M parameters.
     "small": TokenizerConfig(
@@ -610,8 +618,11 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
         codebook_size=8192,
         code_dim=8,
         dec_feature_layer=3,
+        dec_locality_bias=4.0,
     ),
-    # The paper's S-B tokenizer: 16x128x128, 4x16x16 patches, 145M parameters.
+    # The paper's S-B tokenizer: 16x128x128, 4x16x16 patches, linear patch embedding, no locality
+    # bias: 142.0M parameters (PAPER: 145M). The extras: tokenizer_config("paper", patch_depth=2,
+    # dec_locality_bias=4.0) (148.3M).
     "paper": TokenizerConfig(),
 }
 

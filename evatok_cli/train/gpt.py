@@ -355,6 +355,8 @@ def train_gpt(
     keep_last: int = 3,
     log_every: int = 10,
     stop_at: int | None = None,
+    dropout: float = 0.0,
+    token_dropout: float = 0.0,
     model_overrides: dict[str, Any] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     **train_overrides: Any,
@@ -371,7 +373,11 @@ def train_gpt(
             global batch ``batch_size * world_size``).
         batch_size: sequences per step per process.
         resume: continue from the latest complete checkpoint in ``out``.
-        model_overrides: fields of :class:`~evatok_cli.models.gpt.GPTConfig` to change from the preset.
+        dropout: residual dropout after attention and dropout on the FFN output (the model's
+            ``resid_dropout`` and ``ffn_dropout``, LlamaGen's ``--dropout-p``); 0 = none (the paper is silent).
+        token_dropout: dropout on the input token embeddings (``token_dropout``); 0 = none.
+        model_overrides: fields of :class:`~evatok_cli.models.gpt.GPTConfig` to change from the preset
+            (win over ``dropout``/``token_dropout``).
         train_overrides: fields of :class:`GPTTrainConfig` (``lr``, ``warmup``, ``class_dropout``, ...).
 
     Returns:
@@ -389,13 +395,14 @@ def train_gpt(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = open_token_stores(tokens)
+    drops = {"resid_dropout": dropout, "ffn_dropout": dropout, "token_dropout": token_dropout}
     config = gpt_config(
         preset,
         codebook_size=data.codebook_size,
         levels=data.space["levels"],
         blocks=int(data.space["blocks"]),
         num_classes=data.num_classes,
-        **(model_overrides or {}),
+        **{**drops, **(model_overrides or {})},
     )
     with process_group(device) as env:
         if steps is None:

@@ -4,7 +4,8 @@ The loss (PAPER Eq. 1-2) is
 
     L = w_l1 * L1 + w_p * LPIPS + w_adv * adv + VQ + w_ent * entropy (+ w_align * align)
 
-with the perceptual term only when a perceptual loss is given, the adversarial term (transformer
+with the perceptual term only when a perceptual loss is given (else preset ``paper`` refuses to start
+and the others warn, unless it is turned off on purpose: ``check_perceptual``), the adversarial term (transformer
 PatchGAN, hinge) only from ``disc_start`` on, and the alignment term only when an alignment hook is
 given (a callable ``hook(video, dec_features) -> loss``; the V-JEPA2 teacher plugs in there). A
 frozen-VideoMAE semantic discriminator (``semantic_disc``, PAPER §5) joins or replaces the PatchGAN
@@ -346,6 +347,21 @@ def semantic_discriminator(path: str | Path, env: DistEnv) -> SemanticDiscrimina
     return SemanticDiscriminator(load_teacher(path, "videomae", device=env.device))
 
 
+def check_perceptual(preset: str, has_perceptual: bool, wanted: bool = True) -> str | None:
+    """The perceptual (LPIPS) term cannot go missing silently (PAPER Eq. 1: it is part of L_vqgan).
+
+    Returns None when a perceptual loss is given or was turned off on purpose (``wanted`` False,
+    ``--no-lpips``); else one warning line for the caller to log. At preset ``paper`` it raises
+    instead: a paper-scale run without LPIPS would train a different model for days.
+    """
+    if has_perceptual or not wanted:
+        return None
+    fix = "give --lpips-backbone PATH (torchvision VGG16 weights; docs/training.md) or --no-lpips to train without it"
+    if preset == "paper":
+        raise ValueError(f"preset paper trains with the LPIPS perceptual loss (PAPER Eq. 1): {fix}")
+    return f"no perceptual (LPIPS) loss: {fix}"
+
+
 # Config fields that do not shape the weights: an --init source may differ in them.
 _WEIGHT_NEUTRAL = frozenset({"dec_feature_layer", "nearest_chunk"})
 
@@ -427,7 +443,9 @@ def train_tokenizer(
     log_every: int = 10,
     stop_at: int | None = None,
     discriminator: bool = True,
+    codebook_size: int | None = None,
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    perceptual_loss: bool = True,
     lpips_backbone: str | Path | None = None,
     lpips_heads: str | Path | None = None,
     lpips_net: str = "vgg",
@@ -453,6 +471,12 @@ def train_tokenizer(
             output directory) with a fresh optimizer and schedule; same preset. Ignored (logged)
             when ``resume`` finds a checkpoint. Recorded as ``init_from`` in config.json.
         resume: continue from the latest complete checkpoint in ``out``.
+        codebook_size: VQ codebook entries instead of the preset's (PAPER §2: 16384; 8192 for the
+            UCF/K600 final tokenizers); recorded in the saved config like every field.
+        perceptual: a perceptual loss ``(recon, video) -> loss``; else built from ``lpips_backbone``.
+        perceptual_loss: False trains without the perceptual term on purpose (``--no-lpips``). When
+            True and no perceptual loss is given, preset ``paper`` raises at once and the others
+            log one warning (:func:`check_perceptual`).
         align_teacher: a local V-JEPA2 model directory: adds the alignment loss (``align_weight``).
         disc_teacher: a local VideoMAE model directory: adds the semantic discriminator.
         align_layer: decoder layer (1-based) that is aligned (default: the preset's ``dec_feature_layer``).
@@ -465,9 +489,16 @@ def train_tokenizer(
     """
     if stage not in ("proxy", "final"):
         raise ValueError(f"stage must be 'proxy' or 'final', got {stage!r}")
+    has_perceptual = perceptual is not None or lpips_backbone is not None
+    if not perceptual_loss and has_perceptual:
+        raise ValueError("the perceptual loss is off (--no-lpips) but LPIPS weights were given (--lpips-backbone)")
+    missing_lpips = check_perceptual(preset, has_perceptual, perceptual_loss)  # before any process group or data
     with process_group(device) as env:
         torch.manual_seed(seed)  # identical initial weights on every rank
-        config = tokenizer_config(preset, **({} if align_layer is None else {"dec_feature_layer": align_layer}))
+        overrides: dict[str, Any] = {} if align_layer is None else {"dec_feature_layer": align_layer}
+        if codebook_size is not None:
+            overrides["codebook_size"] = codebook_size
+        config = tokenizer_config(preset, **overrides)
         model = EVATokTokenizer(config)
         init_from = _init_record(init, model, preset, Path(out), resume, env)
         space = config.space
@@ -508,8 +539,10 @@ def train_tokenizer(
         semantic = semantic_discriminator(disc_teacher, env) if disc_teacher is not None else None
         if perceptual is None and lpips_backbone is not None:
             perceptual = LPIPS(net=lpips_net, backbone=lpips_backbone, heads=lpips_heads).to(env.device).loss
-        if perceptual is None and env.is_main:
-            log.info("perceptual (LPIPS) loss off: no LPIPS weights given (--lpips-backbone)")
+        if missing_lpips is not None and env.is_main:
+            log.warning(missing_lpips)
+        elif perceptual is None and env.is_main:
+            log.info("perceptual (LPIPS) loss off (--no-lpips)")
         cfg = TokenizerTrainConfig(steps=steps, disc=disc_mode, **train_overrides)
         task = TokenizerTask(
             model=model,

@@ -213,8 +213,36 @@ def test_train_gpt_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
         lr=3e-4,
         warmup=10,
         class_dropout=0.2,
+        dropout=0.0,
+        token_dropout=0.0,
     )
-    for bad in (["--steps", "3", "--epochs", "1"], [], ["--steps", "3", "--preset", "huge"]):
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "gpt",
+            "--tokens",
+            "a",
+            "--out",
+            "r",
+            "--steps",
+            "3",
+            "--dropout",
+            "0.1",
+            "--token-dropout",
+            "0.05",
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (calls[1]["dropout"], calls[1]["token_dropout"]) == (0.1, 0.05)
+    for bad in (
+        ["--steps", "3", "--epochs", "1"],
+        [],
+        ["--steps", "3", "--preset", "huge"],
+        ["--steps", "3", "--dropout", "1.0"],
+        ["--steps", "3", "--token-dropout", "-0.1"],
+    ):
         res = runner.invoke(app, ["train", "gpt", "--tokens", "a", "--out", "r", *bad])
         assert res.exit_code == 2, bad
 

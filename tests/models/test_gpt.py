@@ -67,6 +67,9 @@ def test_vocabulary_layout() -> None:
         dict(dim=60, heads=8),  # odd head_dim
         dict(heads=4, n_kv_heads=3),
         dict(max_seq_len=10),
+        dict(resid_dropout=1.0),
+        dict(ffn_dropout=-0.1),
+        dict(token_dropout=1.5),
     ],
 )
 def test_config_validation(bad: dict) -> None:
@@ -194,6 +197,55 @@ def test_prefill_decode_match_full_forward(overrides: dict) -> None:
     torch.testing.assert_close(out[-1], full[:, 11], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         model.decode_step(seqs[:, :2], cache)
+
+
+def test_dropout_zero_is_todays_model() -> None:
+    """Dropout 0 (the default): no new modules or weights, no RNG draws, train mode == eval mode bit for bit,
+    and a config.json written before the dropout fields existed loads to the same model."""
+    from evatok_cli.config import config_from_dict, config_to_dict
+
+    model = small_model(4)
+    cfg = model.config
+    assert (cfg.token_dropout, cfg.resid_dropout, cfg.ffn_dropout) == (0.0, 0.0, 0.0)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    old = {k: v for k, v in config_to_dict(cfg).items() if not k.endswith("dropout")}
+    assert config_from_dict(GPTConfig, old) == cfg
+    torch.manual_seed(4)
+    assert list(GPT(config_from_dict(GPTConfig, old)).state_dict()) == list(model.state_dict())
+    g = torch.Generator().manual_seed(4)
+    input_ids, targets, _ = pad_batch([build_sequence(*random_clip(cfg, g), c, cfg) for c in range(3)])
+    eval_logits, eval_loss = model(input_ids, targets)
+    rng = torch.get_rng_state()
+    model.train()
+    train_logits, train_loss = model(input_ids, targets)
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drew random numbers
+    assert torch.equal(train_logits, eval_logits) and torch.equal(train_loss, eval_loss)
+
+
+def test_dropout_acts_in_training_only() -> None:
+    drop = dict(token_dropout=0.1, resid_dropout=0.2, ffn_dropout=0.3)
+    model, plain = small_model(5, **drop), small_model(5)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1 + 2 * model.config.depth
+    assert list(model.state_dict()) == list(plain.state_dict())  # dropout has no weights
+    cfg = model.config
+    g = torch.Generator().manual_seed(5)
+    input_ids, targets, _ = pad_batch([build_sequence(*random_clip(cfg, g), c, cfg) for c in range(3)])
+    # eval mode: deterministic, and the same function as the model without dropout
+    a, b = model(input_ids)[0], model(input_ids)[0]
+    assert torch.equal(a, b) and torch.equal(a, plain(input_ids)[0])
+    with torch.no_grad():  # the cached (sampling) path too
+        cache = model.new_cache(3)
+        assert torch.equal(model.prefill(input_ids[:, :6], cache), plain(input_ids[:, :6])[0][:, -1])
+    # training mode: random, seeded by the global RNG
+    model.train()
+    torch.manual_seed(0)
+    t1 = model(input_ids, targets)
+    torch.manual_seed(0)
+    t2 = model(input_ids, targets)
+    t3 = model(input_ids, targets)
+    assert torch.equal(t1[0], t2[0]) and not torch.equal(t1[0], t3[0]) and not torch.equal(t1[0], a)
+    t1[1].backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_cache_overflow() -> None:

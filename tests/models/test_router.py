@@ -30,8 +30,11 @@ def test_paper_preset_size_on_meta():
     c = model.config
     assert (c.dim, c.depth, c.heads, c.num_assignments) == (384, 12, 6, 625)
     assert (c.frames, c.height, c.width) == (16, 128, 128)
-    # frames pooled 4x (16x32x32), 4x8x8 patches: 64 tokens (router latency <= 10% of an encode)
-    assert (c.input_downsample, c.temporal_patch, c.spatial_patch, c.num_patches) == (4, 4, 8, 64)
+    # the paper's router sees the full clip: no pooling, 4x8x8 patches, 4x16x16 = 1024 tokens
+    assert (c.input_downsample, c.temporal_patch, c.spatial_patch, c.num_patches) == (1, 4, 8, 1024)
+    with torch.device("meta"):  # the pooled variant is an option of ours, same size within +-10%
+        pooled = Router(router_config("paper", input_downsample=4))
+    assert 0.9 * 19.9e6 <= pooled.num_parameters() <= 1.1 * 19.9e6 and pooled.config.num_patches == 64
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "paper"])

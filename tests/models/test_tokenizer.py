@@ -315,6 +315,21 @@ def test_preset_parameter_counts_on_meta_device():
     assert paper.levels == (32, 64, 128, 256, 512) and paper.codebook_size == 16384 and len(paper.space) == 625
 
 
+def test_paper_preset_is_the_papers_architecture():
+    """EVATok §3.1: linear patch embedding into the Q-Former, no decoder locality bias; our extras are options."""
+    paper = TOKENIZER_PRESETS["paper"]
+    assert paper.patch_depth == 0 and paper.dec_locality_bias == 0.0
+    with torch.device("meta"):
+        model = EVATokTokenizer(paper)
+        extras = EVATokTokenizer(tokenizer_config("paper", patch_depth=2, dec_locality_bias=4.0))
+    assert len(model.patch_layers) == 0 and model.dec_local_bias is None
+    assert 0.9 * 145e6 <= model.num_parameters() <= 1.1 * 145e6  # PAPER §2: S-B, 145M
+    assert 0.9 * 145e6 <= extras.num_parameters() <= 1.1 * 145e6
+    for name in ("tiny", "small"):  # the extras stay on in the CPU presets (golden curve)
+        c = TOKENIZER_PRESETS[name]
+        assert c.patch_depth >= 1 and c.dec_locality_bias == 4.0
+
+
 def test_small_preset_runs_on_cpu():
     torch.manual_seed(0)
     model = EVATokTokenizer(TOKENIZER_PRESETS["small"]).eval()

@@ -156,6 +156,18 @@ def test_epochs_and_store_agreement(stores, tmp_path, tiny_tokenizer):
         train_gpt(tokens=[stores["one"]], out=tmp_path / "z", steps=1, preset="huge", workers=0)
 
 
+def test_dropout_is_recorded_and_trains(stores, tmp_path):
+    """--dropout/--token-dropout land in the model config (config.json); the loaded model is in eval mode."""
+    final = train_gpt(
+        tokens=[stores["one"]], out=tmp_path / "d", steps=2, batch_size=2, dropout=0.1, token_dropout=0.05, **COMMON
+    )
+    cfg = json.loads((final / "config.json").read_text())["config"]
+    assert (cfg["resid_dropout"], cfg["ffn_dropout"], cfg["token_dropout"]) == (0.1, 0.1, 0.05)
+    assert all(r["loss"] == r["loss"] for r in _curve(tmp_path / "d"))  # finite
+    model = GPT.from_pretrained(final)
+    assert not model.training and model.config.resid_dropout == 0.1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
