@@ -181,6 +181,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def is_lock_file(name: str) -> bool:
+    """Files of the store lock (``.evatok.lock*``, see :mod:`evatok_cli.store.lock`): not store data."""
+    return name.startswith(".evatok.lock")
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         with open(path) as f:
@@ -241,6 +246,7 @@ class StoreWriter(ABC):
         self._closed = False
         self.commit_seconds: float | None = None
         self._pending_since: float | None = None  # when the oldest uncommitted sample came
+        self.lock: Any = None  # the store lock (evatok_cli.store.lock), released on close/abort
 
     # -- public API
     def append(self, samples: Sequence[Sample]) -> None:
@@ -308,6 +314,17 @@ class StoreWriter(ABC):
         """
         if self._closed:
             return
+        try:
+            self._close()
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _close(self) -> None:
         if self.finished:
             self._closed = True
             return
@@ -329,6 +346,7 @@ class StoreWriter(ABC):
     def abort(self) -> None:
         """Drop what is not committed and close without completing the part."""
         self._closed = True
+        self._release_lock()
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -36,6 +36,7 @@ from evatok_cli.store.common import (
     StoreReader,
     StoreWriter,
     describe_mismatch,
+    is_lock_file,
     log,
     read_json,
     unfinished_message,
@@ -110,7 +111,7 @@ class WdsWriter(StoreWriter):
         meta_path = path / STORE_JSON
         if not meta_path.is_file():
             if path.is_dir():
-                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial")]
+                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial") and not is_lock_file(p.name)]
                 # Another rank may have created the store meanwhile: its files are not junk.
                 if junk and not meta_path.is_file():
                     raise StoreError(f"{path} exists and is not an evatok token store (contains {junk[0]!r})")

@@ -41,6 +41,7 @@ from evatok_cli.store.common import (
     StoreWriter,
     approx_items,
     describe_mismatch,
+    is_lock_file,
     log,
     unfinished_message,
     window_ranges,
@@ -129,7 +130,7 @@ class ZarrWriter(StoreWriter):
         root_attrs = read_root_meta(path)
         if root_attrs is None:
             if path.is_dir():
-                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial")]
+                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial") and not is_lock_file(p.name)]
                 # Another rank may have created the store meanwhile: its files are not junk.
                 if junk and read_root_meta(path) is None:
                     raise StoreError(f"{path} exists and is not an evatok token store (contains {junk[0]!r})")
