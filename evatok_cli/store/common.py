@@ -27,7 +27,7 @@ from evatok_cli.assignments import AssignmentSpace
 log = logging.getLogger("evatok_cli.store")
 
 FORMAT_VERSION = 1
-RESERVED_ATTRS = ("layout", "index")
+RESERVED_ATTRS = ("layout", "index", "append")
 """Root keys the store itself manages; caller attrs may not use them."""
 
 _KEY_RE = re.compile(r"[^./\\\s]{1,200}")
@@ -291,6 +291,24 @@ class StoreWriter(ABC):
     def failures(self) -> list[tuple[str, str]]:
         return list(self._failures.items())
 
+    def start_append(self) -> None:
+        """Reopen a finished store to append new samples as new parts (DESIGN §4: more inputs append).
+
+        Every rank of the job must call it (it is collective in effect: each rank opens its own new
+        part, numbered after the store's existing parts, and close() writes an index of old and new
+        parts). ``done_keys`` keeps every key already in the store, so appending one again is refused.
+        Until the new index is written, readers see the store as it was; a killed append resumes.
+        """
+        if not self.finished:
+            raise StoreError(f"{self.path}: start_append() needs a finished store (this one is being written)")
+        if self._closed:
+            raise StoreError(f"{self.path}: writer of rank {self.rank} is closed")
+        old = set(self.done_keys)
+        self._start_append()
+        self.finished = False
+        self.done_keys |= old
+        self._seen |= old
+
     @abstractmethod
     def flush(self) -> None:
         """Commit everything appended so far (durable against a kill once this returns)."""
@@ -363,6 +381,9 @@ class StoreWriter(ABC):
                 self.abort()
 
     # -- format hooks
+    @abstractmethod
+    def _start_append(self) -> None: ...
+
     @abstractmethod
     def _add(self, rows: list[Sample]) -> None: ...
 
