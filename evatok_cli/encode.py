@@ -28,8 +28,9 @@ from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import read_model_meta, weights_sha256
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.store import Sample, StoreError, open_store, open_writer
+from evatok_cli.store.lock import acquire as acquire_store_lock
 from evatok_cli.train.checkpoints import resolve_model_dir
-from evatok_cli.train.dist import DistEnv, init_distributed, shutdown
+from evatok_cli.train.dist import DistEnv, all_gather_objects, init_distributed, shutdown
 from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
@@ -61,6 +62,7 @@ class EncodeSummary:
     tokens_per_s: float = 0.0
     padding_fraction: float = 0.0
     nothing_to_do: bool = False
+    appended: bool = False  # the store was finished: this run's clips were added as new parts
     world_size: int = 1
 
     @property
@@ -256,11 +258,12 @@ def encode_videos(
     t0 = time.perf_counter()
     env = init_distributed(device)
     try:
-        return _encode(inputs, Path(out), env=env, t0=t0, tokenizer=Path(tokenizer), format=format,
-                       assignment=assignment, labels_store=labels_store, router=router, w_q=w_q, w_l=w_l,
-                       budget=budget, assigner=assigner, clips=clips, fps=fps,
-                       label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
-                       stdin=stdin, on_progress=on_progress)
+        with acquire_store_lock(out, rank=env.rank):  # one writer per store: refused before any work
+            return _encode(inputs, Path(out), env=env, t0=t0, tokenizer=Path(tokenizer), format=format,
+                           assignment=assignment, labels_store=labels_store, router=router, w_q=w_q, w_l=w_l,
+                           budget=budget, assigner=assigner, clips=clips, fps=fps,
+                           label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
+                           stdin=stdin, on_progress=on_progress)
     finally:
         shutdown(env)
 
@@ -305,25 +308,36 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
     writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,
                          rank=env.rank, world_size=env.world_size, barrier=env.barrier, commit_every=4 * batch_size)
     summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
-    if writer.finished:
-        summary.nothing_to_do = True
-        log.info("%s is already finished; nothing to do", out)
-        return summary
-
-    mine = list(range(env.rank, len(refs), env.world_size))
-    dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
-    label_of = {refs[i].source: labels[i] for i in mine}
-    todo, already_failed = [], set(writer.failed_sources)
-    for j, (v, start, err) in enumerate(dataset.index):
-        ref = dataset.refs[v]
-        if err is None and clip_key(ref.source, start) in writer.done_keys:
-            summary.skipped_done += 1
-        elif ref.source in already_failed:  # failed in an earlier run: recorded once, not retried
-            summary.skipped_done += 1
-        else:
-            todo.append(j)
+    try:
+        mine = list(range(env.rank, len(refs), env.world_size))
+        dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
+        label_of = {refs[i].source: labels[i] for i in mine}
+        todo, already_failed = [], set(writer.failed_sources)
+        for j, (v, start, err) in enumerate(dataset.index):
+            ref = dataset.refs[v]
+            if err is None and clip_key(ref.source, start) in writer.done_keys:
+                summary.skipped_done += 1
+            elif ref.source in already_failed:  # failed in an earlier run: recorded once, not retried
+                summary.skipped_done += 1
+            else:
+                todo.append(j)
+        if writer.finished:
+            # More inputs into a finished store append as new parts (DESIGN §4); all ranks decide together.
+            if not any(all_gather_objects(bool(todo), env)):
+                writer.close()
+                summary.nothing_to_do = True
+                log.info("%s is already finished with all %d clips of these inputs; nothing to do", out,
+                         summary.skipped_done)
+                _reduce(summary, env)
+                return summary
+            writer.start_append()
+            summary.appended = True
+    except BaseException:
+        writer.abort()
+        raise
     if summary.skipped_done:
-        log.info("resuming: %d clips already done", summary.skipped_done)
+        log.info("%s: %d clips already in the store", "appending" if summary.appended else "resuming",
+                 summary.skipped_done)
     # each worker reads one contiguous stretch of the clips, so a video is decoded about once
     order = [todo[i] for i in worker_contiguous_order(len(todo), batch_size, workers)]
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate_clips,

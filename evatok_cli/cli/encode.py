@@ -94,11 +94,14 @@ def encode(
         print_json(summary.to_dict())
     if not quiet:
         if summary.nothing_to_do:
-            err_console.print(f"{out}: already finished; nothing to do", markup=False)
+            err_console.print(f"{out}: already finished with all {summary.skipped_done} clips of these inputs; "
+                              "nothing to do", markup=False)
         else:
+            done = ("appended to a finished store" if summary.appended else "already done") + \
+                f": {summary.skipped_done} clips already there"
             err_console.print(
-                f"{out}: {summary.clips} clips encoded"
-                + (f" ({summary.skipped_done} already done)" if summary.skipped_done else "")
+                f"{out}: {summary.clips} clips " + ("added" if summary.appended else "encoded")
+                + (f" ({done})" if summary.skipped_done or summary.appended else "")
                 + f", {summary.failures} failed, {summary.mean_tokens:.1f} tokens/clip "
                 f"({summary.saved_fraction:.1%} fewer than uniform {summary.uniform_tokens}), "
                 f"{summary.wall_s:.1f}s ({summary.clips_per_s:.2f} clips/s)", markup=False)

@@ -135,10 +135,11 @@ def describe(path: Path, rec: dict[str, Any]) -> str:
 class StoreLock:
     """This process's hold on the lock of one store; see :func:`acquire`."""
 
-    def __init__(self, path: Path, record: dict[str, Any], remover: bool) -> None:
+    def __init__(self, path: Path, record: dict[str, Any], remover: bool, created_dir: bool = False) -> None:
         self.path = path
         self.record = record
         self.remover = remover  # removes the file on release (rank 0, or a single process)
+        self.created_dir = created_dir  # acquire() made the directory: removed again if left empty
         self._released = False
 
     def release(self) -> None:
@@ -158,6 +159,11 @@ class StoreLock:
             try:
                 (self.path / LOCK_NAME).unlink()
             except FileNotFoundError:
+                pass
+        if self.created_dir:
+            try:
+                self.path.rmdir()  # only when nothing was written (a job that failed before writing)
+            except OSError:
                 pass
 
     def __enter__(self) -> StoreLock:
@@ -196,6 +202,7 @@ def acquire(path: str | Path, *, rank: int = 0) -> StoreLock:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} exists and is not a directory")
+    created_dir = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     me = holder_identity()
     lock = path / LOCK_NAME
@@ -227,4 +234,4 @@ def acquire(path: str | Path, *, rank: int = 0) -> StoreLock:
     key = str(lock)
     _held[key] = _held.get(key, 0) + 1
     remover = rank == 0
-    return StoreLock(path, me, remover)
+    return StoreLock(path, me, remover, created_dir)
