@@ -60,6 +60,7 @@ from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.metrics import Metric, get_metric
 from evatok_cli.models.blockwise import BlockwiseCodec, PrefixState
 from evatok_cli.models.tokenizer import EVATokTokenizer, TokenizerConfig
+from evatok_cli.store.lock import acquire as acquire_store_lock
 
 if TYPE_CHECKING:
     from evatok_cli.train.dist import DistEnv
@@ -625,10 +626,11 @@ def search_dataset(
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(device)
     try:
-        return _search(env, tokenizer, data, Path(out), fmt=format, metric=metric, metric_options=metric_options,
-                       w_q=w_q, w_l=w_l, calibration=calibration, stats=stats, beam=beam, policy=policy, fps=fps,
-                       batch_size=batch_size, workers=workers, chunk=chunk, seed=seed, stdin=stdin,
-                       on_progress=on_progress)
+        with acquire_store_lock(out, rank=env.rank):  # one writer per store: refused before calibrating
+            return _search(env, tokenizer, data, Path(out), fmt=format, metric=metric, metric_options=metric_options,
+                           w_q=w_q, w_l=w_l, calibration=calibration, stats=stats, beam=beam, policy=policy, fps=fps,
+                           batch_size=batch_size, workers=workers, chunk=chunk, seed=seed, stdin=stdin,
+                           on_progress=on_progress)
     finally:
         if owns_group:
             shutdown(env)
@@ -683,13 +685,6 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
     writer = open_writer(out, format=fmt, attrs=attrs, num_blocks=space.blocks, rank=env.rank,
                          world_size=env.world_size, barrier=env.barrier if env.distributed else None,
                          extra_fields={"metric": ("float32", (len(space),)), "reward": ("float32", ())})
-    if writer.finished:
-        writer.close()
-        summary.nothing_to_do, summary.resumed = True, len(open_store(out))
-        log.info("%s is already finished; nothing to do", out)
-        summary.wall_s = time.perf_counter() - t0
-        return summary
-
     # This rank's share: videos rank, rank + world, ...; skip what an earlier run committed.
     ds = ClipIndexDataset(refs[env.rank :: env.world_size], spec, policy, seed)
     todo, resumed = [], 0
@@ -699,6 +694,15 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
             resumed += 1  # done, or failed in an earlier run (recorded once, not retried)
         else:
             todo.append(i)
+    if writer.finished:
+        # More inputs into a finished labels store append as new parts; all ranks decide together.
+        if not any(all_gather_objects(bool(todo), env)):
+            writer.close()
+            summary.nothing_to_do, summary.resumed = True, len(open_store(out))
+            log.info("%s is already finished; nothing to do", out)
+            summary.wall_s = time.perf_counter() - t0
+            return summary
+        writer.start_append()
     loader = DataLoader(Subset(ds, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
     work = SearchStats()
     tokens_sum, done, failed = 0, 0, []
