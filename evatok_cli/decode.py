@@ -2,7 +2,8 @@
 
 The tokenizer is the one recorded in the store (its sha256 must match the weights given), so a
 store is never decoded with the wrong model by accident. ``side_by_side`` puts the source clip
-(read again from ``source`` at ``clip_start`` with the store's clip geometry) left of the
+(read again from ``source_path``, the absolute path recorded at encode time, or else ``source``
+as typed, at ``clip_start`` with the store's clip geometry) left of the
 reconstruction; ``metrics`` computes PSNR/SSIM of each reconstruction against its source clip.
 """
 
@@ -21,7 +22,7 @@ import torch
 from evatok_cli.checkpoint import weights_sha256
 from evatok_cli.metrics.pixel import psnr_frames, ssim_frames
 from evatok_cli.models.tokenizer import EVATokTokenizer
-from evatok_cli.store import open_store
+from evatok_cli.store import Sample, open_store
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.train.dist import resolve_device
 from evatok_cli.video import ClipReader, ClipSpec, VideoError, ref_from_source, write_mp4
@@ -71,6 +72,21 @@ def _source_clip(source: str, start: int, spec: ClipSpec) -> np.ndarray:
         return reader.read(start).frames
     finally:
         reader.close()
+
+
+def _find_source_clip(s: Sample, spec: ClipSpec) -> np.ndarray:
+    """The source clip of ``s``: from its absolute ``source_path`` (any working directory), else
+    from ``source`` as typed (relative to this directory; stores written before source_path)."""
+    tried = list(dict.fromkeys(x for x in (s.source_path, s.source) if x))
+    first: VideoError | None = None
+    for cand in tried:
+        try:
+            return _source_clip(cand, s.clip_start, spec)
+        except VideoError as e:
+            first = first or e
+    assert first is not None
+    also = f" (also tried {tried[1]})" if len(tried) > 1 else ""
+    raise VideoError(first.path, first.reason + also)
 
 
 def decode_store(
@@ -131,7 +147,7 @@ def decode_store(
             source = None
             if side_by_side or metrics:
                 try:
-                    source = _source_clip(s.source, s.clip_start, spec)
+                    source = _find_source_clip(s, spec)
                 except VideoError as e:
                     summary.source_failures.append({"key": s.key, "source": s.source, "reason": e.reason})
             rec: dict[str, Any] = {"key": s.key, "tokens": int(len(s.tokens))}

@@ -31,7 +31,7 @@ from evatok_cli.store import Sample, StoreError, open_store, open_writer
 from evatok_cli.store.lock import acquire as acquire_store_lock
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.train.dist import DistEnv, all_gather_objects, init_distributed, shutdown
-from evatok_cli.video import ClipSpec, VideoError, VideoRef, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.video import ClipSpec, VideoError, VideoRef, absolute_source, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
                         key=batch["key"][g], tokens=tok.cpu().numpy(), block_lengths=tuple(bl),
                         assignment=space.to_index(bl), source=batch["source"][g],
                         clip_start=int(batch["clip_start"][g]), label=label_of.get(batch["source"][g], -1),
+                        source_path=absolute_source(batch["source"][g]),
                     )
             writer.append([s for s in samples if s is not None])  # decode order, whatever the grouping
             summary.clips += len(samples)

@@ -646,7 +646,7 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
     from evatok_cli.checkpoint import read_model_meta, weights_sha256
     from evatok_cli.store import Sample, open_store, open_writer
     from evatok_cli.train.checkpoints import resolve_model_dir
-    from evatok_cli.video import ClipSpec, clip_key, list_inputs
+    from evatok_cli.video import ClipSpec, absolute_source, clip_key, list_inputs
     from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input
 
     t0 = time.perf_counter()
@@ -727,7 +727,7 @@ def _search(env: DistEnv, tokenizer: str | Path, data: Sequence[str], out: Path,
                 tokens, _ = model.encode(video, table)
                 writer.append([
                     Sample(key=key, tokens=tok.cpu().numpy(), block_lengths=space.to_tuple(int(a)), assignment=int(a),
-                           source=src, clip_start=int(start), label=-1,
+                           source=src, clip_start=int(start), label=-1, source_path=absolute_source(src),
                            extra={"metric": metric_np[j].astype(np.float32), "reward": np.float32(reward[j, a])})
                     for j, (key, src, start, a, tok) in enumerate(
                         zip(batch["key"], batch["source"], batch["clip_start"].tolist(), best, tokens))

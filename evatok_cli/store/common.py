@@ -48,11 +48,13 @@ class Sample:
         tokens: 1-D ints of length ``sum(block_lengths)``, in block order.
         block_lengths: (T,) tokens per temporal block, equal to the assignment's tuple.
         assignment: index of the assignment in the store's space (DESIGN §3).
-        source: where the clip came from (a path or URL).
+        source: where the clip came from (a path or URL), as the user typed it.
         clip_start: first frame index of the clip in the source.
         label: class id, or -1.
         extra: the per-sample fields declared when the writer was opened (fixed dtype and shape).
         video: mp4 bytes of the clip (WebDataset stores only; ``None`` when not stored).
+        source_path: ``source`` made absolute when it was written (finds the file from any
+            directory); "" when unknown (stores written before it existed, or not a local path).
     """
 
     key: str
@@ -64,6 +66,7 @@ class Sample:
     label: int = -1
     extra: dict[str, np.ndarray | float] = field(default_factory=dict)
     video: bytes | None = None
+    source_path: str = ""
 
 
 def sample_key(source: str, clip_start: int) -> str:
@@ -450,6 +453,7 @@ class StoreWriter(ABC):
             label=int(s.label),
             extra=extra,
             video=None if s.video is None else bytes(s.video),
+            source_path=str(s.source_path or ""),
         )
 
 

@@ -10,7 +10,7 @@ Layout::
       index.json                  the single index, written once every rank is complete
 
 Per sample: ``KEY.tokens.npy`` (uint16|uint32), ``KEY.json`` (block_lengths, assignment, source,
-clip_start, label, extra{name: list}), ``KEY.mp4`` when the sample carries video bytes.
+source_path, clip_start, label, extra{name: list}), ``KEY.mp4`` when the sample carries video bytes.
 
 Commit protocol: a shard is written under ``.tar.tmp``, closed, renamed to ``.tar``, and only then
 listed in ``part-RRRRR.json`` (rewritten atomically). A reopened rank deletes its shards and temp
@@ -232,6 +232,7 @@ class WdsWriter(StoreWriter):
             "block_lengths": [int(x) for x in r.block_lengths],
             "assignment": r.assignment,
             "source": r.source,
+            "source_path": r.source_path,
             "clip_start": r.clip_start,
             "label": r.label,
             "extra": {k: v.tolist() for k, v in r.extra.items()},
@@ -396,6 +397,7 @@ def _decode(
             for k, v in meta.get("extra", {}).items()
         },
         video=bytes(parts["mp4"]) if "mp4" in parts else None,
+        source_path=str(meta.get("source_path", "")),
     )
 
 

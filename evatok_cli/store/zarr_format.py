@@ -10,6 +10,7 @@ Layout::
         assignment, label     int32 (N,)
         clip_start            int64 (N,)
         key, source           string (N,)
+        source_path           string (N,)             absolute source ("" if unknown; absent in older stores)
         extra/NAME            declared dtype (N, *shape)
         attrs: rank, committed{samples, tokens}, complete, failures[[source, reason]]
 
@@ -54,6 +55,7 @@ STR_CHUNK = 1 << 14
 READ_WINDOW = 1024
 UNIT = 256
 _COLUMNS = ("tokens", "offsets", "block_lengths", "assignment", "label", "clip_start", "key", "source")
+_OPTIONAL = ("source_path",)  # columns added after format v1 shipped: parts written before lack them
 
 
 def part_name(rank: int) -> str:
@@ -247,6 +249,14 @@ class ZarrWriter(StoreWriter):
                 arrays[f"extra/{name}"] = g[f"extra/{name}"]
         except KeyError as e:
             raise StoreError(f"{self.path / g.basename} is missing array {e}; the part is corrupted") from None
+        for col in _OPTIONAL:
+            if col not in g:  # a part started by an older version, resumed now: fill in "" (unknown)
+                n = int((g.attrs.get("committed") or {}).get("samples", 0))
+                a = g.create_array(col, shape=(n,), dtype=str, chunks=(STR_CHUNK,), compressors=ZstdCodec(level=3),
+                                   fill_value=None)
+                if n:
+                    a[:] = np.array([""] * n, dtype=object)
+            arrays[col] = g[col]
         return arrays
 
     def _create_part(self, name: str) -> None:
@@ -273,6 +283,7 @@ class ZarrWriter(StoreWriter):
         arr("clip_start", (0,), np.int64, (ROW_CHUNK,))
         arr("key", (0,), str, (STR_CHUNK,))
         arr("source", (0,), str, (STR_CHUNK,))
+        arr("source_path", (0,), str, (STR_CHUNK,))
         if self.layout.extra_fields:
             eg = g.create_group("extra")
             for fname, (dt, shape) in self.layout.extra_fields.items():
@@ -324,6 +335,7 @@ class ZarrWriter(StoreWriter):
                 "clip_start": np.array([r.clip_start for r in batch], dtype=np.int64),
                 "key": np.array([r.key for r in batch], dtype=object),
                 "source": np.array([r.source for r in batch], dtype=object),
+                "source_path": np.array([r.source_path for r in batch], dtype=object),
             }
             for name in self.layout.extra_fields:
                 cols[f"extra/{name}"] = np.stack([r.extra[name] for r in batch])
@@ -451,6 +463,7 @@ class ZarrReader(StoreReader):
 
     def _load_columns(self, unfinished: bool) -> None:
         keys, src, cs, asg, bl, lab, self._offsets, self._tok, self._extra = [], [], [], [], [], [], [], [], []
+        src_path: list[str] = []
         failures = []
         for p in self._parts:
             g = _open(self.path, p["name"])
@@ -464,6 +477,7 @@ class ZarrReader(StoreReader):
                 self._extra.append({f: g[f"extra/{f}"] for f in self.layout.extra_fields})
                 keys += g["key"][:n].tolist()
                 src += g["source"][:n].tolist()
+                src_path += g["source_path"][:n].tolist() if "source_path" in g else [""] * n
                 cs.append(g["clip_start"][:n])
                 asg.append(g["assignment"][:n])
                 bl.append(g["block_lengths"][:n])
@@ -477,6 +491,7 @@ class ZarrReader(StoreReader):
         T = self.layout.num_blocks
         self.keys = [str(k) for k in keys]
         self._source = [str(s) for s in src]
+        self._source_path = [str(s) for s in src_path]
         self._clip_start = np.concatenate(cs) if cs else np.zeros(0, np.int64)
         self._assignment = np.concatenate(asg).astype(np.int32) if asg else np.zeros(0, np.int32)
         self._block_lengths = np.concatenate(bl) if bl else np.zeros((0, T), np.uint16)
@@ -525,6 +540,7 @@ class ZarrReader(StoreReader):
             clip_start=int(self._clip_start[i]),
             label=int(self._label[i]),
             extra=extra,
+            source_path=self._source_path[i],
         )
 
     def _get(self, i: int) -> Sample:

@@ -145,6 +145,21 @@ def normalize_source(source: str) -> str:
     return os.path.normpath(source)
 
 
+def absolute_source(source: str) -> str:
+    """``source`` with its file (or tar) made absolute against the current directory (not resolved).
+
+    Stores record it beside ``source`` so that a clip is found again from any working directory
+    (``evatok decode --metrics``); keys keep using ``source`` as typed. URLs and other non-paths
+    (``scheme://...``) are returned unchanged.
+    """
+    if "://" in source:
+        return source
+    if TAR_SEPARATOR in source and not os.path.exists(source):
+        tar, _, member = source.partition(TAR_SEPARATOR)
+        return f"{os.path.abspath(tar)}{TAR_SEPARATOR}{member}"
+    return os.path.abspath(source)
+
+
 def ref_from_source(source: str) -> VideoRef:
     """Rebuild the :class:`VideoRef` named by a ``VideoRef.source`` string (file or ``TAR::MEMBER``).
 

@@ -129,3 +129,43 @@ def test_wds_store_is_locked_too(tiny_inputs, tiny_tokenizer, tmp_path):
     res = runner.invoke(app, ["encode", str(tiny_inputs["a"]), "-o", str(out), "--format", "wds"] + fast(tiny_tokenizer))
     assert res.exit_code == 0, res.output
     assert len(open_store(out)) == 1
+
+
+def test_sources_resolve_from_another_directory(tiny_inputs, tiny_tokenizer, tmp_path, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "videos").mkdir(parents=True)
+    elsewhere.mkdir()
+    (work / "videos" / "a.mp4").symlink_to(tiny_inputs["a"])
+    monkeypatch.chdir(work)
+    res = runner.invoke(app, ["encode", "videos", "-o", "s.zarr"] + fast(tiny_tokenizer))
+    assert res.exit_code == 0, res.output
+    (s,) = list(open_store("s.zarr"))
+    assert s.source == "videos/a.mp4"  # as typed; the key is made from it, as before
+    assert s.source_path == str(work / "videos" / "a.mp4")
+    monkeypatch.chdir(elsewhere)
+    res = runner.invoke(app, ["decode", str(work / "s.zarr"), "-o", "rec", "--tokenizer", str(tiny_tokenizer),
+                              "--metrics", "--side-by-side", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["source_failures"] == [] and summary["mean_psnr"] is not None
+
+
+def test_stores_without_source_path_still_read_and_resume(tmp_path):
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "store"))
+    from store_job import EXTRA, make_attrs, make_sample
+
+    from evatok_cli.store import open_writer
+
+    path = tmp_path / "old.zarr"
+    w = open_writer(path, attrs=make_attrs(), num_blocks=4, extra_fields=EXTRA, commit_every=2)
+    w.append([make_sample(i) for i in range(4)])
+    w.flush()
+    w.abort()
+    shutil.rmtree(path / "part-00000" / "source_path")  # as written before the column existed
+    with open_writer(path, attrs=make_attrs(), num_blocks=4, extra_fields=EXTRA) as w:  # resumes
+        assert len(w.done_keys) == 4
+        w.append([make_sample(4)])
+    store = open_store(path)
+    assert [s.source_path for s in store] == [""] * 5 and [s.source for s in store][4] == make_sample(4).source
