@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from evatok_cli.checkpoint import weights_sha256
+from evatok_cli.checkpoint import CheckpointError, weights_sha256
+from evatok_cli.demo import demo_model_dir, is_shipped
 from evatok_cli.metrics.pixel import psnr_frames, ssim_frames
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.store import Sample, open_store
@@ -39,6 +40,36 @@ class DecodeError(Exception):
 
 class TokenizerMismatchError(DecodeError):
     """The tokenizer given is not the one that wrote the store (weights sha256 differ)."""
+
+
+def store_tokenizer(store_path: str | Path) -> Path:
+    """The tokenizer that wrote a store, for decoding it without ``--tokenizer``.
+
+    The directory recorded at encode time (``locations.tokenizer``) when it still exists with the
+    recorded weights (sha256); else the shipped demo tokenizer, only for stores it wrote.
+
+    Raises:
+        TokenizerMismatchError: neither is found (the message says what the store records).
+        StoreError: not a store.
+    """
+    attrs = open_store(store_path).attrs
+    want = (attrs.get("tokenizer") or {}).get("sha256")
+    recorded = (attrs.get("locations") or {}).get("tokenizer")
+    why = "records no tokenizer directory"
+    if recorded:
+        try:
+            got = weights_sha256(resolve_model_dir(recorded))
+        except (CheckpointError, OSError, ValueError):
+            why = f"was written by the tokenizer at {recorded}, which is gone"
+        else:
+            if not want or got == want:
+                return Path(recorded)
+            why = f"was written by the tokenizer at {recorded}, whose weights have changed since"
+    if want and is_shipped("tokenizer") and weights_sha256(demo_model_dir("tokenizer")) == want:
+        return demo_model_dir("tokenizer")
+    raise TokenizerMismatchError(
+        f"{store_path} {why} (weights sha256 {str(want)[:12]}, not the shipped demo tokenizer's); "
+        "pass the tokenizer that wrote it with --tokenizer DIR")
 
 
 def safe_name(key: str, taken: set[str]) -> str:

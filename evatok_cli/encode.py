@@ -176,6 +176,8 @@ def store_attrs(model: EVATokTokenizer, model_dir: Path, spec: ClipSpec, extra: 
         "space": model.space.to_dict(),
         "clip": {"frames": c.frames, "height": c.height, "width": c.width, "fps": spec.fps},
         "codebook_size": c.codebook_size,
+        # where the tokenizer was, so `evatok decode` finds it without --tokenizer (not compared on append)
+        "locations": {"tokenizer": str(Path(model_dir).resolve())},
         **extra,
     }
 

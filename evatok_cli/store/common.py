@@ -30,6 +30,11 @@ FORMAT_VERSION = 1
 RESERVED_ATTRS = ("layout", "index", "append")
 """Root keys the store itself manages; caller attrs may not use them."""
 
+LOCATION_ATTRS = ("locations",)
+"""Caller attrs that say where things were when the store was started (e.g. ``locations.tokenizer``,
+the tokenizer's directory): informative only, so a resume or append from elsewhere does not compare
+them (the first run's stay)."""
+
 _KEY_RE = re.compile(r"[^./\\\s]{1,200}")
 _FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
@@ -160,6 +165,11 @@ def normalize_attrs(attrs: dict[str, Any], num_blocks: int) -> dict[str, Any]:
     if int(norm["codebook_size"]) < 1:
         raise ValueError(f"codebook_size must be positive, got {norm['codebook_size']}")
     return norm
+
+
+def comparable_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attrs a reopened store must match: all but :data:`LOCATION_ATTRS`."""
+    return {k: v for k, v in attrs.items() if k not in LOCATION_ATTRS}
 
 
 def describe_mismatch(path: Path, old: dict[str, Any], new: dict[str, Any], what: str) -> str:

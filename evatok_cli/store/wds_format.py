@@ -35,6 +35,7 @@ from evatok_cli.store.common import (
     StoreError,
     StoreReader,
     StoreWriter,
+    comparable_attrs,
     describe_mismatch,
     is_lock_file,
     log,
@@ -171,8 +172,9 @@ class WdsWriter(StoreWriter):
             # Several ranks may create it at once: identical content, atomic rename.
             write_json_atomic(meta_path, {"attrs": self.attrs, "layout": self.layout.to_dict()})
         meta = read_json(meta_path, "store header")
-        if meta.get("attrs") != self.attrs:
-            raise StoreError(describe_mismatch(path, meta.get("attrs") or {}, self.attrs, "attrs"))
+        old_attrs = comparable_attrs(meta.get("attrs") or {})
+        if old_attrs != comparable_attrs(self.attrs):
+            raise StoreError(describe_mismatch(path, old_attrs, comparable_attrs(self.attrs), "attrs"))
         finished = (path / INDEX_JSON).is_file()
         a, b = dict(meta.get("layout") or {}), self.layout.to_dict()
         if finished:

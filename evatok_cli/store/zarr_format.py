@@ -41,6 +41,7 @@ from evatok_cli.store.common import (
     StoreReader,
     StoreWriter,
     approx_items,
+    comparable_attrs,
     describe_mismatch,
     is_lock_file,
     log,
@@ -192,9 +193,9 @@ class ZarrWriter(StoreWriter):
             root_attrs = read_root_meta(path)
             if root_attrs is None:
                 raise StoreError(f"{path}: could not create the store's root group")
-        old_user = _user_attrs(root_attrs)
-        if old_user != self.attrs:
-            raise StoreError(describe_mismatch(path, old_user, self.attrs, "attrs"))
+        old_user = comparable_attrs(_user_attrs(root_attrs))
+        if old_user != comparable_attrs(self.attrs):
+            raise StoreError(describe_mismatch(path, old_user, comparable_attrs(self.attrs), "attrs"))
         old = _layout(path, root_attrs)
         finished = "index" in root_attrs  # (an append in progress checks its own world size)
         a, b = old.to_dict(), self.layout.to_dict()
