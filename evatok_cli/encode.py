@@ -355,6 +355,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
                 summary.failures += 1
                 summary.failed.append({"source": f["source"], "reason": f["error"]})
             if not batch["key"]:
+                _progress(on_progress, env, summary, len(todo), t0)  # failed clips count as processed
                 continue
             video = to_model_input(batch["video"]).to(env.device)
             assignments = assigner(video, batch["key"]).to(env.device)
@@ -376,11 +377,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
             writer.append([s for s in samples if s is not None])  # decode order, whatever the grouping
             summary.clips += len(samples)
             summary.tokens += int(sum(lengths))
-            if on_progress is not None and env.is_main:
-                el = time.perf_counter() - t0
-                on_progress({"clips": summary.clips, "total": len(todo), "failures": summary.failures,
-                             "tokens": summary.tokens, "clips_per_s": summary.clips / el,
-                             "tokens_per_s": summary.tokens / el, "mean_tokens": summary.tokens / max(1, summary.clips)})
+            _progress(on_progress, env, summary, len(todo), t0)
         writer.close()
     except BaseException:
         writer.abort()
@@ -396,6 +393,16 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
         raise EncodeError(f"no valid input: all {summary.failures} inputs failed (first: {summary.failed[0]['source']}: "
                           f"{summary.failed[0]['reason']})")
     return summary
+
+
+def _progress(on_progress, env: DistEnv, summary: EncodeSummary, total: int, t0: float) -> None:
+    """Running totals for a progress bar (rank 0): ``done`` counts encoded and failed clips."""
+    if on_progress is None or not env.is_main:
+        return
+    el = time.perf_counter() - t0
+    on_progress({"clips": summary.clips, "done": summary.clips + summary.failures, "total": total,
+                 "failures": summary.failures, "tokens": summary.tokens, "clips_per_s": summary.clips / el,
+                 "tokens_per_s": summary.tokens / el, "mean_tokens": summary.tokens / max(1, summary.clips)})
 
 
 def _policy_name(assignment, labels_store, router, budget, assigner, space: AssignmentSpace) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evatok_cli.cli._demo import with_demo_models
-from evatok_cli.cli._render import err_console, fail, print_json
+from evatok_cli.cli._render import err_console, fail, failures_by_source, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 
 
@@ -73,7 +73,7 @@ def encode(
     task = progress.add_task("encode", total=None, info="")
 
     def on_progress(p: dict) -> None:
-        progress.update(task, completed=p["clips"], total=p["total"],
+        progress.update(task, completed=p.get("done", p["clips"]), total=p["total"],
                         info=f"{p['clips_per_s']:.1f} clips/s  {p['tokens_per_s']:.0f} tok/s  "
                              f"{p['mean_tokens']:.0f} tok/clip  {p['failures']} failed")
 
@@ -105,6 +105,11 @@ def encode(
                 + f", {summary.failures} failed, {summary.mean_tokens:.1f} tokens/clip "
                 f"({summary.saved_fraction:.1%} fewer than uniform {summary.uniform_tokens}), "
                 f"{summary.wall_s:.1f}s ({summary.clips_per_s:.2f} clips/s)", markup=False)
-            for f in summary.failed[:20]:
-                err_console.print(f"  skipped {f['source']}: {f['reason']}", markup=False)
+            broken = failures_by_source(summary.failed)  # one line per broken file (--json has every clip)
+            for source, lost, reason in broken[:20]:
+                err_console.print(f"  {source}: {lost} clip{'s' if lost != 1 else ''} lost: {reason}", markup=False,
+                                  soft_wrap=True)
+            if len(broken) > 20:
+                err_console.print(f"  ... and {len(broken) - 20} more files (all in --json and in the store)",
+                                  markup=False)
     raise typer.Exit(summary.exit_code)

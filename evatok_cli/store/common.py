@@ -292,11 +292,12 @@ class StoreWriter(ABC):
             self.flush()
 
     def add_failure(self, source: str, reason: str) -> None:
-        """Record that ``source`` yielded no samples and why (one entry per source)."""
+        """Record that ``source`` (or some of its clips) yielded no samples and why (one entry per
+        source: the first reason is kept)."""
         if self.finished or self._closed:
             raise StoreError(f"{self.path}: writer of rank {self.rank} is finished or closed")
         reason = " ".join(str(reason).split())
-        self._failures[str(source)] = reason
+        self._failures.setdefault(str(source), reason)
         self.failed_sources.add(str(source))
         self._failures_changed()
 

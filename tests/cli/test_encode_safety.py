@@ -169,3 +169,29 @@ def test_stores_without_source_path_still_read_and_resume(tmp_path):
         w.append([make_sample(4)])
     store = open_store(path)
     assert [s.source_path for s in store] == [""] * 5 and [s.source for s in store][4] == make_sample(4).source
+
+
+def test_broken_files_one_line_each_json_every_clip_progress_counts_failures(tiny_tokenizer, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "video"))
+    from cut_files import cut_at_packet, faststart_mp4
+
+    from evatok_cli.encode import encode_videos
+
+    d = tmp_path / "in"
+    d.mkdir()
+    faststart_mp4(d / "good.mp4", 24)  # 3 clips of 8
+    cut_at_packet(faststart_mp4(tmp_path / "long.mp4", 48), d / "half.mp4", 26)  # 6 planned, 2 lost
+    cut_at_packet(faststart_mp4(tmp_path / "short.mp4", 24), d / "one_short.mp4", 23)  # the last clip moves back
+    args = ["encode", str(d), "--tokenizer", str(tiny_tokenizer), "--assignment", "uniform:1", "--workers", "0"]
+    res = runner.invoke(app, args + ["-o", str(tmp_path / "s.zarr")])
+    assert res.exit_code == 3, res.output
+    lines = [x for x in res.stderr.splitlines() if "lost" in x]
+    assert len(lines) == 1 and "half.mp4: 2 clips lost: truncated or corrupt" in lines[0]
+    res = runner.invoke(app, args + ["-o", str(tmp_path / "j.zarr"), "--json", "--quiet"])
+    s = json.loads(res.stdout)
+    assert s["clips"] == 3 + 4 + 3 and s["failures"] == 2 and len(s["failed"]) == 2
+    assert {Path(f["source"]).name for f in s["failed"]} == {"half.mp4"}
+    seen = []
+    encode_videos([str(d)], tmp_path / "p.zarr", tokenizer=tiny_tokenizer, assignment="uniform:1", workers=0,
+                  batch_size=2, on_progress=seen.append)
+    assert seen[-1]["done"] == seen[-1]["total"] == 12  # failed clips count as processed
