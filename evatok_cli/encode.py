@@ -31,7 +31,16 @@ from evatok_cli.store import Sample, StoreError, open_store, open_writer
 from evatok_cli.store.lock import acquire as acquire_store_lock
 from evatok_cli.train.checkpoints import resolve_model_dir
 from evatok_cli.train.dist import DistEnv, all_gather_objects, init_distributed, shutdown
-from evatok_cli.video import ClipSpec, VideoError, VideoRef, absolute_source, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.video import (
+    VIDEO_EXTENSIONS,
+    ClipSpec,
+    VideoError,
+    VideoRef,
+    absolute_source,
+    clip_key,
+    list_inputs,
+    parse_clip_policy,
+)
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,8 @@ class EncodeSummary:
     padding_fraction: float = 0.0
     nothing_to_do: bool = False
     appended: bool = False  # the store was finished: this run's clips were added as new parts
+    passed_over: int = 0  # files in the input directories whose extension is not a video's (not read)
+    passed_over_examples: list[str] = field(default_factory=list)  # a few of them
     world_size: int = 1
 
     @property
@@ -237,6 +248,7 @@ def encode_videos(
     strict: bool = False,
     stdin=None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    extensions: Sequence[str] | None = None,
 ) -> EncodeSummary:
     """Encode every clip of ``inputs`` into the token store ``out``; see the module docstring.
 
@@ -252,6 +264,8 @@ def encode_videos(
         clips: clip policy per video: ``all``, ``first``, ``N`` (evenly spaced) or ``random``.
         label_from: ``parent-dir`` (UCF-101 layout) or a CSV file ``path,label``.
         on_progress: called after every batch with running totals (rank 0 only).
+        extensions: file endings kept when walking directories (default: ``VIDEO_EXTENSIONS``);
+            the files a walk passes over are counted in the summary.
 
     Returns:
         The :class:`EncodeSummary` of this rank's work (rank 0's summary covers all ranks' clips
@@ -265,13 +279,14 @@ def encode_videos(
                            assignment=assignment, labels_store=labels_store, router=router, w_q=w_q, w_l=w_l,
                            budget=budget, assigner=assigner, clips=clips, fps=fps,
                            label_from=label_from, batch_size=batch_size, workers=workers, seed=seed, strict=strict,
-                           stdin=stdin, on_progress=on_progress)
+                           stdin=stdin, on_progress=on_progress, extensions=extensions)
     finally:
         shutdown(env)
 
 
 def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, format: str, assignment, labels_store,
-            router, w_q, w_l, budget, assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress) -> EncodeSummary:
+            router, w_q, w_l, budget, assigner, clips, fps, label_from, batch_size, workers, seed, strict, stdin, on_progress,
+            extensions=None) -> EncodeSummary:
     if batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {batch_size}")
     inputs = [str(i) for i in inputs]
@@ -299,9 +314,13 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
     spec = ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=fps)
     policy = parse_clip_policy(clips)
 
-    refs = list_inputs(list(map(str, inputs)), stdin=stdin)
+    passed_over: list[str] = []
+    refs = list_inputs(list(map(str, inputs)), extensions=extensions or VIDEO_EXTENSIONS, stdin=stdin,
+                       passed_over=passed_over)
     if not refs:
-        raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
+        extra_msg = (f" ({len(passed_over)} files passed over, e.g. {passed_over[0]}; see --extensions)"
+                     if passed_over else "")
+        raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}{extra_msg}")
     labels, names = read_labels(refs, label_from)
     extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed,
              "assignment_policy": policy_name}
@@ -309,7 +328,11 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
         extra["labels"] = names
     writer = open_writer(out, format=format, attrs=store_attrs(model, model_dir, spec, extra), num_blocks=space.blocks,
                          rank=env.rank, world_size=env.world_size, barrier=env.barrier, commit_every=4 * batch_size)
-    summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
+    summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size,
+                            passed_over=len(passed_over), passed_over_examples=passed_over[:5])
+    if passed_over:
+        log.info("passed over %d files that are not videos by their extension (e.g. %s)", len(passed_over),
+                 passed_over[0])
     try:
         mine = list(range(env.rank, len(refs), env.world_size))
         dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)

@@ -6,6 +6,7 @@ Usage:
     find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
     evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --router runs/router --label-from parent-dir --json
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final --router runs/reward-router --budget 600
+    evatok encode batch2/ -o tokens.zarr --extensions mp4,mts      # appends to a finished store
     torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
 
 Exit codes: 0 all inputs encoded; 3 finished, some inputs skipped (listed in the store and the
@@ -44,6 +45,7 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per tokenizer batch.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad input.")] = False,
+    extensions: Annotated[str | None, typer.Option("--extensions", help="Comma-separated file endings taken when walking directories, e.g. mp4,mov (default: the common video containers, docs/video.md).", show_default=False)] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
@@ -61,6 +63,12 @@ def encode(
 
     if format not in ("zarr", "wds"):
         fail(f"--format must be zarr or wds, got {format!r}", code=2)
+    exts = None
+    if extensions is not None:
+        exts = [e.strip().lower() for e in extensions.split(",") if e.strip()]
+        exts = [e if e.startswith(".") else f".{e}" for e in exts]
+        if not exts or any(len(e) < 2 or "/" in e for e in exts):
+            fail(f"--extensions must be comma-separated file endings such as mp4,mov; got {extensions!r}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     wanted: dict[str, Path | None] = {"tokenizer": tokenizer}
     if tokenizer is None and assignment is None and labels_store is None and router is None:
@@ -84,7 +92,7 @@ def encode(
                 router=router, w_q=w_q, w_l=w_l, budget=budget,
                 clips=clips, fps=fps if fps == "native" else float(fps), label_from=label_from,
                 batch_size=batch_size, workers=workers, device=device, seed=seed, strict=strict,
-                stdin=sys.stdin if "-" in inputs else None, on_progress=on_progress,
+                stdin=sys.stdin if "-" in inputs else None, on_progress=on_progress, extensions=exts,
             )
     except (EncodeError, VideoError, StoreError, CheckpointError, ValueError) as e:
         fail(str(e), code=1)
@@ -112,4 +120,9 @@ def encode(
             if len(broken) > 20:
                 err_console.print(f"  ... and {len(broken) - 20} more files (all in --json and in the store)",
                                   markup=False)
+        if summary.passed_over:
+            err_console.print(
+                f"  {summary.passed_over} files in the input directories passed over (not video extensions: "
+                f"{', '.join(summary.passed_over_examples)}{', ...' if summary.passed_over > 5 else ''}); "
+                "take them with --extensions", markup=False, soft_wrap=True)
     raise typer.Exit(summary.exit_code)

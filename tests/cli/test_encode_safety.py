@@ -195,3 +195,31 @@ def test_broken_files_one_line_each_json_every_clip_progress_counts_failures(tin
     encode_videos([str(d)], tmp_path / "p.zarr", tokenizer=tiny_tokenizer, assignment="uniform:1", workers=0,
                   batch_size=2, on_progress=seen.append)
     assert seen[-1]["done"] == seen[-1]["total"] == 12  # failed clips count as processed
+
+
+def test_walk_takes_common_containers_and_counts_what_it_passes_over(tiny_inputs, tiny_tokenizer, tmp_path):
+    from evatok_cli.video import VIDEO_EXTENSIONS, list_inputs
+
+    assert {".mpg", ".mpeg", ".m4v", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv", ".vob", ".mxf",
+            ".mp4", ".avi", ".webm", ".mkv", ".mov"} <= set(VIDEO_EXTENSIONS)
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.MTS").write_bytes(tiny_inputs["a"].read_bytes())  # an mp4 under a camcorder's name: probed by content
+    (d / "b.clip").write_bytes(tiny_inputs["b"].read_bytes())
+    (d / "notes.txt").write_text("x")
+    (d / ".hidden.mp4").write_text("x")
+    passed: list[str] = []
+    assert [Path(r.source).name for r in list_inputs([d], passed_over=passed)] == ["a.MTS"]
+    assert [Path(p).name for p in passed] == ["b.clip", "notes.txt"]  # hidden files are not counted
+    res = runner.invoke(app, ["encode", str(d), "-o", str(tmp_path / "s.zarr"), "--json"] + fast(tiny_tokenizer)[:-1])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["clips"] == 1 and s["passed_over"] == 2 and [Path(p).name for p in s["passed_over_examples"]] == ["b.clip", "notes.txt"]
+    assert "2 files in the input directories passed over" in " ".join(res.stderr.split())
+    res = runner.invoke(app, ["encode", str(d), "-o", str(tmp_path / "t.zarr"), "--extensions", "clip,MTS", "--json"]
+                        + fast(tiny_tokenizer))
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["clips"] == 2 and s["passed_over"] == 1
+    res = runner.invoke(app, ["encode", str(d), "-o", str(tmp_path / "u.zarr"), "--extensions", ","] + fast(tiny_tokenizer))
+    assert res.exit_code == 2
