@@ -279,6 +279,14 @@ def test_decode_generate_eval_use_the_demo_models(demo_env, monkeypatch, tmp_pat
     assert seen["recon"] == demo_env / "tokenizer" and "using the shipped demo tokenizer" in res.stderr
 
 
+def test_route_without_router_uses_the_demo_router(demo_env, footage):
+    res = runner.invoke(app, ["route", "--data", str(footage["carphone"]), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "using the shipped demo router" in res.stderr
+    rec = json.loads(res.stdout.splitlines()[0])
+    assert rec["clip_start"] == 0 and len(rec["assignment"]) == 4
+
+
 class _Obj:
     """A summary stand-in: every attribute is empty."""
 
