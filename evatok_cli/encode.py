@@ -60,6 +60,7 @@ class EncodeSummary:
     out: str
     clips: int = 0  # clips encoded by this run
     skipped_done: int = 0  # clips already in the store from an earlier run (resume)
+    failed_before: int = 0  # clips of inputs an earlier run recorded as failed (not retried; exit code 3)
     failures: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     tokens: int = 0
@@ -78,7 +79,7 @@ class EncodeSummary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SKIPPED if self.failures else EXIT_OK
+        return EXIT_SKIPPED if self.failures or self.failed_before else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -343,7 +344,7 @@ def _encode(inputs, out: Path, *, env: DistEnv, t0: float, tokenizer: Path, form
             if err is None and clip_key(ref.source, start) in writer.done_keys:
                 summary.skipped_done += 1
             elif ref.source in already_failed:  # failed in an earlier run: recorded once, not retried
-                summary.skipped_done += 1
+                summary.failed_before += 1
             else:
                 todo.append(j)
         if writer.finished:
@@ -460,9 +461,11 @@ def _reduce(summary: EncodeSummary, env: DistEnv) -> None:
         return
     import torch.distributed as dist
 
-    t = torch.tensor([summary.clips, summary.failures, summary.tokens, summary.skipped_done], dtype=torch.float64)
+    t = torch.tensor([summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed_before],
+                     dtype=torch.float64)
     dist.all_reduce(t)
-    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (int(x) for x in t.tolist())
+    summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed_before = (
+        int(x) for x in t.tolist())
     gathered: list[Any] = [None] * env.world_size
     dist.all_gather_object(gathered, summary.failed)
     summary.failed = [f for part in gathered for f in part]

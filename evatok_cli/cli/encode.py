@@ -102,8 +102,8 @@ def encode(
         print_json(summary.to_dict())
     if not quiet:
         if summary.nothing_to_do:
-            err_console.print(f"{out}: already finished with all {summary.skipped_done} clips of these inputs; "
-                              "nothing to do", markup=False)
+            err_console.print(f"{out}: already finished with all {summary.skipped_done} clips of these inputs that "
+                              "decode; nothing to do", markup=False)
         else:
             done = ("appended to a finished store" if summary.appended else "already done") + \
                 f": {summary.skipped_done} clips already there"
@@ -120,6 +120,9 @@ def encode(
             if len(broken) > 20:
                 err_console.print(f"  ... and {len(broken) - 20} more files (all in --json and in the store)",
                                   markup=False)
+        if summary.failed_before:
+            err_console.print(f"  {summary.failed_before} clips of inputs that failed in an earlier run were not retried "
+                              "(their reasons are in the store: evatok info --json)", markup=False, soft_wrap=True)
         if summary.passed_over:
             err_console.print(
                 f"  {summary.passed_over} files in the input directories passed over (not video extensions: "
