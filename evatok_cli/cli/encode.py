@@ -10,7 +10,9 @@ Usage:
     torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
 
 Exit codes: 0 all inputs encoded; 3 finished, some inputs skipped (listed in the store and the
-summary); 1 fatal error (nothing valid, --strict failure, bad model); 2 usage error.
+summary; also on a rerun, which does not retry inputs that failed before); 1 fatal error (nothing
+valid, --strict failure, bad model, another process writing the store, an append with other
+settings); 2 usage error. A rerun resumes; more inputs into a finished store are appended.
 """
 
 from __future__ import annotations
