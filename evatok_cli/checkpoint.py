@@ -154,6 +154,8 @@ def store_attrs(tokenizer: OpenModel, spec: ClipSpec, extra: dict[str, Any]) -> 
         "space": model.space.to_dict(),
         "clip": {"frames": c.frames, "height": c.height, "width": c.width, "fps": spec.fps},
         "codebook_size": c.codebook_size,
+        # where the tokenizer was, so `evatok decode` finds it without --tokenizer (not compared on append)
+        "locations": {"tokenizer": str(Path(tokenizer.dir).resolve())},
         **extra,
     }
 

@@ -2,7 +2,8 @@
 
 The tokenizer is the one recorded in the store (its sha256 must match the weights given), so a
 store is never decoded with the wrong model by accident. ``side_by_side`` puts the source clip
-(read again from ``source`` at ``clip_start`` with the store's clip geometry) left of the
+(read again from ``source_path``, the absolute path recorded at encode time, or else ``source``
+as typed, at ``clip_start`` with the store's clip geometry) left of the
 reconstruction; ``metrics`` computes PSNR/SSIM of each reconstruction against its source clip.
 """
 
@@ -17,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from evatok_cli.checkpoint import TokenizerMismatchError, open_model
+from evatok_cli.checkpoint import CheckpointError, TokenizerMismatchError, open_model, resolve_model_dir, weights_sha256
+from evatok_cli.demo import demo_model_dir, is_shipped
 from evatok_cli.metrics.pixel import psnr_frames, ssim_frames
 from evatok_cli.runtime import resolve_device
-from evatok_cli.store import open_store
+from evatok_cli.store import Sample, open_store
 from evatok_cli.video import ClipReader, ClipSpec, VideoError, ref_from_source, safe_name, write_mp4
 from evatok_cli.video.dataset import to_model_input, to_uint8
 
@@ -29,6 +31,37 @@ log = logging.getLogger(__name__)
 
 class DecodeError(Exception):
     """A problem with the decode job as a whole; the message names the path."""
+
+
+def store_tokenizer(store_path: str | Path) -> Path:
+    """The tokenizer that wrote a store, for decoding it without ``--tokenizer``.
+
+    The directory recorded at encode time (``locations.tokenizer``) when it still exists with the
+    recorded weights (sha256); else the shipped demo tokenizer, only for stores it wrote.
+
+    Raises:
+        TokenizerMismatchError: neither is found (the message says what the store records).
+        StoreError: not a store.
+    """
+    attrs = open_store(store_path).attrs
+    want = (attrs.get("tokenizer") or {}).get("sha256")
+    recorded = (attrs.get("locations") or {}).get("tokenizer")
+    why = "records no tokenizer directory"
+    if recorded:
+        try:
+            got = weights_sha256(resolve_model_dir(recorded))
+        except (CheckpointError, OSError, ValueError):
+            why = f"was written by the tokenizer at {recorded}, which is gone"
+        else:
+            if not want or got == want:
+                return Path(recorded)
+            why = f"was written by the tokenizer at {recorded}, whose weights have changed since"
+    if want and is_shipped("tokenizer") and weights_sha256(demo_model_dir("tokenizer")) == want:
+        return demo_model_dir("tokenizer")
+    raise TokenizerMismatchError(
+        f"{store_path} {why} (weights sha256 {str(want)[:12]}, not the shipped demo tokenizer's); "
+        "pass the tokenizer that wrote it with --tokenizer DIR"
+    )
 
 
 @dataclass
@@ -51,6 +84,21 @@ def _source_clip(source: str, start: int, spec: ClipSpec) -> np.ndarray:
         return reader.read(start).frames
     finally:
         reader.close()
+
+
+def _find_source_clip(s: Sample, spec: ClipSpec) -> np.ndarray:
+    """The source clip of ``s``: from its absolute ``source_path`` (any working directory), else
+    from ``source`` as typed (relative to this directory; stores written before source_path)."""
+    tried = list(dict.fromkeys(x for x in (s.source_path, s.source) if x))
+    first: VideoError | None = None
+    for cand in tried:
+        try:
+            return _source_clip(cand, s.clip_start, spec)
+        except VideoError as e:
+            first = first or e
+    assert first is not None
+    also = f" (also tried {tried[1]})" if len(tried) > 1 else ""
+    raise VideoError(first.path, first.reason + also)
 
 
 def decode_store(
@@ -112,7 +160,7 @@ def decode_store(
             source = None
             if side_by_side or metrics:
                 try:
-                    source = _source_clip(s.source, s.clip_start, spec)
+                    source = _find_source_clip(s, spec)
                 except VideoError as e:
                     summary.source_failures.append({"key": s.key, "source": s.source, "reason": e.reason})
             rec: dict[str, Any] = {"key": s.key, "tokens": int(len(s.tokens))}

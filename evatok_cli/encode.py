@@ -4,8 +4,10 @@
 ``i % world_size``), decodes clips in DataLoader workers while the tokenizer runs, gives every clip
 its assignment (fixed/uniform, from a labels store, or from a router), and appends the tokens to
 this rank's part of the store. A rerun of the same command resumes: clips whose keys are already
-committed are not decoded again, and a finished store is left alone. Bad inputs are skipped and
-recorded (``failures`` in the store and in the summary); with ``strict`` the first one is fatal.
+committed are not decoded again; more inputs into a finished store are appended as new parts, and
+with nothing new a finished store is left alone. Only one job writes a store at a time (the store
+lock, ``evatok_cli.store.lock``). Bad inputs are skipped and recorded (``failures`` in the store
+and in the summary); with ``strict`` the first one is fatal.
 
 Tokens depend only on the clip and its assignment (the tokenizer is batch-invariant), so the
 store holds the same keys and tokens whatever the batch size or the number of ranks.
@@ -31,7 +33,16 @@ from evatok_cli.checkpoint import open_model, store_attrs
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.runtime import DistEnv, all_gather_objects, process_group
 from evatok_cli.store import Sample, open_store, open_writer
-from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.store.lock import acquire as acquire_store_lock
+from evatok_cli.video import (
+    VIDEO_EXTENSIONS,
+    ClipSpec,
+    VideoRef,
+    absolute_source,
+    clip_key,
+    list_inputs,
+    parse_clip_policy,
+)
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input, worker_contiguous_order
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,7 @@ class EncodeSummary:
     out: str
     clips: int = 0  # clips encoded by this run
     skipped_done: int = 0  # clips already in the store from an earlier run (resume)
+    failed_before: int = 0  # clips of inputs an earlier run recorded as failed (not retried; exit code 3)
     failures: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     tokens: int = 0
@@ -62,11 +74,14 @@ class EncodeSummary:
     tokens_per_s: float = 0.0
     padding_fraction: float = 0.0
     nothing_to_do: bool = False
+    appended: bool = False  # the store was finished: this run's clips were added as new parts
+    passed_over: int = 0  # files in the input directories whose extension is not a video's (not read)
+    passed_over_examples: list[str] = field(default_factory=list)  # a few of them
     world_size: int = 1
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SKIPPED if self.failures else EXIT_OK
+        return EXIT_SKIPPED if self.failures or self.failed_before else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,6 +247,7 @@ def encode_videos(
     strict: bool = False,
     stdin=None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    extensions: Sequence[str] | None = None,
 ) -> EncodeSummary:
     """Encode every clip of ``inputs`` into the token store ``out``; see the module docstring.
 
@@ -247,6 +263,8 @@ def encode_videos(
         clips: clip policy per video: ``all``, ``first``, ``N`` (evenly spaced) or ``random``.
         label_from: ``parent-dir`` (UCF-101 layout) or a CSV file ``path,label``.
         on_progress: called after every batch with running totals (rank 0 only).
+        extensions: file endings kept when walking directories (default: ``VIDEO_EXTENSIONS``);
+            the files a walk passes over are counted in the summary.
 
     Returns:
         The :class:`EncodeSummary` of this rank's work (rank 0's summary covers all ranks' clips
@@ -259,16 +277,25 @@ def encode_videos(
         raise EncodeError("give only one of --assignment, --labels-store and --router")
     if budget is not None and router is None:
         raise EncodeError("--budget needs --router (a reward-head router)")
-    with process_group(device) as env:
+    # one writer per store: a second job on the same store is refused before any work
+    with process_group(device) as env, acquire_store_lock(out, rank=env.rank):
         tok = open_model(tokenizer, "tokenizer", device=env.device)
         model, space, cfg = tok.model, tok.model.space, tok.model.config
         spec, policy = (
             ClipSpec(frames=cfg.frames, height=cfg.height, width=cfg.width, fps=fps),
             parse_clip_policy(clips),
         )
-        refs = list_inputs([str(i) for i in inputs], stdin=stdin)
+        passed_over: list[str] = []
+        refs = list_inputs(
+            [str(i) for i in inputs], extensions=extensions or VIDEO_EXTENSIONS, stdin=stdin, passed_over=passed_over
+        )
         if not refs:
-            raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}")
+            extra_msg = (
+                f" ({len(passed_over)} files passed over, e.g. {passed_over[0]}; see --extensions)"
+                if passed_over
+                else ""
+            )
+            raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}{extra_msg}")
         policy_name = _policy_name(assignment, labels_store, router, budget, assigner, space)
         if assigner is None:
             assigner = _assigner(space, spec, env, assignment=assignment, labels_store=labels_store, router=router,
@@ -281,15 +308,46 @@ def encode_videos(
         writer = open_writer(out, format=format, attrs=store_attrs(tok, spec, extra), num_blocks=space.blocks,
                              rank=env.rank, world_size=env.world_size, barrier=env.barrier,
                              commit_every=4 * batch_size)  # fmt: skip
-        summary = EncodeSummary(out=str(out), uniform_tokens=space.levels[-1] * space.blocks, world_size=env.world_size)
-        if writer.finished:
-            summary.nothing_to_do = True
-            log.info("%s is already finished; nothing to do", out)
-            return summary
-        mine = list(range(env.rank, len(refs), env.world_size))
-        dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
-        label_of = {refs[i].source: labels[i] for i in mine}
-        todo = _todo(dataset, writer, summary)
+        summary = EncodeSummary(
+            out=str(out),
+            uniform_tokens=space.levels[-1] * space.blocks,
+            world_size=env.world_size,
+            passed_over=len(passed_over),
+            passed_over_examples=passed_over[:5],
+        )
+        if passed_over:
+            log.info(
+                "passed over %d files that are not videos by their extension (e.g. %s)",
+                len(passed_over),
+                passed_over[0],
+            )
+        try:
+            mine = list(range(env.rank, len(refs), env.world_size))
+            dataset = ClipIndexDataset([refs[i] for i in mine], spec, policy, seed)
+            label_of = {refs[i].source: labels[i] for i in mine}
+            todo = _todo(dataset, writer, summary)
+            if writer.finished:
+                # More inputs into a finished store append as new parts (DESIGN §4); all ranks decide together.
+                if not any(all_gather_objects(bool(todo), env)):
+                    writer.close()
+                    summary.nothing_to_do = True
+                    log.info(
+                        "%s is already finished with all %d clips of these inputs; nothing to do",
+                        out,
+                        summary.skipped_done,
+                    )
+                    return _finish(summary, env, t0)
+                writer.start_append()
+                summary.appended = True
+        except BaseException:
+            writer.abort()
+            raise
+        if summary.skipped_done:
+            log.info(
+                "%s: %d clips already in the store",
+                "appending" if summary.appended else "resuming",
+                summary.skipped_done,
+            )
         # each worker reads one contiguous stretch of the clips, so a video is decoded about once
         order = [todo[i] for i in worker_contiguous_order(len(todo), batch_size, workers)]
         loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
@@ -299,6 +357,8 @@ def encode_videos(
             for batch, failures in _windows(loader, GROUP_WINDOW):
                 _record_failures(failures, writer, summary, strict)
                 if not batch["key"]:
+                    if on_progress is not None and env.is_main:  # failed clips count as processed
+                        on_progress(_progress(summary, len(todo), time.perf_counter() - t0))
                     continue
                 video = to_model_input(batch["video"]).to(env.device)
                 samples = _encode_batch(model, video, assigner(video, batch["key"]).to(env.device), batch,
@@ -324,11 +384,9 @@ def _todo(dataset: ClipIndexDataset, writer: Any, summary: EncodeSummary) -> lis
         if err is None and clip_key(ref.source, start) in writer.done_keys:
             summary.skipped_done += 1
         elif ref.source in already_failed:  # failed in an earlier run: recorded once, not retried
-            summary.skipped_done += 1
+            summary.failed_before += 1
         else:
             todo.append(j)
-    if summary.skipped_done:
-        log.info("resuming: %d clips already done", summary.skipped_done)
     return todo
 
 
@@ -368,6 +426,7 @@ def _encode_batch(
                 source=batch["source"][g],
                 clip_start=int(batch["clip_start"][g]),
                 label=label_of.get(batch["source"][g], -1),
+                source_path=absolute_source(batch["source"][g]),
             )
     return [s for s in samples if s is not None]
 
@@ -375,6 +434,7 @@ def _encode_batch(
 def _progress(summary: EncodeSummary, total: int, elapsed: float) -> dict[str, Any]:
     return {
         "clips": summary.clips,
+        "done": summary.clips + summary.failures,
         "total": total,
         "failures": summary.failures,
         "tokens": summary.tokens,
@@ -387,10 +447,13 @@ def _progress(summary: EncodeSummary, total: int, elapsed: float) -> dict[str, A
 def _finish(summary: EncodeSummary, env: DistEnv, t0: float) -> EncodeSummary:
     """Sum the counts over ranks (rank 0 reports the whole job), then the rates."""
     parts = all_gather_objects(
-        (summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed), env
+        (summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed_before, summary.failed),
+        env,
     )
-    summary.clips, summary.failures, summary.tokens, summary.skipped_done = (sum(p[i] for p in parts) for i in range(4))
-    summary.failed = [f for p in parts for f in p[4]]
+    summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed_before = (
+        sum(p[i] for p in parts) for i in range(5)
+    )
+    summary.failed = [f for p in parts for f in p[5]]
     summary.mean_tokens = summary.tokens / summary.clips if summary.clips else 0.0
     summary.saved_fraction = 1.0 - summary.mean_tokens / summary.uniform_tokens if summary.clips else 0.0
     summary.wall_s = time.perf_counter() - t0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,6 +311,8 @@ def test_encode_without_a_demo_router_falls_back_to_the_default_assignment(demo_
 def test_decode_generate_eval_use_the_demo_models(demo_env, monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr("evatok_cli.decode.decode_store", lambda store, out, **kw: seen.update(decode=kw) or _Obj())
+    # a store the demo tokenizer wrote (store_tokenizer checks the recorded sha256: tests below)
+    monkeypatch.setattr("evatok_cli.decode.store_tokenizer", lambda store: demo_env / "tokenizer")
     monkeypatch.setattr(
         "evatok_cli.generate.generate_videos", lambda gpt, out, **kw: seen.update(gen=(gpt, kw)) or _Obj()
     )
@@ -324,6 +327,14 @@ def test_decode_generate_eval_use_the_demo_models(demo_env, monkeypatch, tmp_pat
     res = runner.invoke(app, ["eval", "recon", "--data", "v/"])
     assert res.exit_code == 0, res.output
     assert seen["recon"] == demo_env / "tokenizer" and "using the shipped demo tokenizer" in res.stderr
+
+
+def test_route_without_router_uses_the_demo_router(demo_env, footage):
+    res = runner.invoke(app, ["route", "--data", str(footage["carphone"]), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "using the shipped demo router" in res.stderr
+    rec = json.loads(res.stdout.splitlines()[0])
+    assert rec["clip_start"] == 0 and len(rec["assignment"]) == 4
 
 
 class _Obj:
@@ -379,10 +390,44 @@ def test_real_encode_decode_generate_with_only_the_demo_models(demo_env, video_d
         ).exit_code
         == 0
     )
-    res = runner.invoke(app, ["decode", str(other), "-o", str(tmp_path / "r2")])
+    res = runner.invoke(
+        app, ["decode", str(other), "-o", str(tmp_path / "r2"), "--tokenizer", str(demo_dir / "tokenizer")]
+    )
     assert res.exit_code == 1
     assert "not the tokenizer that wrote" in res.stderr
-    assert "pass the tokenizer that wrote the store with --tokenizer" in res.stderr
+    # without --tokenizer: the tokenizer directory the store records, while it exists unchanged...
+    res = runner.invoke(app, ["decode", str(other), "-o", str(tmp_path / "r2"), "--limit", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"using the tokenizer that wrote {other}: {tiny_tokenizer}" in " ".join(res.stderr.split())
+    # ...and once it is gone, a clear error naming it (the demo tokenizer did not write this store)
+    gone_tok = tmp_path / "gone-tok"
+    shutil.copytree(tiny_tokenizer, gone_tok)
+    gone = tmp_path / "gone.zarr"
+    assert (
+        runner.invoke(
+            app,
+            [
+                "encode",
+                str(video_dir),
+                "-o",
+                str(gone),
+                "--tokenizer",
+                str(gone_tok),
+                "--clips",
+                "first",
+                "--workers",
+                "0",
+                "--quiet",
+            ],
+        ).exit_code
+        == 0
+    )
+    shutil.rmtree(gone_tok)
+    res = runner.invoke(app, ["decode", str(gone), "-o", str(tmp_path / "r3")])
+    assert res.exit_code == 1
+    msg = " ".join(res.stderr.split())
+    assert f"was written by the tokenizer at {gone_tok}, which is gone" in msg
+    assert "pass the tokenizer that wrote it with --tokenizer DIR" in msg
     res = runner.invoke(
         app, ["generate", "-o", str(tmp_path / "gen"), "--classes", "ride", "--device", "cpu", "--json"]
     )

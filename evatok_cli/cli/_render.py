@@ -22,3 +22,12 @@ def print_json(obj: Any) -> None:
     """One JSON object on one line of stdout."""
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+def failures_by_source(failed: list[dict[str, str]]) -> list[tuple[str, int, str]]:
+    """Per-clip failures ``[{source, reason}]`` as one ``(source, clips lost, first reason)`` per file."""
+    out: dict[str, list] = {}
+    for f in failed:
+        entry = out.setdefault(f["source"], [0, f["reason"]])
+        entry[0] += 1
+    return [(source, n, reason) for source, (n, reason) in out.items()]

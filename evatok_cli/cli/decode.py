@@ -1,7 +1,7 @@
 """``evatok decode``: token store -> one mp4 per sample.
 
 Usage:
-    evatok decode tokens.zarr -o recon/ --limit 8      # a store written with the shipped demo tokenizer
+    evatok decode tokens.zarr -o recon/ --limit 8      # the tokenizer the store records (or the demo one that wrote it)
     evatok decode tokens.zarr -o recon/ --tokenizer runs/final --limit 8
     evatok decode tokens.zarr -o recon/ --tokenizer runs/final --keys KEY1 --keys KEY2 --side-by-side
     evatok decode tokens.zarr -o recon/ --tokenizer runs/final --metrics --json
@@ -26,7 +26,8 @@ def decode(
         Path | None,
         typer.Option(
             "--tokenizer",
-            help="The tokenizer that wrote the store (default: the shipped demo tokenizer).",
+            help="The tokenizer that wrote the store (default: the one it records, if unchanged;"
+            " else the shipped demo tokenizer for stores it wrote).",
             show_default=False,
         ),
     ] = None,
@@ -45,14 +46,24 @@ def decode(
 ) -> None:
     """Decode token-store samples back to video files."""
     from evatok_cli.checkpoint import CheckpointError, TokenizerMismatchError
-    from evatok_cli.decode import DecodeError, decode_store
+    from evatok_cli.decode import DecodeError, decode_store, store_tokenizer
+    from evatok_cli.demo import demo_model_dir
     from evatok_cli.store import StoreError
     from evatok_cli.video import VideoError
 
     if keys and limit is not None:
         fail("give --keys or --limit, not both", code=2)
-    demo = tokenizer is None
-    tokenizer = with_demo_models(tokenizer=tokenizer, quiet=quiet)["tokenizer"]
+    demo = False
+    if tokenizer is None:  # the tokenizer that wrote the store (its recorded directory, or the demo's)
+        try:
+            tokenizer = store_tokenizer(store)
+        except (DecodeError, StoreError, CheckpointError) as e:
+            fail(str(e), code=1)
+        demo = tokenizer == demo_model_dir("tokenizer")
+        if demo:
+            with_demo_models(tokenizer=None, quiet=quiet)  # the usual one line about demo models
+        elif not quiet:
+            err_console.print(f"using the tokenizer that wrote {store}: {tokenizer}", markup=False, soft_wrap=True)
     try:
         summary = decode_store(
             store,

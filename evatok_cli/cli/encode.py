@@ -6,10 +6,13 @@ Usage:
     find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
     evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --router runs/router --label-from parent-dir --json
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final --router runs/reward-router --budget 600
+    evatok encode batch2/ -o tokens.zarr --extensions mp4,mts      # appends to a finished store
     torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
 
 Exit codes: 0 all inputs encoded; 3 finished, some inputs skipped (listed in the store and the
-summary); 1 fatal error (nothing valid, --strict failure, bad model); 2 usage error.
+summary; also on a rerun, which does not retry inputs that failed before); 1 fatal error (nothing
+valid, --strict failure, bad model, another process writing the store, an append with other
+settings); 2 usage error. A rerun resumes; more inputs into a finished store are appended.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evatok_cli.cli._demo import with_demo_models
-from evatok_cli.cli._render import err_console, fail, print_json
+from evatok_cli.cli._render import err_console, fail, failures_by_source, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
 
 
@@ -83,6 +86,14 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per tokenizer batch.")] = 8,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader decoding workers.")] = 2,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad input.")] = False,
+    extensions: Annotated[
+        str | None,
+        typer.Option(
+            "--extensions",
+            help="Comma-separated file endings taken when walking directories, e.g. mp4,mov (default: the common video containers, docs/video.md).",
+            show_default=False,
+        ),
+    ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
@@ -100,6 +111,12 @@ def encode(
 
     if format not in ("zarr", "wds"):
         fail(f"--format must be zarr or wds, got {format!r}", code=2)
+    exts = None
+    if extensions is not None:
+        exts = [e.strip().lower() for e in extensions.split(",") if e.strip()]
+        exts = [e if e.startswith(".") else f".{e}" for e in exts]
+        if not exts or any(len(e) < 2 or "/" in e for e in exts):
+            fail(f"--extensions must be comma-separated file endings such as mp4,mov; got {extensions!r}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     wanted: dict[str, Path | None] = {"tokenizer": tokenizer}
     if tokenizer is None and assignment is None and labels_store is None and router is None:
@@ -122,7 +139,7 @@ def encode(
     def on_progress(p: dict) -> None:
         progress.update(
             task,
-            completed=p["clips"],
+            completed=p.get("done", p["clips"]),
             total=p["total"],
             info=f"{p['clips_per_s']:.1f} clips/s  {p['tokens_per_s']:.0f} tok/s  "
             f"{p['mean_tokens']:.0f} tok/clip  {p['failures']} failed",
@@ -151,6 +168,7 @@ def encode(
                 strict=strict,
                 stdin=sys.stdin if "-" in inputs else None,
                 on_progress=on_progress,
+                extensions=exts,
             )
     except (EncodeError, VideoError, StoreError, CheckpointError, ValueError) as e:
         fail(str(e), code=1)
@@ -160,16 +178,46 @@ def encode(
         print_json(summary.to_dict())
     if not quiet:
         if summary.nothing_to_do:
-            err_console.print(f"{out}: already finished; nothing to do", markup=False)
-        else:
             err_console.print(
-                f"{out}: {summary.clips} clips encoded"
-                + (f" ({summary.skipped_done} already done)" if summary.skipped_done else "")
+                f"{out}: already finished with all {summary.skipped_done} clips of these inputs that "
+                "decode; nothing to do",
+                markup=False,
+            )
+        else:
+            done = (
+                "appended to a finished store" if summary.appended else "already done"
+            ) + f": {summary.skipped_done} clips already there"
+            err_console.print(
+                f"{out}: {summary.clips} clips "
+                + ("added" if summary.appended else "encoded")
+                + (f" ({done})" if summary.skipped_done or summary.appended else "")
                 + f", {summary.failures} failed, {summary.mean_tokens:.1f} tokens/clip "
                 f"({summary.saved_fraction:.1%} fewer than uniform {summary.uniform_tokens}), "
                 f"{summary.wall_s:.1f}s ({summary.clips_per_s:.2f} clips/s)",
                 markup=False,
             )
-            for f in summary.failed[:20]:
-                err_console.print(f"  skipped {f['source']}: {f['reason']}", markup=False)
+            broken = failures_by_source(summary.failed)  # one line per broken file (--json has every clip)
+            for source, lost, reason in broken[:20]:
+                err_console.print(
+                    f"  {source}: {lost} clip{'s' if lost != 1 else ''} lost: {reason}", markup=False, soft_wrap=True
+                )
+            if len(broken) > 20:
+                err_console.print(
+                    f"  ... and {len(broken) - 20} more files (all in --json and in the store)", markup=False
+                )
+        if summary.failed_before:
+            err_console.print(
+                f"  {summary.failed_before} clips of inputs that failed in an earlier run were not retried "
+                "(their reasons are in the store: evatok info --json)",
+                markup=False,
+                soft_wrap=True,
+            )
+        if summary.passed_over:
+            err_console.print(
+                f"  {summary.passed_over} files in the input directories passed over (not video extensions: "
+                f"{', '.join(summary.passed_over_examples)}{', ...' if summary.passed_over > 5 else ''}); "
+                "take them with --extensions",
+                markup=False,
+                soft_wrap=True,
+            )
     raise typer.Exit(summary.exit_code)

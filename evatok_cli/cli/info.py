@@ -50,10 +50,27 @@ def _metadata_lines(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _render(rec: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"{rec['path']} ({rec['type']})", show_header=False, title_justify="left")
+def _emit(title: str, rows: list[tuple[str, str]], console: Console, fold: bool = False) -> None:
+    """A titled two-column table on a terminal; plain ``key: value`` lines otherwise (pipes, files:
+    nothing wrapped at the width rich guesses), continuation lines indented."""
+    if not console.is_terminal:
+        lines = [title]
+        for k, v in rows:
+            first, *rest = str(v).split("\n") or [""]
+            lines.append(f"  {k}: {first}")
+            lines += [f"    {x}" for x in rest]
+        typer.echo("\n".join(lines))
+        return
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold" if fold else "ellipsis")
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def _render(rec: dict[str, Any], console: Console) -> None:
+    rows: list[tuple[str, str]] = []
     for k, v in rec.items():
         if k in ("path", "type"):
             continue
@@ -65,8 +82,8 @@ def _render(rec: dict[str, Any], console: Console) -> None:
             v = f"{v:.4g}"
         elif isinstance(v, (list, tuple)) and v and isinstance(v[0], float):
             v = ", ".join(f"{x:.4g}" for x in v)
-        table.add_row(k, str(v))
-    console.print(table)
+        rows.append((k, str(v)))
+    _emit(f"{rec['path']} ({rec['type']})", rows, console)
 
 
 def _size(n: int) -> str:
@@ -75,19 +92,22 @@ def _size(n: int) -> str:
 
 def _render_models(recs: list[dict[str, Any]], root: Path, console: Console) -> None:
     for r in recs:
-        table = Table(title=f"demo {r['kind']} ({r['path']})", show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column(overflow="fold")  # a sha256 wraps rather than being cut
-        table.add_row("preset", str(r["preset"]))
-        table.add_row("parameters", f"{r['parameters'] / 1e6:.3g}M")
-        table.add_row("size", f"{_size(r['bytes'])} ({r['dtype'] or 'float32'} weights)")
-        table.add_row("sha256", r["sha256"])
+        rows = [
+            ("preset", str(r["preset"])),
+            ("parameters", f"{r['parameters'] / 1e6:.3g}M"),
+            ("size", f"{_size(r['bytes'])} ({r['dtype'] or 'float32'} weights)"),
+            ("sha256", r["sha256"]),
+        ]
         for k, v in r["card"].items():
-            table.add_row(k, ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else str(v))
+            rows.append((k, ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else str(v)))
         if not r["card"]:
-            table.add_row("card", "(none)")
-        console.print(table)
-    console.print(f"{len(recs)} demo models in {root}, {_size(sum(r['bytes'] for r in recs))} in all", highlight=False)
+            rows.append(("card", "(none)"))
+        _emit(f"demo {r['kind']} ({r['path']})", rows, console, fold=True)  # a sha256 wraps rather than being cut
+    line = f"{len(recs)} demo models in {root}, {_size(sum(r['bytes'] for r in recs))} in all"
+    if console.is_terminal:
+        console.print(line, highlight=False)
+    else:
+        typer.echo(line)
 
 
 def _models(json_: bool, console: Console) -> None:

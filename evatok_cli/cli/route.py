@@ -6,6 +6,7 @@ tokens``); the summary (clips, mean tokens, budget, evaluation) goes to stderr, 
 and rank 0 writes everything, in the order (and with the budget) of a one-process run.
 
 Usage:
+    evatok route --data videos/ > assignments.jsonl                     # the shipped demo router
     evatok route --router runs/router --data videos/ > assignments.jsonl
     evatok route --router runs/rr --data videos/ --w-q 1.6 --w-l 0.4 --clips all -o assignments.jsonl
     evatok route --router runs/rr --data videos/ --budget 512 -o assignments.jsonl     # reward head only
@@ -23,6 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
+from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
 from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
 
@@ -61,16 +63,20 @@ def _render_summary(s: dict[str, Any]) -> None:
 
 
 def route(
-    router: Annotated[
-        Path,
-        typer.Option("--router", help="Router model directory (or training output directory).", show_default=False),
-    ],
     data: Annotated[
         list[str],
         typer.Option(
             "--data", help="Video files, directories, '-' (paths on stdin) or WebDataset tars.", show_default=False
         ),
     ],
+    router: Annotated[
+        Path | None,
+        typer.Option(
+            "--router",
+            help="Router model directory (or training output directory); default: the shipped demo router.",
+            show_default=False,
+        ),
+    ] = None,
     w_q: Annotated[
         float | None, typer.Option("--w-q", help="Reward head: quality weight (default: the router's labels').")
     ] = None,
@@ -103,6 +109,7 @@ def route(
         fail(f"--budget must be > 0, got {budget:g}", code=2)
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}", code=2)
+    router = with_demo_models(router=router, quiet=quiet)["router"]  # like encode: the shipped router if omitted
     try:
         policy = parse_clip_policy(clips)
         if policy == "random":

@@ -22,7 +22,8 @@ from evatok_cli.runtime import DistEnv, all_gather_objects, broadcast_object, pr
 from evatok_cli.search.calibration import calibrate, check_stats, reusable_calibration, stored_attrs
 from evatok_cli.search.tree import beam_search, exact_search
 from evatok_cli.store import Sample, open_store, open_writer
-from evatok_cli.video import ClipSpec, clip_key, list_inputs, parse_clip_policy
+from evatok_cli.store.lock import acquire as acquire_store_lock
+from evatok_cli.video import ClipSpec, absolute_source, clip_key, list_inputs, parse_clip_policy
 from evatok_cli.video.dataset import ClipIndexDataset, collate_clips, to_model_input
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ def search_dataset(
     if stats is None and calibration < 2:
         raise ValueError(f"--calibration needs at least 2 pairs, got {calibration}")
     policy, out, fmt = parse_clip_policy(clips), Path(out), format
-    with process_group(device) as env:
+    # one writer per store: a second job on the same store is refused before calibrating
+    with process_group(device) as env, acquire_store_lock(out, rank=env.rank):
         t0 = time.perf_counter()
         proxy = open_model(tokenizer, "tokenizer", device=env.device, ema=True)
         model, meta, space = proxy.model, proxy.meta, proxy.model.config.space
@@ -139,15 +141,18 @@ def search_dataset(
         writer = open_writer(out, format=fmt, attrs=attrs, num_blocks=space.blocks, rank=env.rank,
                              world_size=env.world_size, barrier=env.barrier if env.distributed else None,
                              extra_fields={"metric": ("float32", (len(space),)), "reward": ("float32", ())})  # fmt: skip
-        if writer.finished:
-            writer.close()
-            summary.nothing_to_do, summary.resumed = True, len(open_store(out))
-            log.info("%s is already finished; nothing to do", out)
-            summary.wall_s = time.perf_counter() - t0
-            return summary
         # This rank's share: videos rank, rank + world, ...; skip what an earlier run committed.
         ds = ClipIndexDataset(refs[env.rank :: env.world_size], spec, policy, seed)
         todo = _todo(ds, writer)
+        if writer.finished:
+            # More inputs into a finished labels store append as new parts; all ranks decide together.
+            if not any(all_gather_objects(bool(todo), env)):
+                writer.close()
+                summary.nothing_to_do, summary.resumed = True, len(open_store(out))
+                log.info("%s is already finished; nothing to do", out)
+                summary.wall_s = time.perf_counter() - t0
+                return summary
+            writer.start_append()
         loader = DataLoader(Subset(ds, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate_clips)
         mine = {"clips": 0, "evals": 0, "tokens": 0, "resumed": len(ds) - len(todo), "failed": [], "search_s": 0.0,
                 "chosen": []}  # fmt: skip
@@ -216,7 +221,7 @@ def _labelled(model: Any, video: torch.Tensor, batch: dict[str, Any], metric: np
     rows = zip(batch["key"], batch["source"], batch["clip_start"].tolist(), best, tokens)
     return [
         Sample(key=key, tokens=tok.cpu().numpy(), block_lengths=space.to_tuple(int(a)), assignment=int(a),
-               source=src, clip_start=int(start), label=-1,
+               source=src, clip_start=int(start), label=-1, source_path=absolute_source(src),
                extra={"metric": metric[j].astype(np.float32), "reward": np.float32(reward[j, a])})
         for j, (key, src, start, a, tok) in enumerate(rows)
     ]  # fmt: skip

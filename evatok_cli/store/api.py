@@ -16,6 +16,7 @@ from evatok_cli.store.common import (
     normalize_extra_fields,
     token_dtype,
 )
+from evatok_cli.store.lock import acquire
 from evatok_cli.store.wds_format import INDEX_JSON, WdsReader, WdsWriter, finalize_wds, is_wds_store
 from evatok_cli.store.zarr_format import ZarrReader, ZarrWriter, finalize_zarr, read_root_meta
 
@@ -89,6 +90,7 @@ def open_writer(
         A :class:`StoreWriter` (use it as a context manager or call ``close()``).
 
     Raises:
+        StoreLockedError: another process or job is writing the store (nothing was changed).
         StoreError: the path holds something else, or a store with other attrs/format/world size.
     """
     path = Path(path)
@@ -103,13 +105,20 @@ def open_writer(
         world_size=int(world_size),
         extra_fields=normalize_extra_fields(extra_fields),
     )
-    existing = detect_format(path)
-    if existing is not None and existing != format:
-        raise StoreError(f"{path} is a {existing} store; rerun with format={existing!r} or use a new path")
-    if format == "zarr":
-        w: StoreWriter = ZarrWriter(path, norm, layout, int(rank), barrier, commit_every)
-    else:
-        w = WdsWriter(path, norm, layout, int(rank), barrier, samples_per_shard)
+    # One writer per store (DESIGN §4): lock before looking at, let alone changing, anything.
+    lock = acquire(path, rank=int(rank))
+    try:
+        existing = detect_format(path)
+        if existing is not None and existing != format:
+            raise StoreError(f"{path} is a {existing} store; rerun with format={existing!r} or use a new path")
+        if format == "zarr":
+            w: StoreWriter = ZarrWriter(path, norm, layout, int(rank), barrier, commit_every)
+        else:
+            w = WdsWriter(path, norm, layout, int(rank), barrier, samples_per_shard)
+    except BaseException:
+        lock.release()
+        raise
+    w.lock = lock
     w.commit_seconds = commit_seconds
     return w
 

@@ -25,8 +25,13 @@ from evatok_cli.config import save_json
 log = logging.getLogger("evatok_cli.store")
 
 FORMAT_VERSION = 1
-RESERVED_ATTRS = ("layout", "index")
+RESERVED_ATTRS = ("layout", "index", "append")
 """Root keys the store itself manages; caller attrs may not use them."""
+
+LOCATION_ATTRS = ("locations",)
+"""Caller attrs that say where things were when the store was started (e.g. ``locations.tokenizer``,
+the tokenizer's directory): informative only, so a resume or append from elsewhere does not compare
+them (the first run's stay)."""
 
 _KEY_RE = re.compile(r"[^./\\\s]{1,200}")
 _FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -46,11 +51,13 @@ class Sample:
         tokens: 1-D ints of length ``sum(block_lengths)``, in block order.
         block_lengths: (T,) tokens per temporal block, equal to the assignment's tuple.
         assignment: index of the assignment in the store's space (DESIGN §3).
-        source: where the clip came from (a path or URL).
+        source: where the clip came from (a path or URL), as the user typed it.
         clip_start: first frame index of the clip in the source.
         label: class id, or -1.
         extra: the per-sample fields declared when the writer was opened (fixed dtype and shape).
         video: mp4 bytes of the clip (WebDataset stores only; ``None`` when not stored).
+        source_path: ``source`` made absolute when it was written (finds the file from any
+            directory); "" when unknown (stores written before it existed, or not a local path).
     """
 
     key: str
@@ -62,6 +69,7 @@ class Sample:
     label: int = -1
     extra: dict[str, np.ndarray | float] = field(default_factory=dict)
     video: bytes | None = None
+    source_path: str = ""
 
 
 def check_key(key: str) -> None:
@@ -145,6 +153,11 @@ def normalize_attrs(attrs: dict[str, Any], num_blocks: int) -> dict[str, Any]:
     return norm
 
 
+def comparable_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attrs a reopened store must match: all but :data:`LOCATION_ATTRS`."""
+    return {k: v for k, v in attrs.items() if k not in LOCATION_ATTRS}
+
+
 def describe_mismatch(path: Path, old: dict[str, Any], new: dict[str, Any], what: str) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return (
@@ -157,6 +170,11 @@ def describe_mismatch(path: Path, old: dict[str, Any], new: dict[str, Any], what
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Store JSON (compact), written atomically by :func:`evatok_cli.config.save_json`."""
     save_json(path, obj, compact=True)
+
+
+def is_lock_file(name: str) -> bool:
+    """Files of the store lock (``.evatok.lock*``, see :mod:`evatok_cli.store.lock`): not store data."""
+    return name.startswith(".evatok.lock")
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -219,6 +237,7 @@ class StoreWriter(ABC):
         self._closed = False
         self.commit_seconds: float | None = None
         self._pending_since: float | None = None  # when the oldest uncommitted sample came
+        self.lock: Any = None  # the store lock (evatok_cli.store.lock), released on close/abort
 
     # -- public API
     def append(self, samples: Sequence[Sample]) -> None:
@@ -251,17 +270,36 @@ class StoreWriter(ABC):
             self.flush()
 
     def add_failure(self, source: str, reason: str) -> None:
-        """Record that ``source`` yielded no samples and why (one entry per source)."""
+        """Record that ``source`` (or some of its clips) yielded no samples and why (one entry per
+        source: the first reason is kept)."""
         if self.finished or self._closed:
             raise StoreError(f"{self.path}: writer of rank {self.rank} is finished or closed")
         reason = " ".join(str(reason).split())
-        self._failures[str(source)] = reason
+        self._failures.setdefault(str(source), reason)
         self.failed_sources.add(str(source))
         self._failures_changed()
 
     @property
     def failures(self) -> list[tuple[str, str]]:
         return list(self._failures.items())
+
+    def start_append(self) -> None:
+        """Reopen a finished store to append new samples as new parts (DESIGN §4: more inputs append).
+
+        Every rank of the job must call it (it is collective in effect: each rank opens its own new
+        part, numbered after the store's existing parts, and close() writes an index of old and new
+        parts). ``done_keys`` keeps every key already in the store, so appending one again is refused.
+        Until the new index is written, readers see the store as it was; a killed append resumes.
+        """
+        if not self.finished:
+            raise StoreError(f"{self.path}: start_append() needs a finished store (this one is being written)")
+        if self._closed:
+            raise StoreError(f"{self.path}: writer of rank {self.rank} is closed")
+        old = set(self.done_keys)
+        self._start_append()
+        self.finished = False
+        self.done_keys |= old
+        self._seen |= old
 
     @abstractmethod
     def flush(self) -> None:
@@ -286,6 +324,17 @@ class StoreWriter(ABC):
         """
         if self._closed:
             return
+        try:
+            self._close()
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _close(self) -> None:
         if self.finished:
             self._closed = True
             return
@@ -307,6 +356,7 @@ class StoreWriter(ABC):
     def abort(self) -> None:
         """Drop what is not committed and close without completing the part."""
         self._closed = True
+        self._release_lock()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -323,6 +373,9 @@ class StoreWriter(ABC):
                 self.abort()
 
     # -- format hooks
+    @abstractmethod
+    def _start_append(self) -> None: ...
+
     @abstractmethod
     def _add(self, rows: list[Sample]) -> None: ...
 
@@ -389,6 +442,7 @@ class StoreWriter(ABC):
             label=int(s.label),
             extra=extra,
             video=None if s.video is None else bytes(s.video),
+            source_path=str(s.source_path or ""),
         )
 
 

@@ -10,7 +10,7 @@ Layout::
       index.json                  the single index, written once every rank is complete
 
 Per sample: ``KEY.tokens.npy`` (uint16|uint32), ``KEY.json`` (block_lengths, assignment, source,
-clip_start, label, extra{name: list}), ``KEY.mp4`` when the sample carries video bytes.
+source_path, clip_start, label, extra{name: list}), ``KEY.mp4`` when the sample carries video bytes.
 
 Commit protocol: a shard is written under ``.tar.tmp``, closed, renamed to ``.tar``, and only then
 listed in ``part-RRRRR.json`` (rewritten atomically). A reopened rank deletes its shards and temp
@@ -35,7 +35,9 @@ from evatok_cli.store.common import (
     StoreError,
     StoreReader,
     StoreWriter,
+    comparable_attrs,
     describe_mismatch,
+    is_lock_file,
     log,
     read_json,
     unfinished_message,
@@ -71,6 +73,29 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> list[int]:
     return [tar.offset - padded, len(data)]
 
 
+def _index_parts(index: dict[str, Any]) -> list[str]:
+    """The part files an index was made from (indexes before appends: one per rank)."""
+    if "parts" in index:
+        return [str(p) for p in index["parts"]]
+    return [part_json(r) for r in range(int(index["layout"]["world_size"]))]
+
+
+def _appending(meta: dict[str, Any]) -> dict[str, int] | None:
+    """{base, world_size} of an append in progress (store.json ``append``), else None."""
+    app = meta.get("append")
+    return None if not app else {"base": int(app["base"]), "world_size": int(app["world_size"])}
+
+
+def _pending_parts(path: Path, meta: dict[str, Any]) -> list[int]:
+    """Part numbers being written now: the first run's ranks, or those of an append in progress."""
+    app = _appending(meta)
+    if app is not None:
+        return [app["base"] + r for r in range(app["world_size"])]
+    if (path / INDEX_JSON).is_file():
+        return []
+    return list(range(int(meta["layout"]["world_size"])))
+
+
 def is_wds_store(path: Path) -> bool:
     return (Path(path) / STORE_JSON).is_file() or (Path(path) / INDEX_JSON).is_file()
 
@@ -95,22 +120,51 @@ class WdsWriter(StoreWriter):
         self._tar: tarfile.TarFile | None = None
         self._cur: list[tuple[str, list[int], int, int, list[int]]] = []
         self._failures_dirty = False
-        self._open_root()
+        self.part_id = rank  # part-RRRRR.json / shard-RRRRR-* this writer writes (base + rank when appending)
+        meta = self._open_root()
         if (path / INDEX_JSON).is_file():
-            self.finished = True
-            self.done_keys = set(WdsReader(path).keys)
-            self._seen = set(self.done_keys)
+            reader = WdsReader(path)
+            old_keys = set(reader.keys)
+            app = _appending(meta)
+            if app is None or part_json(app["base"]) in _index_parts(read_json(path / INDEX_JSON, "index")):
+                self.finished = True
+                self.done_keys = old_keys
+                self._seen = set(old_keys)
+                self.failed_sources = {s for s, _ in reader.failures}
+                return
+            if app["world_size"] != self.layout.world_size:
+                raise StoreError(
+                    f"{path} is being appended to with world_size={app['world_size']}, this run has "
+                    f"{self.layout.world_size}; resume with the same number of processes"
+                )
+            self.part_id = app["base"] + rank
+            self._open_part()
+            self.done_keys |= old_keys
+            self._seen |= old_keys
+            self.failed_sources |= {s for s, _ in reader.failures}
             return
         self._open_part()
 
-    def _open_root(self) -> None:
+    def _start_append(self) -> None:
+        meta = read_json(self.path / STORE_JSON, "store header")
+        index = read_json(self.path / INDEX_JSON, "index")
+        want = {"base": len(_index_parts(index)), "world_size": self.layout.world_size}
+        if _appending(meta) != want:
+            # every rank writes the same value (atomic rename), whichever comes first
+            write_json_atomic(self.path / STORE_JSON, {**meta, "append": want})
+        self.part_id = want["base"] + self.rank
+        self.done_keys = set()
+        self._open_part()
+        log.info("%s: appending as %s after %d parts", self.path, part_json(self.part_id), want["base"])
+
+    def _open_root(self) -> dict[str, Any]:
         path = self.path
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path} exists and is not a directory")
         meta_path = path / STORE_JSON
         if not meta_path.is_file():
             if path.is_dir():
-                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial")]
+                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial") and not is_lock_file(p.name)]
                 # Another rank may have created the store meanwhile: its files are not junk.
                 if junk and not meta_path.is_file():
                     raise StoreError(f"{path} exists and is not an evatok token store (contains {junk[0]!r})")
@@ -118,8 +172,9 @@ class WdsWriter(StoreWriter):
             # Several ranks may create it at once: identical content, atomic rename.
             write_json_atomic(meta_path, {"attrs": self.attrs, "layout": self.layout.to_dict()})
         meta = read_json(meta_path, "store header")
-        if meta.get("attrs") != self.attrs:
-            raise StoreError(describe_mismatch(path, meta.get("attrs") or {}, self.attrs, "attrs"))
+        old_attrs = comparable_attrs(meta.get("attrs") or {})
+        if old_attrs != comparable_attrs(self.attrs):
+            raise StoreError(describe_mismatch(path, old_attrs, comparable_attrs(self.attrs), "attrs"))
         finished = (path / INDEX_JSON).is_file()
         a, b = dict(meta.get("layout") or {}), self.layout.to_dict()
         if finished:
@@ -131,29 +186,30 @@ class WdsWriter(StoreWriter):
                     f"{self.layout.world_size}; resume with the same number of processes"
                 )
             raise StoreError(describe_mismatch(path, a, b, "layout (blocks, token dtype, extra fields)"))
+        return meta
 
     def _open_part(self) -> None:
-        pj = self.path / part_json(self.rank)
+        pj = self.path / part_json(self.part_id)
         if pj.is_file():
             state = read_json(pj, "part file")
         else:
-            state = {"rank": self.rank, "shards": [], "failures": [], "complete": False}
+            state = {"rank": self.rank, "part": self.part_id, "shards": [], "failures": [], "complete": False}
         self._state = state
         self._part_complete = bool(state.get("complete"))
         self._failures = {str(s): str(r) for s, r in state.get("failures", [])}
         self.failed_sources = set(self._failures)
         listed = {s["name"] for s in state["shards"]}
         # Drop what a killed run left behind: temp shards and shards renamed but never listed.
-        for f in self.path.glob(f"shard-{self.rank:05d}-*.tar*"):
+        for f in self.path.glob(f"shard-{self.part_id:05d}-*.tar*"):
             if f.name not in listed:
                 f.unlink(missing_ok=True)
         for f in self.path.glob(".*.partial"):
-            if f.name.startswith(f".{part_json(self.rank)}."):
+            if f.name.startswith(f".{part_json(self.part_id)}."):
                 f.unlink(missing_ok=True)
         self.done_keys = {k for s in state["shards"] for k in s["keys"]}
         self._seen = set(self.done_keys)
         if self.done_keys:
-            log.info("%s: resuming rank %d after %d committed samples", self.path, self.rank, len(self.done_keys))
+            log.info("%s: resuming %s after %d committed samples", self.path, pj.name, len(self.done_keys))
 
     @property
     def committed(self) -> int:
@@ -164,7 +220,7 @@ class WdsWriter(StoreWriter):
     def _add(self, rows: list[Sample]) -> None:
         for r in rows:
             if self._tar is None:
-                self._tmp = self.path / (shard_name(self.rank, len(self._state["shards"])) + ".tmp")
+                self._tmp = self.path / (shard_name(self.part_id, len(self._state["shards"])) + ".tmp")
                 self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
             self._write_sample(r)
             if len(self._cur) >= self.samples_per_shard:
@@ -178,6 +234,7 @@ class WdsWriter(StoreWriter):
             "block_lengths": [int(x) for x in r.block_lengths],
             "assignment": r.assignment,
             "source": r.source,
+            "source_path": r.source_path,
             "clip_start": r.clip_start,
             "label": r.label,
             "extra": {k: v.tolist() for k, v in r.extra.items()},
@@ -212,7 +269,7 @@ class WdsWriter(StoreWriter):
 
     def _write_state(self) -> None:
         self._state["failures"] = [list(x) for x in self._failures.items()]
-        write_json_atomic(self.path / part_json(self.rank), self._state)
+        write_json_atomic(self.path / part_json(self.part_id), self._state)
         self._failures_dirty = False
 
     def _failures_changed(self) -> None:
@@ -240,13 +297,16 @@ class WdsWriter(StoreWriter):
         self._write_state()
 
     def _all_parts_complete(self) -> bool:
-        return all(_rank_complete(self.path, r) for r in range(self.layout.world_size))
+        meta = read_json(self.path / STORE_JSON, "store header")
+        return all(_rank_complete(self.path, r) for r in _pending_parts(self.path, meta))
 
     def _finalize(self) -> None:
         finalize_wds(self.path)
 
     def _is_finalized(self) -> bool:
-        return (self.path / INDEX_JSON).is_file()
+        return (self.path / INDEX_JSON).is_file() and _appending(
+            read_json(self.path / STORE_JSON, "store header")
+        ) is None
 
 
 def _rank_complete(path: Path, rank: int) -> bool:
@@ -258,23 +318,30 @@ def _rank_complete(path: Path, rank: int) -> bool:
 
 def finalize_wds(path: Path) -> None:
     """Write ``index.json`` once every rank's part is complete (idempotent)."""
-    if (path / INDEX_JSON).is_file():
-        return
     meta = read_json(path / STORE_JSON, "store header")
-    layout = Layout.from_dict(meta["layout"])
-    W = layout.world_size
-    done = [r for r in range(W) if _rank_complete(path, r)]
-    if len(done) != W:
-        raise StoreError(unfinished_message(path, len(done), W))
-    shards, failures, owner = [], [], {}
-    for r in range(W):
+    app = _appending(meta)
+    has_index = (path / INDEX_JSON).is_file()
+    if has_index and app is None:
+        return
+    old = read_json(path / INDEX_JSON, "index") if has_index else {"shards": [], "failures": [], "parts": []}
+    pending = _pending_parts(path, meta)
+    if has_index and part_json(pending[0]) in _index_parts(old):
+        # killed after writing the new index but before ending the append: just end it
+        write_json_atomic(path / STORE_JSON, {k: v for k, v in meta.items() if k != "append"})
+        return
+    done = [r for r in pending if _rank_complete(path, r)]
+    if len(done) != len(pending):
+        raise StoreError(unfinished_message(path, len(done), len(pending)))
+    shards, failures = list(old["shards"]), list(old.get("failures", []))
+    owner = {k: s["name"] for s in shards for k in s["keys"]}
+    for r in pending:
         state = read_json(path / part_json(r), "part file")
         for s in state["shards"]:
             if not (path / s["name"]).is_file():
                 raise StoreError(f"{path}: shard {s['name']} listed by {part_json(r)} is missing")
             for k in s["keys"]:
                 if k in owner:
-                    raise StoreError(f"{path}: sample key {k!r} is in {owner[k]} and {s['name']}; ranks overlap")
+                    raise StoreError(f"{path}: sample key {k!r} is in {owner[k]} and {s['name']}; parts overlap")
                 owner[k] = s["name"]
         shards += state["shards"]
         failures += state.get("failures", [])
@@ -286,8 +353,11 @@ def finalize_wds(path: Path) -> None:
         "tokens": sum(int(s["tokens"]) for s in shards),
         "shards": shards,
         "failures": failures,
+        "parts": (_index_parts(old) if has_index else []) + [part_json(r) for r in pending],
     }
     write_json_atomic(path / INDEX_JSON, index)
+    if app is not None:
+        write_json_atomic(path / STORE_JSON, {k: v for k, v in meta.items() if k != "append"})
     log.info("%s: finished, %d samples in %d shards", path, index["samples"], len(shards))
 
 
@@ -329,6 +399,7 @@ def _decode(tar_path: Path, key: str, parts: dict[str, Any], dtype: np.dtype, ex
             for k, v in meta.get("extra", {}).items()
         },
         video=bytes(parts["mp4"]) if "mp4" in parts else None,
+        source_path=str(meta.get("source_path", "")),
     )
 
 
@@ -351,14 +422,23 @@ class WdsReader(StoreReader):
                 failures = index.get("failures", [])
             except (KeyError, TypeError, ValueError) as e:
                 raise StoreError(f"{self.path} has a corrupted index ({INDEX_JSON}: {e!r})") from None
+            app = _appending(read_json(self.path / STORE_JSON, "store header")) if allow_unfinished else None
+            if app is not None and part_json(app["base"]) not in _index_parts(index):
+                shards, failures = list(shards), list(failures)  # an append in progress: add what it committed
+                for r in range(app["base"], app["base"] + app["world_size"]):
+                    if (self.path / part_json(r)).is_file():
+                        state = read_json(self.path / part_json(r), "part file")
+                        shards += state["shards"]
+                        failures += state.get("failures", [])
         else:
             meta = read_json(self.path / STORE_JSON, "store header")
             attrs, layout = meta["attrs"], Layout.from_dict(meta["layout"])
-            W = layout.world_size
+            pending = _pending_parts(self.path, meta)
             if not allow_unfinished:
-                raise StoreError(unfinished_message(self.path, sum(_rank_complete(self.path, r) for r in range(W)), W))
+                done = sum(_rank_complete(self.path, r) for r in pending)
+                raise StoreError(unfinished_message(self.path, done, len(pending)))
             shards, failures = [], []
-            for r in range(W):
+            for r in pending:
                 if (self.path / part_json(r)).is_file():
                     state = read_json(self.path / part_json(r), "part file")
                     shards += state["shards"]

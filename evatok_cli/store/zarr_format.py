@@ -10,6 +10,7 @@ Layout::
         assignment, label     int32 (N,)
         clip_start            int64 (N,)
         key, source           string (N,)
+        source_path           string (N,)             absolute source ("" if unknown; absent in older stores)
         extra/NAME            declared dtype (N, *shape)
         attrs: rank, committed{samples, tokens}, complete, failures[[source, reason]]
 
@@ -40,7 +41,9 @@ from evatok_cli.store.common import (
     StoreReader,
     StoreWriter,
     approx_items,
+    comparable_attrs,
     describe_mismatch,
+    is_lock_file,
     log,
     unfinished_message,
     window_ranges,
@@ -53,6 +56,7 @@ STR_CHUNK = 1 << 14
 READ_WINDOW = 1024
 UNIT = 256
 _COLUMNS = ("tokens", "offsets", "block_lengths", "assignment", "label", "clip_start", "key", "source")
+_OPTIONAL = ("source_path",)  # columns added after format v1 shipped: parts written before lack them
 
 
 def part_name(rank: int) -> str:
@@ -75,7 +79,25 @@ def read_root_meta(path: Path) -> dict[str, Any] | None:
 
 
 def _user_attrs(root_attrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in root_attrs.items() if k not in ("layout", "index")}
+    return {k: v for k, v in root_attrs.items() if k not in ("layout", "index", "append")}
+
+
+def _appending(root_attrs: dict[str, Any]) -> dict[str, int] | None:
+    """{base, world_size} of an append in progress (new parts base..base+world_size-1), else None."""
+    app = root_attrs.get("append")
+    if not app or "index" not in root_attrs:
+        return None
+    return {"base": int(app["base"]), "world_size": int(app["world_size"])}
+
+
+def _pending_parts(root_attrs: dict[str, Any]) -> list[str]:
+    """The parts being written now: the first run's, or those of an append in progress."""
+    app = _appending(root_attrs)
+    if app is not None:
+        return [part_name(app["base"] + r) for r in range(app["world_size"])]
+    if "index" in root_attrs:
+        return []
+    return [part_name(r) for r in range(int(root_attrs["layout"]["world_size"]))]
 
 
 def _layout(path: Path, root_attrs: dict[str, Any]) -> Layout:
@@ -113,13 +135,42 @@ class ZarrWriter(StoreWriter):
         self.commit_every = commit_every
         self._buf: list[Sample] = []
         self._failures_dirty = False
+        self.part_id = rank  # part-RRRRR this writer writes (base + rank when appending)
         root_attrs = self._open_root()
         if "index" in root_attrs:
-            self.finished = True
-            self.done_keys = set(ZarrReader(path).keys)
-            self._seen = set(self.done_keys)
+            reader = ZarrReader(path)
+            old_keys = set(reader.keys)
+            app = _appending(root_attrs)
+            if app is None:
+                self.finished = True
+                self.done_keys = old_keys
+                self._seen = set(old_keys)
+                self.failed_sources = {s for s, _ in reader.failures}
+                return
+            if app["world_size"] != self.layout.world_size:
+                raise StoreError(
+                    f"{path} is being appended to with world_size={app['world_size']}, this run has "
+                    f"{self.layout.world_size}; resume with the same number of processes"
+                )
+            self.part_id = app["base"] + rank
+            self._open_part()
+            self.done_keys |= old_keys
+            self._seen |= old_keys
+            self.failed_sources |= {s for s, _ in reader.failures}
             return
         self._open_part()
+
+    def _start_append(self) -> None:
+        root = _open(self.path, "", mode="r+")
+        index = root.attrs["index"]
+        want = {"base": len(index["parts"]), "world_size": self.layout.world_size}
+        if _appending(dict(root.attrs)) != want:
+            # every rank writes the same value (atomic rename), whichever comes first
+            root.attrs.update({"append": want})
+        self.part_id = want["base"] + self.rank
+        self.done_keys = set()
+        self._open_part()
+        log.info("%s: appending as %s after %d parts", self.path, part_name(self.part_id), want["base"])
 
     # -- setup
     def _open_root(self) -> dict[str, Any]:
@@ -129,7 +180,7 @@ class ZarrWriter(StoreWriter):
         root_attrs = read_root_meta(path)
         if root_attrs is None:
             if path.is_dir():
-                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial")]
+                junk = [p.name for p in path.iterdir() if not p.name.endswith(".partial") and not is_lock_file(p.name)]
                 # Another rank may have created the store meanwhile: its files are not junk.
                 if junk and read_root_meta(path) is None:
                     raise StoreError(f"{path} exists and is not an evatok token store (contains {junk[0]!r})")
@@ -142,11 +193,11 @@ class ZarrWriter(StoreWriter):
             root_attrs = read_root_meta(path)
             if root_attrs is None:
                 raise StoreError(f"{path}: could not create the store's root group")
-        old_user = _user_attrs(root_attrs)
-        if old_user != self.attrs:
-            raise StoreError(describe_mismatch(path, old_user, self.attrs, "attrs"))
+        old_user = comparable_attrs(_user_attrs(root_attrs))
+        if old_user != comparable_attrs(self.attrs):
+            raise StoreError(describe_mismatch(path, old_user, comparable_attrs(self.attrs), "attrs"))
         old = _layout(path, root_attrs)
-        finished = "index" in root_attrs
+        finished = "index" in root_attrs  # (an append in progress checks its own world size)
         a, b = old.to_dict(), self.layout.to_dict()
         if finished:
             a.pop("world_size"), b.pop("world_size")
@@ -160,7 +211,7 @@ class ZarrWriter(StoreWriter):
         return root_attrs
 
     def _open_part(self) -> None:
-        name = part_name(self.rank)
+        name = part_name(self.part_id)
         pdir = self.path / name
         if not (pdir / "zarr.json").is_file():
             self._create_part(name)
@@ -188,7 +239,7 @@ class ZarrWriter(StoreWriter):
         self._seen = set(self.done_keys)
         if len(self.done_keys) != self._n:
             raise StoreError(f"{pdir} holds duplicate keys; the part is corrupted")
-        log.info("%s: resuming rank %d after %d committed samples", self.path, self.rank, self._n)
+        log.info("%s: resuming %s after %d committed samples", self.path, name, self._n)
 
     def _part_arrays(self, g) -> dict[str, Any]:
         arrays = {}
@@ -199,6 +250,15 @@ class ZarrWriter(StoreWriter):
                 arrays[f"extra/{name}"] = g[f"extra/{name}"]
         except KeyError as e:
             raise StoreError(f"{self.path / g.basename} is missing array {e}; the part is corrupted") from None
+        for col in _OPTIONAL:
+            if col not in g:  # a part started by an older version, resumed now: fill in "" (unknown)
+                n = int((g.attrs.get("committed") or {}).get("samples", 0))
+                a = g.create_array(
+                    col, shape=(n,), dtype=str, chunks=(STR_CHUNK,), compressors=ZstdCodec(level=3), fill_value=None
+                )
+                if n:
+                    a[:] = np.array([""] * n, dtype=object)
+            arrays[col] = g[col]
         return arrays
 
     def _create_part(self, name: str) -> None:
@@ -207,7 +267,13 @@ class ZarrWriter(StoreWriter):
         g = root.create_group(
             name,
             overwrite=True,
-            attributes={"rank": self.rank, "committed": {"samples": 0, "tokens": 0}, "complete": False, "failures": []},
+            attributes={
+                "rank": self.rank,
+                "part": self.part_id,
+                "committed": {"samples": 0, "tokens": 0},
+                "complete": False,
+                "failures": [],
+            },
         )
         zstd = ZstdCodec(level=3)
 
@@ -225,6 +291,7 @@ class ZarrWriter(StoreWriter):
         arr("clip_start", (0,), np.int64, (ROW_CHUNK,))
         arr("key", (0,), str, (STR_CHUNK,))
         arr("source", (0,), str, (STR_CHUNK,))
+        arr("source_path", (0,), str, (STR_CHUNK,))
         if self.layout.extra_fields:
             eg = g.create_group("extra")
             for fname, (dt, shape) in self.layout.extra_fields.items():
@@ -276,6 +343,7 @@ class ZarrWriter(StoreWriter):
                 "clip_start": np.array([r.clip_start for r in batch], dtype=np.int64),
                 "key": np.array([r.key for r in batch], dtype=object),
                 "source": np.array([r.source for r in batch], dtype=object),
+                "source_path": np.array([r.source_path for r in batch], dtype=object),
             }
             for name in self.layout.extra_fields:
                 cols[f"extra/{name}"] = np.stack([r.extra[name] for r in batch])
@@ -301,18 +369,19 @@ class ZarrWriter(StoreWriter):
         self.part.attrs.update({"complete": True})
 
     def _all_parts_complete(self) -> bool:
-        return all(_part_complete(self.path, r) for r in range(self.layout.world_size))
+        meta = read_root_meta(self.path) or {}
+        return all(_part_complete(self.path, name) for name in _pending_parts(meta))
 
     def _finalize(self) -> None:
         finalize_zarr(self.path)
 
     def _is_finalized(self) -> bool:
         meta = read_root_meta(self.path)
-        return meta is not None and "index" in meta
+        return meta is not None and "index" in meta and _appending(meta) is None
 
 
-def _part_complete(path: Path, rank: int) -> bool:
-    meta = path / part_name(rank) / "zarr.json"
+def _part_complete(path: Path, name: str) -> bool:
+    meta = path / name / "zarr.json"
     try:
         return bool(json.loads(meta.read_text())["attributes"].get("complete", False))
     except (OSError, ValueError, KeyError, TypeError):
@@ -324,31 +393,34 @@ def finalize_zarr(path: Path) -> None:
     root_attrs = read_root_meta(path)
     if root_attrs is None:
         raise StoreError(f"{path} is not an evatok zarr token store")
-    if "index" in root_attrs:
+    if "index" in root_attrs and _appending(root_attrs) is None:
         return
-    layout = _layout(path, root_attrs)
-    W = layout.world_size
-    complete = [r for r in range(W) if _part_complete(path, r)]
-    if len(complete) != W:
-        raise StoreError(unfinished_message(path, len(complete), W))
-    parts, failures, owner = [], [], {}
-    for r in range(W):
-        g = _open(path, part_name(r))
+    _layout(path, root_attrs)
+    pending = _pending_parts(root_attrs)
+    complete = [name for name in pending if _part_complete(path, name)]
+    if len(complete) != len(pending):
+        raise StoreError(unfinished_message(path, len(complete), len(pending)))
+    old = root_attrs.get("index") or {"parts": [], "failures": []}
+    parts, failures, owner = [], [[str(s), str(x)] for s, x in old["failures"]], {}
+    for name in [p["name"] for p in old["parts"]] + pending:
+        g = _open(path, name)
         c = g.attrs["committed"]
         n, ntok = int(c["samples"]), int(c["tokens"])
         for k in g["key"][:n].tolist():
             if k in owner:
-                raise StoreError(f"{path}: sample key {k!r} is in {owner[k]} and {part_name(r)}; ranks overlap")
-            owner[k] = part_name(r)
-        parts.append({"name": part_name(r), "samples": n, "tokens": ntok})
-        failures += [[str(s), str(x)] for s, x in g.attrs.get("failures", [])]
+                raise StoreError(f"{path}: sample key {k!r} is in {owner[k]} and {name}; parts overlap")
+            owner[k] = name
+        parts.append({"name": name, "samples": n, "tokens": ntok})
+        if name in pending:
+            failures += [[str(s), str(x)] for s, x in g.attrs.get("failures", [])]
     index = {
         "parts": parts,
         "samples": sum(p["samples"] for p in parts),
         "tokens": sum(p["tokens"] for p in parts),
         "failures": failures,
     }
-    _open(path, "", mode="r+").attrs.update({"index": index})
+    # one write: the new index and the end of the append (a reader sees the old or the new store)
+    _open(path, "", mode="r+").attrs.update({"index": index, "append": None})
     log.info("%s: finished, %d samples in %d parts", path, index["samples"], len(parts))
 
 
@@ -372,18 +444,19 @@ class ZarrReader(StoreReader):
         self.layout = _layout(self.path, root_attrs)
         self.attrs = _user_attrs(root_attrs)
         index = root_attrs.get("index")
-        if index is None:
-            W = self.layout.world_size
+        if index is None or (allow_unfinished and _appending(root_attrs) is not None):
+            pending = _pending_parts(root_attrs)
             if not allow_unfinished:
-                done = sum(_part_complete(self.path, r) for r in range(W))
-                raise StoreError(unfinished_message(self.path, done, W))
-            parts = []
-            for r in range(W):
-                if (self.path / part_name(r) / "zarr.json").is_file():
-                    c = _open(self.path, part_name(r)).attrs.get("committed") or {"samples": 0, "tokens": 0}
+                done = sum(_part_complete(self.path, name) for name in pending)
+                raise StoreError(unfinished_message(self.path, done, len(pending)))
+            parts = [] if index is None else [dict(p) for p in index["parts"]]
+            for name in pending:
+                if (self.path / name / "zarr.json").is_file():
+                    c = _open(self.path, name).attrs.get("committed") or {"samples": 0, "tokens": 0}
                     if int(c["samples"]) > 0:  # a part killed while being created may lack arrays
-                        parts.append({"name": part_name(r), "samples": int(c["samples"]), "tokens": int(c["tokens"])})
-            self.failures = []
+                        parts.append({"name": name, "samples": int(c["samples"]), "tokens": int(c["tokens"])})
+            self.failures = [] if index is None else [(str(s), str(r)) for s, r in index.get("failures", [])]
+            index = None
         else:
             try:
                 parts = [
@@ -398,6 +471,7 @@ class ZarrReader(StoreReader):
 
     def _load_columns(self, unfinished: bool) -> None:
         keys, src, cs, asg, bl, lab, self._offsets, self._tok, self._extra = [], [], [], [], [], [], [], [], []
+        src_path: list[str] = []
         failures = []
         for p in self._parts:
             g = _open(self.path, p["name"])
@@ -411,6 +485,7 @@ class ZarrReader(StoreReader):
                 self._extra.append({f: g[f"extra/{f}"] for f in self.layout.extra_fields})
                 keys += g["key"][:n].tolist()
                 src += g["source"][:n].tolist()
+                src_path += g["source_path"][:n].tolist() if "source_path" in g else [""] * n
                 cs.append(g["clip_start"][:n])
                 asg.append(g["assignment"][:n])
                 bl.append(g["block_lengths"][:n])
@@ -424,6 +499,7 @@ class ZarrReader(StoreReader):
         T = self.layout.num_blocks
         self.keys = [str(k) for k in keys]
         self._source = [str(s) for s in src]
+        self._source_path = [str(s) for s in src_path]
         self._clip_start = np.concatenate(cs) if cs else np.zeros(0, np.int64)
         self._assignment = np.concatenate(asg).astype(np.int32) if asg else np.zeros(0, np.int32)
         self._block_lengths = np.concatenate(bl) if bl else np.zeros((0, T), np.uint16)
@@ -472,6 +548,7 @@ class ZarrReader(StoreReader):
             clip_start=int(self._clip_start[i]),
             label=int(self._label[i]),
             extra=extra,
+            source_path=self._source_path[i],
         )
 
     def _get(self, i: int) -> Sample:

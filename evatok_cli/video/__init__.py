@@ -28,7 +28,15 @@ from evatok_cli.video.clips import (
 )
 from evatok_cli.video.errors import VideoError
 from evatok_cli.video.probe import VideoInfo, VideoSource, probe
-from evatok_cli.video.sources import VIDEO_EXTENSIONS, VideoRef, clip_key, list_inputs, ref_from_source, tar_refs
+from evatok_cli.video.sources import (
+    VIDEO_EXTENSIONS,
+    VideoRef,
+    absolute_source,
+    clip_key,
+    list_inputs,
+    ref_from_source,
+    tar_refs,
+)
 from evatok_cli.video.write import encode_mp4, safe_name, write_mp4
 
 _DATASET_NAMES = (
@@ -49,6 +57,7 @@ __all__ = [
     "VideoInfo",
     "VideoRef",
     "VideoSource",
+    "absolute_source",
     "clip_key",
     "clip_starts",
     "encode_mp4",

@@ -251,7 +251,10 @@ class ClipReader:
     Attributes:
         name: the source string.
         info: the probed :class:`VideoInfo`.
-        num_frames: frames after fps resampling (the range of clip starts + clip length).
+        num_frames: frames after fps resampling (the range of clip starts + clip length); lowered
+            to what really decodes once a read finds the stream ending early.
+        stated_frames: ``num_frames`` as the container states it.
+        decodable: source frames that decode, once known (else None).
         decoded: frames decoded so far (restarts and seeks included): what reading has cost.
 
     Args:
@@ -282,6 +285,9 @@ class ClipReader:
         self.name = name
         self.info: VideoInfo = info
         self.num_frames = resampled_length(info.frames, info.fps, spec.target_fps)
+        self.stated_frames = resampled_length(info.frames, info.fps, spec.target_fps)
+        self.decodable: int | None = None  # source frames that really decode, once a read ran past the end
+        self._end_reason: str | None = None  # why decoding stopped early (None: the stream just ended)
         self._reformatter = VideoReformatter()
         _LIVE_READERS.add(self)
         self.decoded = 0  # frames decoded so far, over restarts and seeks (a cost measure)
@@ -341,17 +347,9 @@ class ClipReader:
                 frame = next(self._frames, None)
             except (av.error.FFmpegError, OSError, EOFError) as e:
                 msg = getattr(e, "strerror", None) or str(e)
-                raise VideoError(
-                    self.name,
-                    f"truncated or corrupt: decoding failed at frame {self._next} of the {self.info.frames} the "
-                    f"container states ({msg}; the clip at {start} needs source frame {index})",
-                ) from None
+                raise _StreamEnd(self._next, f"decoding failed at frame {self._next} ({msg})") from None
             if frame is None:
-                raise VideoError(
-                    self.name,
-                    f"truncated or corrupt: the stream ended after {self._next} frames but the container "
-                    f"states {self.info.frames} (the clip at {start} needs source frame {index})",
-                )
+                raise _StreamEnd(self._next, None)
             self._next += 1
             self.decoded += 1
             if self._next - 1 == index:
@@ -373,13 +371,61 @@ class ClipReader:
     def read(self, start: int) -> Clip:
         """The clip starting at resampled frame ``start``.
 
+        Containers may state more frames than decode (edit lists, a truncated file). The first read
+        that runs past the real end learns the real count (``decodable``); a clip that starts
+        before the real end but would end past it is moved back to end on the real last frame
+        (``Clip.start`` tells where it starts); a clip that starts past it is lost.
+
         Raises:
-            VideoError: ``start`` out of range, or the video is truncated/corrupt before the clip ends.
+            VideoError: ``start`` out of range; the clip starts past the frames that decode (the
+                reason says why: the stream ends early, or decoding fails at frame k); the video
+                decodes fewer frames than one clip.
         """
         if not 0 <= start <= self.num_frames - self.spec.frames:
+            if self.decodable is None or not 0 <= start <= self.stated_frames - self.spec.frames:
+                raise VideoError(
+                    self.name, f"clip start {start} out of range: {self.num_frames} frames, clip {self.spec.frames}"
+                )
+            return self._read_within(start)
+        try:
+            return self._read(start)
+        except _StreamEnd as end:
+            self.decodable, self._end_reason = end.frames, end.why
+            self.num_frames = resampled_length(end.frames, self.info.fps, self.spec.target_fps)
+            return self._read_within(start)
+
+    def _read_within(self, start: int) -> Clip:
+        """Read ``start`` knowing that only ``self.decodable`` source frames decode (see :meth:`read`)."""
+        F, d, stated = self.spec.frames, self.decodable, self.stated_frames
+        if start + F <= self.num_frames:
+            return self._read_known(start)
+        if self._end_reason is None:
+            what = f"truncated or corrupt: the stream ends after {d} frames though the container states {stated}"
+        else:
+            what = f"truncated or corrupt: {self._end_reason}, of the {stated} frames the container states"
+        if self.num_frames < F:
+            if self._end_reason is None:
+                raise VideoError(
+                    self.name, f"too short: {d} frames decode (the container states {stated}), a clip needs {F}"
+                )
+            raise VideoError(self.name, f"{what}; no whole clip of {F} frames decodes")
+        if start < self.num_frames:  # the clip straddles the real end: end it on the last frame
+            moved = self.num_frames - F
+            log.info("%s: %s; the clip at %d ends on the last frame (starts at %d)", self.name, what, start, moved)
+            return self._read_known(moved)
+        raise VideoError(self.name, f"{what}; the clip at {start} (frames {start}-{start + F - 1}) is lost")
+
+    def _read_known(self, start: int) -> Clip:
+        try:
+            return self._read(start)
+        except _StreamEnd as end:  # frames that decoded before do not now (should not happen)
             raise VideoError(
-                self.name, f"clip start {start} out of range: {self.num_frames} frames, clip {self.spec.frames}"
-            )
+                self.name,
+                f"truncated or corrupt: {end.why or f'the stream ended after {end.frames} frames'}"
+                f" on a second read (the clip at {start})",
+            ) from None
+
+    def _read(self, start: int) -> Clip:
         if self._container is None:
             raise ValueError("ClipReader is closed")
         wanted = source_indices(start, self.spec.frames, self.info.fps, self.spec.target_fps)
@@ -435,6 +481,14 @@ def _orphan_inherited_readers() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_orphan_inherited_readers)
+
+
+class _StreamEnd(Exception):
+    """The decoder stopped before the frame asked for: ``frames`` decoded; ``why`` None = clean end."""
+
+    def __init__(self, frames: int, why: str | None) -> None:
+        super().__init__(frames, why)
+        self.frames, self.why = frames, why
 
 
 def _chain_first(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:

@@ -43,12 +43,16 @@ def _label_hint(ref: VideoSource) -> str:
     return ref.label_hint if isinstance(ref, VideoRef) else ""
 
 
-def _item(ref: VideoSource, source: str, start: int, frames: np.ndarray) -> dict[str, Any]:
+def _item(
+    ref: VideoSource, source: str, start: int, frames: np.ndarray, clip_start: int | None = None
+) -> dict[str, Any]:
+    # The key comes from the planned start, so resumes find it; ``clip_start`` is where the clip
+    # really starts (earlier when the container states more frames than decode: clips.ClipReader.read).
     return {
         "video": torch.from_numpy(frames),
         "key": clip_key(source, start),
         "source": source,
-        "clip_start": start,
+        "clip_start": start if clip_start is None else clip_start,
         "label_hint": _label_hint(ref),
     }
 
@@ -187,7 +191,7 @@ class ClipIndexDataset(Dataset):
         if error is None:
             try:
                 clip = self._open(i).read(start)
-                return _item(ref, source, start, clip.frames)
+                return _item(ref, source, start, clip.frames, clip.start)
             except VideoError as e:
                 self._reader = None
                 error = e.reason

@@ -30,7 +30,26 @@ from typing import TextIO
 
 from evatok_cli.video.errors import VideoError
 
-VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+VIDEO_EXTENSIONS: tuple[str, ...] = (
+    ".mp4",
+    ".avi",
+    ".webm",
+    ".mkv",
+    ".mov",
+    ".mpg",
+    ".mpeg",
+    ".m4v",
+    ".ts",
+    ".mts",
+    ".m2ts",
+    ".wmv",
+    ".flv",
+    ".3gp",
+    ".ogv",
+    ".vob",
+    ".mxf",
+)
+"""File endings a directory walk keeps by default: the common video containers."""
 TAR_SEPARATOR = "::"
 
 
@@ -145,6 +164,21 @@ def normalize_source(source: str) -> str:
     return os.path.normpath(source)
 
 
+def absolute_source(source: str) -> str:
+    """``source`` with its file (or tar) made absolute against the current directory (not resolved).
+
+    Stores record it beside ``source`` so that a clip is found again from any working directory
+    (``evatok decode --metrics``); keys keep using ``source`` as typed. URLs and other non-paths
+    (``scheme://...``) are returned unchanged.
+    """
+    if "://" in source:
+        return source
+    if TAR_SEPARATOR in source and not os.path.exists(source):
+        tar, _, member = source.partition(TAR_SEPARATOR)
+        return f"{os.path.abspath(tar)}{TAR_SEPARATOR}{member}"
+    return os.path.abspath(source)
+
+
 def ref_from_source(source: str) -> VideoRef:
     """Rebuild the :class:`VideoRef` named by a ``VideoRef.source`` string (file or ``TAR::MEMBER``).
 
@@ -161,7 +195,7 @@ def ref_from_source(source: str) -> VideoRef:
     return VideoRef.from_path(source)
 
 
-def _walk(root: str, exts: tuple[str, ...]) -> list[str]:
+def _walk(root: str, exts: tuple[str, ...], passed_over: list[str] | None = None) -> list[str]:
     found: list[str] = []
     seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -173,20 +207,27 @@ def _walk(root: str, exts: tuple[str, ...]) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for fn in filenames:
             low = fn.lower()
-            if not fn.startswith(".") and (low.endswith(exts) or low.endswith(".tar")):
+            if fn.startswith("."):
+                continue  # hidden files, AppleDouble forks, our own temporary files
+            if low.endswith(exts) or low.endswith(".tar"):
                 found.append(os.path.join(dirpath, fn))
+            elif passed_over is not None:
+                passed_over.append(os.path.join(dirpath, fn))
     return sorted(found, key=lambda s: Path(os.path.relpath(s, root)).parts)
 
 
-def _expand(item: str, exts: tuple[str, ...]) -> list[VideoRef]:
+def _expand(item: str, exts: tuple[str, ...], passed_over: list[str] | None = None) -> list[VideoRef]:
     if not os.path.exists(item):
         if TAR_SEPARATOR in item:
             return [ref_from_source(item)]
         raise VideoError(item, "not found")
     if os.path.isdir(item):
         out: list[VideoRef] = []
-        for f in _walk(os.path.normpath(item), exts):
+        skipped: list[str] = []
+        for f in _walk(os.path.normpath(item), exts, skipped):
             out.extend(tar_refs(f, exts) if f.lower().endswith(".tar") else [VideoRef.from_path(f)])
+        if passed_over is not None:
+            passed_over.extend(sorted(skipped, key=lambda s: Path(os.path.relpath(s, item)).parts))
         return out
     if item.lower().endswith(".tar"):
         return tar_refs(item, exts)
@@ -197,6 +238,7 @@ def list_inputs(
     inputs: Sequence[str | os.PathLike[str]],
     extensions: Sequence[str] = VIDEO_EXTENSIONS,
     stdin: TextIO | None = None,
+    passed_over: list[str] | None = None,
 ) -> list[VideoRef]:
     """Expand files, directories, ``-`` (stdin) and WebDataset tars into an ordered list of videos.
 
@@ -205,6 +247,8 @@ def list_inputs(
         extensions: file endings kept when walking directories and tar members (case-insensitive).
             Files named explicitly are kept whatever their extension.
         stdin: the stream behind ``-`` (default ``sys.stdin``).
+        passed_over: when given, receives the files a directory walk did not take (their extension
+            is not in ``extensions``; hidden files are not counted), so callers can say so.
 
     Returns:
         The videos in input order (directories sorted), each source listed once.
@@ -217,7 +261,7 @@ def list_inputs(
     seen: set[str] = set()
 
     def add(item: str) -> None:
-        for ref in _expand(item, exts):
+        for ref in _expand(item, exts, passed_over):
             if ref.source not in seen:
                 seen.add(ref.source)
                 refs.append(ref)

@@ -100,7 +100,9 @@ def test_encode_dir_with_broken_files(messy_dir, tiny_tokenizer, tmp_path):
             "--quiet",
         ],
     )
-    assert json.loads(again.stdout.strip())["nothing_to_do"] is True
+    s = json.loads(again.stdout.strip())
+    assert s["nothing_to_do"] is True and s["failed_before"] == 2 and s["skipped_done"] == 6
+    assert again.exit_code == 3  # the broken inputs are still not encoded: never exit 0 having skipped one
 
 
 def test_no_valid_input_is_a_clear_error(tmp_path, tiny_tokenizer):

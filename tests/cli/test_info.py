@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -102,3 +103,27 @@ def test_info_real_subprocess(store, footage):
     recs = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["type"] for r in recs] == ["video", "store"]
     assert recs[0]["frames"] == 120 and recs[1]["samples"] == 6
+
+
+def test_info_piped_writes_plain_lines(store):
+    """Not a terminal: `key: value` lines, nothing wrapped at 20 characters (a real pipe)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "evatok_cli", "info", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "20"},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{store} (store)"
+    assert "  samples: 6" in lines and "  min_tokens: 4" in lines
+    assert not any(c in out.stdout for c in "┏━│┃")  # no table
+    assert "  metadata: tokenizer: preset ?, weights sha256 000000000000" in lines  # whole, not wrapped
+    assert "    space: levels [1, 2, 4, 8, 16], blocks 4" in lines
+    models = subprocess.run(
+        [sys.executable, "-m", "evatok_cli", "info", "--models"], capture_output=True, text=True, timeout=120
+    )
+    assert models.returncode == 0 and any(
+        x.startswith("  sha256: ") and len(x) == 10 + 64 for x in models.stdout.splitlines()
+    )

@@ -287,3 +287,48 @@ def test_label_spread_rules():
     middle = label_spread(space, [4] * 5 + [0, 1, 2, 3, 8])
     assert middle["collapsed"] and middle["top"] == {"assignment": [2, 2], "share": 0.5}
     assert not label_spread(space, [0] * 7)["collapsed"]  # too few clips to judge
+
+
+def test_search_store_is_locked_and_more_inputs_append(tiny_tokenizer, mixed_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from evatok_cli.store.lock import LOCK_NAME
+
+    out = tmp_path / "labels.zarr"
+    args = [
+        "search",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "-o",
+        str(out),
+        "--calibration",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # another live process holds the store: refused at once, nothing written
+        (out / LOCK_NAME).write_text(
+            json.dumps({"pid": holder.pid, "host": os.uname().nodename, "job": "other", "command": "evatok search"})
+        )
+        res = runner.invoke(app, [*args, "--data", str(mixed_dir / "bikes.mp4")])
+        assert res.exit_code == 1 and f"pid {holder.pid}" in res.stderr and "being written" in res.stderr
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    res = runner.invoke(app, [*args, "--data", str(mixed_dir / "bikes.mp4")])  # the dead holder's lock: taken over
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, [*args, "--data", str(mixed_dir / "bikes.mp4"), "--data", str(mixed_dir / "carphone.mp4"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert not s["nothing_to_do"] and s["clips"] == 1 and s["resumed"] == 1
+    assert sorted(Path(x.source).name for x in open_store(out)) == ["bikes.mp4", "carphone.mp4"]

@@ -64,3 +64,33 @@ def test_rank_killed_then_rerun(tmp_path):
     res = torchrun(out, "zarr")
     assert res.returncode == 0, res.stderr[-3000:]
     check(out)
+
+
+@pytest.mark.slow
+def test_ranks_of_one_job_share_the_lock_a_second_job_is_refused(tmp_path):
+    """Both ranks of job A write (one lock, held for the torchrun agent); job B on the same store,
+    launched while A runs, is refused at once and changes nothing; A finishes with exactly its data."""
+    from evatok_cli.store.lock import read_lock
+
+    out = tmp_path / "out.zarr"
+
+    def launch(*extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(JOB), str(out), "--dist", "--format", "zarr", "--samples",
+               str(N), *extra]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    a = launch("--sleep", "1.5")  # about 12 s of writing: job B starts well within it
+    assert a.stdout is not None
+    for line in a.stdout:  # wait until job A has committed something
+        if line.startswith("committed"):
+            break
+    rec = read_lock(out)
+    assert rec is not None and rec["pid"] == a.pid and rec["job"].startswith("torchrun:")
+    b = launch()
+    _, err_b = b.communicate(timeout=120)
+    assert b.returncode != 0 and f"is being written by another process (pid {a.pid}" in err_b
+    _, err_a = a.communicate(timeout=120)
+    assert a.returncode == 0, err_a[-3000:]
+    check(out)
+    assert read_lock(out) is None

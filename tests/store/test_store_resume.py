@@ -208,9 +208,9 @@ def test_overlapping_ranks_are_caught(tmp_path, fmt):
         w.append([make_sample(i) for i in range(0, 3)])
     w = opener(tmp_path / "s", fmt, rank=1, world_size=2)
     w.append([make_sample(i) for i in range(2, 5)])
-    with pytest.raises(StoreError, match=r"'clip00002_[0-9a-f]+' is in \S+ and \S+; ranks overlap"):
+    with pytest.raises(StoreError, match=r"'clip00002_[0-9a-f]+' is in \S+ and \S+; parts overlap"):
         w.close()  # the last rank to complete writes the index
-    with pytest.raises(StoreError, match="ranks overlap"):
+    with pytest.raises(StoreError, match="parts overlap"):
         finalize(tmp_path / "s")
     assert not is_store(tmp_path / "s")
 
