@@ -30,7 +30,7 @@ from evatok_cli.checkpoint import OpenModel, store_attrs
 from evatok_cli.metrics import Metric
 from evatok_cli.reward import CalibrationStats, nanargmax_rows, reward_weights, rewards
 from evatok_cli.store import open_store
-from evatok_cli.video import ClipReader, ClipSpec, VideoError, VideoRef, probe, resampled_length
+from evatok_cli.video import ClipReader, ClipSpec, VideoError, VideoRef, probe, resampled_length, source_name
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,6 @@ def _canonical(source: str) -> str:
     return os.path.realpath(path) + sep + member
 
 
-def _name(source: str) -> str:
-    return source.rpartition("::")[2].replace("\\", "/").rpartition("/")[2]
-
-
 def resolve_sources(sources: Iterable[str], refs: Sequence[VideoRef]) -> dict[str, VideoRef]:
     """Map label sources to the videos given with ``--data``.
 
@@ -189,12 +185,12 @@ def resolve_sources(sources: Iterable[str], refs: Sequence[VideoRef]) -> dict[st
     canon = {_canonical(r.source): r for r in refs}
     names: dict[str, list[VideoRef]] = {}
     for r in refs:
-        names.setdefault(_name(r.source), []).append(r)
+        names.setdefault(source_name(r.source), []).append(r)
     out: dict[str, VideoRef] = {}
     for s in dict.fromkeys(sources):
         ref = exact.get(s) or canon.get(_canonical(s))
-        if ref is None and len(names.get(_name(s), [])) == 1:
-            ref = names[_name(s)][0]
+        if ref is None and len(names.get(source_name(s), [])) == 1:
+            ref = names[source_name(s)][0]
         if ref is not None:
             out[s] = ref
     return out

@@ -3,8 +3,8 @@
     python examples/label_weights.py LABELS.zarr [--w-q 1.2] [--w-l 0.8,0.4,0.2,0.1,0.05,0.02]
 
 The labels store keeps every explored assignment's metric, so the best assignment of each clip
-under any (w_q, w_l) is recomputed without searching again (the rewards of the store's own
-calibration, evatok_cli.search.rewards). For each w_l: the labels' spread
+under any (w_q, w_l) is recomputed without searching again (``evatok_cli.labels.Labels``, with the
+store's own calibration). For each w_l: the labels' spread
 (evatok_cli.assignments.label_spread: distinct assignments, entropy, most common share, shortest
 and longest shares, collapsed or not), the mean tokens and the mean metric of the best assignments.
 Choose weights on the TRAINING labels only.
@@ -17,27 +17,22 @@ import json
 
 import numpy as np
 
-from evatok_cli.assignments import AssignmentSpace, label_spread
-from evatok_cli.search import rewards
-from evatok_cli.store import open_store
+from evatok_cli.assignments import label_spread
+from evatok_cli.labels import load_labels
 
 
 def sweep(path: str, w_q: float, w_ls: list[float]) -> list[dict]:
-    store = open_store(path)
-    space = AssignmentSpace.from_dict(store.attrs["space"])
-    search = store.attrs["search"]
-    metric = np.stack([np.asarray(s.extra["metric"], dtype=np.float64) for s in store])
+    lab = load_labels(path)
     rows = []
     for w_l in w_ls:
-        r = rewards(metric, search["calibration"], space, w_q, w_l, search["higher_is_better"])
-        best = np.nanargmax(np.where(np.isnan(r), -np.inf, r), axis=1)
-        spread = label_spread(space, best)
+        best = lab.best_assignments(w_q, w_l)
+        spread = label_spread(lab.space, best)
         rows.append(
             {
                 "w_q": w_q,
                 "w_l": w_l,
                 "mean_tokens": spread["mean_tokens"],
-                "mean_metric": float(metric[np.arange(len(best)), best].mean()),
+                "mean_metric": float(lab.metric[np.arange(len(best)), best].astype(np.float64).mean()),
                 **{
                     k: spread[k]
                     for k in ("distinct", "entropy_bits", "top", "shortest_share", "longest_share", "collapsed")

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.store import open_store
+from evatok_cli.evaluation import equal_quality_tokens
+from evatok_cli.labels import Labels, load_labels
 
 LAMBDAS = (0.0, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.024, 0.032, 0.05, 0.08, 0.12)
 
@@ -49,31 +49,18 @@ def log2_interp(x: float, xs: list[float], ys: list[float]) -> float | None:
     return None
 
 
-def tokens_for(value: float, xs: list[float], ys: list[float]) -> float | None:
-    """Tokens the (increasing) curve needs to reach ``value``, log2-linear; None outside its range."""
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if y0 <= value <= y1 and y1 > y0:
-            return 2 ** (math.log2(x0) + (value - y0) / (y1 - y0) * (math.log2(x1) - math.log2(x0)))
-    return None
-
-
-def load_labels(path: Path) -> tuple[AssignmentSpace, list[str], list[str], np.ndarray]:
-    """(space, keys, sources, metric (N, m**T)) with the metric oriented so that higher is better."""
-    store = open_store(path)
-    space = AssignmentSpace.from_dict(store.attrs["space"])
-    keys, sources, metric = [], [], []
-    for s in store:
-        keys.append(s.key)
-        sources.append(s.source)
-        metric.append(np.asarray(s.extra["metric"], dtype=np.float64))
-    m = np.stack(metric)
+def load_oriented(path: Path) -> tuple[Labels, np.ndarray]:
+    """The labels and their metric (N, m**T) oriented so that higher is better."""
+    lab = load_labels(path)
+    m = lab.metric.astype(np.float64)
     if np.isnan(m).any():
         raise SystemExit(f"{path}: unexplored assignments (a beam search?): the study needs an exact search")
-    return space, keys, sources, m if store.attrs["search"]["higher_is_better"] else -m
+    return lab, m if lab.higher_is_better else -m
 
 
 def study(labels: Path, routed: dict[str, Path]) -> dict:
-    space, keys, sources, m = load_labels(labels)
+    lab, m = load_oriented(labels)
+    space, keys, sources = lab.space, lab.keys, lab.sources
     lengths = space.lengths().astype(np.float64)
     row = {k: i for i, k in enumerate(keys)}
     uniform = []
@@ -105,7 +92,7 @@ def study(labels: Path, routed: dict[str, Path]) -> dict:
         # the uniform and oracle curves over the same clips as this router (all clips, normally)
         u_same = log2_interp(tokens, ux, uy)
         o_same = log2_interp(tokens, ox, oy)
-        eq = tokens_for(value, ux, uy)
+        eq = equal_quality_tokens(list(zip(ux, uy)), value, higher_is_better=True)  # m is oriented
         per_block = space.table()[idx_a].mean(0)
         kinds: dict[str, list[int]] = defaultdict(list)
         for r, a in zip(rows_a, idx_a):
@@ -131,8 +118,7 @@ def study(labels: Path, routed: dict[str, Path]) -> dict:
                 "tokens_per_kind": {k: round(float(np.mean(v)), 1) for k, v in sorted(kinds.items())},
             }
         )
-    search = open_store(labels).attrs["search"]
-    if not search["higher_is_better"]:  # back to the metric's own sign (e.g. LPIPS, lower is better)
+    if not lab.higher_is_better:  # back to the metric's own sign (e.g. LPIPS, lower is better)
         for p in uniform + oracle + points:
             for k in (
                 "metric",
@@ -146,8 +132,8 @@ def study(labels: Path, routed: dict[str, Path]) -> dict:
     return {
         "labels": str(labels),
         "clips": len(keys),
-        "metric": search["metric"],
-        "higher_is_better": search["higher_is_better"],
+        "metric": lab.metric_name,
+        "higher_is_better": lab.higher_is_better,
         "uniform": uniform,
         "oracle": oracle,
         "routers": points,

@@ -35,6 +35,7 @@ from evatok_cli.video.sources import (
     clip_key,
     list_inputs,
     ref_from_source,
+    source_name,
     tar_refs,
 )
 from evatok_cli.video.write import encode_mp4, safe_name, write_mp4
@@ -59,6 +60,7 @@ __all__ = [
     "VideoSource",
     "absolute_source",
     "clip_key",
+    "source_name",
     "clip_starts",
     "encode_mp4",
     "iter_clips",

@@ -40,7 +40,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 
 from evatok_cli.video.errors import VideoError, decode_errors
 from evatok_cli.video.probe import VideoInfo, VideoSource, open_container, stream_info
-from evatok_cli.video.sources import clip_key
+from evatok_cli.video.sources import clip_key, source_name
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ def make_rng(seed: Seed, source: str = "") -> np.random.Generator:
     """
     if isinstance(seed, np.random.Generator):
         return seed
-    name = source.rsplit("::", 1)[-1].replace("\\", "/").rsplit("/", 1)[-1]
-    digest = int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "little")
+    digest = int.from_bytes(hashlib.sha1(source_name(source).encode("utf-8")).digest()[:8], "little")
     return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, digest])
 
 

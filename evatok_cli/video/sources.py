@@ -281,6 +281,11 @@ def list_inputs(
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
+def source_name(source: str) -> str:
+    """The file name of a source (the member name for ``TAR::MEMBER``), without its directories."""
+    return source.rpartition("::")[2].replace("\\", "/").rpartition("/")[2]
+
+
 def clip_key(source: str, start: int) -> str:
     """A unique, stable sample key for the clip of ``source`` starting at ``start``.
 
