@@ -9,11 +9,15 @@ The router (``evatok_cli.models.router``) only maps pixels to m^T numbers; every
   predicted quality subject to mean tokens <= budget, by Lagrangian relaxation (bisection on the
   per-token price lambda; each clip takes ``argmax_a Q_hat(a) - lambda * L(a)``), then a greedy fill
   of the slack left between the two bracketing prices;
-- :class:`RouterPolicy`: a router directory as a policy, video -> (B, T) tokens per block.
+- :class:`RouterPolicy`: a router directory as a policy, video -> (B, T) tokens per block;
+- :func:`target_assignments`: a quality target instead of a trade-off (the paper's threshold
+  baseline, a constant-quality mode): each clip's fewest tokens whose reconstruction by the
+  tokenizer itself meets the target, block by block (see the function).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ import torch
 
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import OpenModel, open_model
+from evatok_cli.metrics import Metric
+from evatok_cli.models.blockwise import BlockwiseCodec
 from evatok_cli.reward import DEFAULT_W_L, DEFAULT_W_Q, reward_weights
 
 
@@ -184,4 +190,87 @@ def budget_assignments(
     return out.astype(np.int64), float(hi)
 
 
-__all__ = ["RouterPolicy", "budget_assignments", "choose_assignments", "routing_scores"]
+# ------------------------------------------------------------------------- quality targets
+TARGET_METRICS = ("psnr", "ssim", "lpips")
+
+
+def parse_target(spec: str) -> tuple[str, float]:
+    """``psnr=28`` / ``ssim=0.9`` / ``lpips=0.15`` -> (metric name, value); ValueError names the problem."""
+    name, sep, value = spec.partition("=")
+    name = name.strip().lower()
+    if not sep or name not in TARGET_METRICS:
+        raise ValueError(f"--target must be METRIC=VALUE with METRIC one of {', '.join(TARGET_METRICS)}, got {spec!r}")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"--target {spec!r}: {value!r} is not a number") from None
+    if not np.isfinite(v) or (name in ("ssim", "lpips") and not 0.0 <= v <= 1.0) or (name == "psnr" and v <= 0):
+        raise ValueError(f"--target {spec!r}: out of range ({'dB > 0' if name == 'psnr' else 'between 0 and 1'})")
+    return name, v
+
+
+@dataclass
+class TargetChoice:
+    """What :func:`target_assignments` chose: (B, T) tokens per block, (B, T) block values, (B,) met."""
+
+    assignments: torch.Tensor
+    block_values: torch.Tensor
+    met: torch.Tensor
+
+    @property
+    def clip_values(self) -> torch.Tensor:
+        """The clip metric as the search defines it: the mean of the block values."""
+        return self.block_values.mean(1)
+
+
+@torch.no_grad()
+def target_assignments(model: Any, video: torch.Tensor, metric: Metric, target: float) -> TargetChoice:
+    """Each clip's fewest tokens whose reconstruction meets ``target``, block by block.
+
+    The tokenizer is block-causal: block t's pixels depend only on the levels of blocks 1..t. So
+    block 1 takes the smallest level whose reconstruction of block 1 meets the target; given that
+    level, block 2 the smallest that meets it; and so on (the prefix tree of the search walked along
+    one path: T x m block evaluations per clip instead of the m + ... + m^T of the exact search).
+    A block that no level brings to the target takes the largest level. When every block meets
+    the target, so does the clip metric (their mean); ``met`` says which clips' clip metric does.
+
+    This is the fewest tokens under a per-block target, not under a clip-mean target (a clip could
+    trade a block below the target for one above it); a constant-quality mode, like a video codec's.
+
+    Args:
+        model: the tokenizer (eval mode) whose reconstructions are measured: the one that encodes.
+        video: (B, 3, F, H, W) in [-1, 1] on the model's device.
+        metric: a block metric (``evatok_cli.metrics.get_metric``); ``higher_is_better`` sets the direction.
+        target: the value each block must reach (dB for PSNR).
+    """
+    codec = BlockwiseCodec(model)
+    space, pt = model.space, model.config.temporal_patch
+    m, T, B, dev = space.num_levels, space.blocks, video.shape[0], video.device
+    levels = torch.tensor(space.levels, device=dev)
+    rows = torch.arange(B, device=dev)
+    chosen = torch.empty(B, T, dtype=torch.long, device=dev)
+    values = torch.empty(B, T, dtype=torch.float64, device=dev)
+    video = video.contiguous()
+    state = codec.init(video)
+    for t in range(T):
+        child, _, pixels = codec.step(state.index_select(rows.repeat_interleave(m)), levels.repeat(B))
+        block = video[:, :, t * pt : (t + 1) * pt].repeat_interleave(m, dim=0)
+        v = metric(pixels, block, pt)[:, 0].double().view(B, m)
+        ok = v >= target if metric.higher_is_better else v <= target
+        j = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full_like(rows, m - 1))
+        chosen[:, t], values[:, t] = levels[j], v[rows, j]
+        state = child.index_select(rows * m + j)
+    clip = values.mean(1)
+    met = clip >= target if metric.higher_is_better else clip <= target
+    return TargetChoice(chosen.cpu(), values.cpu(), met.cpu())
+
+
+__all__ = [
+    "RouterPolicy",
+    "TargetChoice",
+    "budget_assignments",
+    "choose_assignments",
+    "parse_target",
+    "routing_scores",
+    "target_assignments",
+]

@@ -2,7 +2,8 @@
 
 ``encode_videos`` lists the inputs, splits them over torchrun ranks (video ``i`` goes to rank
 ``i % world_size``), decodes clips in DataLoader workers while the tokenizer runs, gives every clip
-its assignment (fixed/uniform, from a labels store, or from a router), and appends the tokens to
+its assignment (fixed/uniform, from a labels store, from a router, or the fewest tokens that meet a
+quality target), and appends the tokens to
 this rank's part of the store. A rerun of the same command resumes: clips whose keys are already
 committed are not decoded again; more inputs into a finished store are appended as new parts, and
 with nothing new a finished store is left alone. Only one job writes a store at a time (the store
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from evatok_cli.assign import RouterPolicy, budget_assignments
+from evatok_cli.assign import RouterPolicy, budget_assignments, parse_target, target_assignments
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import open_model, store_attrs
+from evatok_cli.metrics import get_metric
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.runtime import DistEnv, all_gather_objects, process_group
 from evatok_cli.store import Sample, open_store, open_writer
@@ -78,6 +80,7 @@ class EncodeSummary:
     passed_over: int = 0  # files in the input directories whose extension is not a video's (not read)
     passed_over_examples: list[str] = field(default_factory=list)  # a few of them
     world_size: int = 1
+    target: dict[str, Any] | None = None  # --target: metric, value, clips that met it, mean clip value
 
     @property
     def exit_code(self) -> int:
@@ -101,6 +104,41 @@ class FixedAssigner:
 
     def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         return self.assignment.expand(len(keys), -1).clone()
+
+
+class TargetAssigner:
+    """The fewest tokens whose reconstruction by the encoding tokenizer meets a quality target.
+
+    ``evatok encode --target psnr=28``: :func:`evatok_cli.assign.target_assignments` (block by
+    block, T x m block evaluations per clip); counts the clips that met the target.
+    """
+
+    def __init__(self, model: EVATokTokenizer, spec: str, metric_options: dict[str, Any] | None = None) -> None:
+        self.name, self.value = parse_target(spec)
+        if self.name == "lpips" and not (metric_options or {}).get("backbone"):
+            raise EncodeError("--target lpips=... needs --lpips-backbone PATH (torchvision VGG16/AlexNet weights)")
+        options = metric_options if self.name == "lpips" else {}
+        self.model, self.metric = model, get_metric(self.name, **options)
+        if isinstance(self.metric, torch.nn.Module):
+            self.metric = self.metric.to(next(model.parameters()).device)
+        self.clips = self.met = 0
+        self.value_sum = 0.0
+
+    def __call__(self, video: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        choice = target_assignments(self.model, video, self.metric, self.value)
+        self.clips += len(keys)
+        self.met += int(choice.met.sum())
+        self.value_sum += float(choice.clip_values.sum())
+        return choice.assignments
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "metric": self.name,
+            "value": self.value,
+            "clips": self.clips,
+            "met": self.met,
+            "value_sum": self.value_sum,
+        }
 
 
 class LabelsAssigner:
@@ -236,6 +274,8 @@ def encode_videos(
     w_q: float | None = None,
     w_l: float | None = None,
     budget: float | None = None,
+    target: str | None = None,
+    metric_options: dict[str, Any] | None = None,
     assigner: Assigner | None = None,
     clips: str | int = "all",
     fps: str | float = "native",
@@ -260,6 +300,9 @@ def encode_videos(
             scores with ``w_q``/``w_l`` (reward head; default: the router's training weights), or,
             with ``budget`` (mean tokens per clip over this job's clips; reward head only), the
             Lagrangian budget solution. Budget mode routes every clip first (a second decoding pass).
+        target: ``psnr=28``, ``ssim=0.9`` or ``lpips=0.15``: each clip gets the fewest tokens whose
+            reconstruction by ``tokenizer`` meets it, block by block (:class:`TargetAssigner`);
+            ``metric_options`` (LPIPS: ``net``, ``backbone``, ``heads``) go to ``get_metric``.
         clips: clip policy per video: ``all``, ``first``, ``N`` (evenly spaced) or ``random``.
         label_from: ``parent-dir`` (UCF-101 layout) or a CSV file ``path,label``.
         on_progress: called after every batch with running totals (rank 0 only).
@@ -273,8 +316,13 @@ def encode_videos(
     t0 = time.perf_counter()
     if batch_size < 1:
         raise EncodeError(f"--batch-size must be >= 1, got {batch_size}")
-    if sum(x is not None for x in (assignment, labels_store, router, assigner)) > 1:
-        raise EncodeError("give only one of --assignment, --labels-store and --router")
+    if sum(x is not None for x in (assignment, labels_store, router, target, assigner)) > 1:
+        raise EncodeError("give only one of --assignment, --labels-store, --router and --target")
+    if target is not None:
+        try:
+            parse_target(target)
+        except ValueError as e:
+            raise EncodeError(str(e)) from None
     if budget is not None and router is None:
         raise EncodeError("--budget needs --router (a reward-head router)")
     # one writer per store: a second job on the same store is refused before any work
@@ -297,6 +345,9 @@ def encode_videos(
             )
             raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}{extra_msg}")
         policy_name = _policy_name(assignment, labels_store, router, budget, assigner, space)
+        if target is not None:
+            assigner = TargetAssigner(model, target, metric_options)
+            policy_name = {"target": target}
         if assigner is None:
             assigner = _assigner(space, spec, env, assignment=assignment, labels_store=labels_store, router=router,
                                  w_q=w_q, w_l=w_l, budget=budget, refs=refs, policy=policy, seed=seed,
@@ -373,6 +424,8 @@ def encode_videos(
             writer.abort()
             raise
         summary.padding_fraction = padding[0] / padding[1] if padding[1] else 0.0
+        if isinstance(assigner, TargetAssigner):
+            summary.target = assigner.report()
         return _finish(summary, env, t0)
 
 
@@ -447,13 +500,28 @@ def _progress(summary: EncodeSummary, total: int, elapsed: float) -> dict[str, A
 def _finish(summary: EncodeSummary, env: DistEnv, t0: float) -> EncodeSummary:
     """Sum the counts over ranks (rank 0 reports the whole job), then the rates."""
     parts = all_gather_objects(
-        (summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed_before, summary.failed),
+        (
+            summary.clips,
+            summary.failures,
+            summary.tokens,
+            summary.skipped_done,
+            summary.failed_before,
+            summary.failed,
+            summary.target,
+        ),
         env,
     )
     summary.clips, summary.failures, summary.tokens, summary.skipped_done, summary.failed_before = (
         sum(p[i] for p in parts) for i in range(5)
     )
     summary.failed = [f for p in parts for f in p[5]]
+    if summary.target is not None:  # clips that met the target, summed over ranks
+        t = dict(summary.target)
+        for k in ("clips", "met", "value_sum"):
+            t[k] = sum(p[6][k] for p in parts if p[6])
+        t["mean_value"] = t.pop("value_sum") / t["clips"] if t["clips"] else None
+        t["met_fraction"] = t["met"] / t["clips"] if t["clips"] else None
+        summary.target = t
     summary.mean_tokens = summary.tokens / summary.clips if summary.clips else 0.0
     summary.saved_fraction = 1.0 - summary.mean_tokens / summary.uniform_tokens if summary.clips else 0.0
     summary.wall_s = time.perf_counter() - t0

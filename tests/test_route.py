@@ -31,6 +31,8 @@ from evatok_cli.route import evaluate, route
 from evatok_cli.store import Sample, open_writer
 from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, read_clips
 
+CHECKED_EVATOK = str(Path(__file__).resolve().parents[0] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
+
 W_Q, W_L = 1.2, 0.8
 
 
@@ -410,8 +412,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
         "2",
         "--master_port",
         str(port),
-        "-m",
-        "evatok_cli",
+        CHECKED_EVATOK,
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

@@ -34,6 +34,8 @@ from evatok_cli.store import open_store
 from evatok_cli.video import ClipSpec, list_inputs, read_clips
 from evatok_cli.video.dataset import to_model_input
 
+CHECKED_EVATOK = str(Path(__file__).resolve().parents[0] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
+
 SPEC = ClipSpec(frames=8, height=32, width=32)
 CAL = CalibrationStats(mean=11.0, std=1.0, count=8, seed=0, metric="psnr")
 
@@ -253,8 +255,7 @@ def test_torchrun_two_ranks_equal_one_process(baseline, proxy, good_videos, tmp_
         "2",
         "--master_port",
         str(_free_port()),
-        "-m",
-        "evatok_cli",
+        CHECKED_EVATOK,
         "search",
         "--tokenizer",
         str(proxy),

@@ -6,6 +6,7 @@ Usage:
     find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
     evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --router runs/router --label-from parent-dir --json
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final --router runs/reward-router --budget 600
+    evatok encode videos/ -o tokens.zarr --tokenizer runs/final --target psnr=28   # constant quality
     evatok encode batch2/ -o tokens.zarr --extensions mp4,mts      # appends to a finished store
     torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
 
@@ -76,6 +77,22 @@ def encode(
     budget: Annotated[
         float | None, typer.Option("--budget", help="Mean tokens per clip over the job (reward-head router).")
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="Quality target instead of a router: psnr=28, ssim=0.9 or lpips=0.15 (needs --lpips-backbone). "
+            "Each clip gets the fewest tokens whose reconstruction meets it, block by block (the largest level where none does).",
+            show_default=False,
+        ),
+    ] = None,
+    lpips_backbone: Annotated[
+        Path | None, typer.Option("--lpips-backbone", help="torchvision vgg16/alexnet checkpoint (--target lpips=...).")
+    ] = None,
+    lpips_net: Annotated[str, typer.Option("--lpips-net", help="LPIPS backbone: vgg or alex.")] = "vgg",
+    lpips_heads: Annotated[
+        Path | None, typer.Option("--lpips-heads", help="LPIPS v0.1 heads (default: from an installed lpips package).")
+    ] = None,
     clips: Annotated[
         str, typer.Option("--clips", help="Clips per video: all, first, random or N (evenly spaced).")
     ] = "all",
@@ -119,7 +136,7 @@ def encode(
             fail(f"--extensions must be comma-separated file endings such as mp4,mov; got {extensions!r}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     wanted: dict[str, Path | None] = {"tokenizer": tokenizer}
-    if tokenizer is None and assignment is None and labels_store is None and router is None:
+    if tokenizer is None and assignment is None and labels_store is None and router is None and target is None:
         wanted["router"] = None  # the demo tokenizer goes with the demo router (adaptive lengths)
     models = with_demo_models(quiet=quiet, optional=("router",), **wanted)
     tokenizer, router = models["tokenizer"], models.get("router", router)
@@ -158,6 +175,8 @@ def encode(
                 w_q=w_q,
                 w_l=w_l,
                 budget=budget,
+                target=target,
+                metric_options={"net": lpips_net, "backbone": lpips_backbone, "heads": lpips_heads},
                 clips=clips,
                 fps=fps if fps == "native" else float(fps),
                 label_from=label_from,
@@ -205,6 +224,14 @@ def encode(
                 err_console.print(
                     f"  ... and {len(broken) - 20} more files (all in --json and in the store)", markup=False
                 )
+        if summary.target is not None and summary.target["clips"]:
+            t = summary.target
+            err_console.print(
+                f"  target {t['metric']}={t['value']:g}: {t['met']} of {t['clips']} clips met it "
+                f"(mean {t['metric']} {t['mean_value']:.4g}); the others got the largest level where no level met it",
+                markup=False,
+                soft_wrap=True,
+            )
         if summary.failed_before:
             err_console.print(
                 f"  {summary.failed_before} clips of inputs that failed in an earlier run were not retried "

@@ -368,6 +368,15 @@ def curve(
             "--budgets", help="Reward head: comma-separated mean-token budgets instead of --w-q.", show_default=False
         ),
     ] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            "--targets",
+            help="Threshold points (the paper's Fig. 5 baseline): comma-separated values of the first --metric; "
+            "each clip gets the fewest tokens that meet the value block by block (as encode --target).",
+            show_default=False,
+        ),
+    ] = None,
     metric: Annotated[
         str,
         typer.Option(
@@ -393,7 +402,7 @@ def curve(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Quality vs mean tokens for every uniform level and a router (PAPER Fig. 4)."""
+    """Quality vs mean tokens for every uniform level, a router and quality targets (PAPER Fig. 4, 5)."""
     import sys
 
     from evatok_cli.evaluation import evaluate_curve, matplotlib_available
@@ -415,6 +424,7 @@ def curve(
             router=router,
             w_q=w_q,
             budgets=budgets,
+            targets=targets,
             metrics=_split(metric),
             protocol=protocol,
             i3d=i3d,

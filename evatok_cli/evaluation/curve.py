@@ -1,4 +1,4 @@
-"""``evatok eval curve``: the quality-cost curve of PAPER Fig. 4 (uniform levels and router points)."""
+"""``evatok eval curve``: the quality-cost curve of PAPER Fig. 4 (uniform levels, router and quality-target points)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from evatok_cli.assign import RouterPolicy, budget_assignments, choose_assignments
+from evatok_cli.assign import RouterPolicy, budget_assignments, choose_assignments, target_assignments
 from evatok_cli.evaluation.engine import (
     ClipSelection,
     EvalError,
@@ -40,6 +40,7 @@ from evatok_cli.evaluation.report import (
     HIGHER_IS_BETTER,
     EvalReport,
 )
+from evatok_cli.metrics import get_metric
 from evatok_cli.runtime import DistEnv, all_gather_objects, process_group
 from evatok_cli.video import to_model_input
 
@@ -108,6 +109,7 @@ def evaluate_curve(
     router: str | Path | None = None,
     w_q: Sequence[float] | str | None = None,
     budgets: Sequence[float] | str | None = None,
+    targets: Sequence[float] | str | None = None,
     metrics: Sequence[str] | None = ("psnr",),
     protocol: str | None = None,
     i3d: str | Path | None = None,
@@ -127,10 +129,13 @@ def evaluate_curve(
     Points: the uniform assignment at every level, then, with a router, one point per ``w_q``
     (reward head: argmax of w_q * Q_hat - (2 - w_q) * Lz, PAPER §3; default 0.8, 1.2, 1.6) or per
     budget (reward head: mean tokens <= budget over the clips, :func:`evatok_cli.route.budget_assignments`);
-    a classify head gives one point (its trade-off was fixed at training). Every clip is decoded
-    once and reconstructed under every point.
+    a classify head gives one point (its trade-off was fixed at training). ``targets`` add the
+    paper's threshold baseline (Fig. 5): one point per value of the first metric (psnr, ssim or
+    lpips), each clip at the fewest tokens that meet it block by block
+    (:func:`evatok_cli.assign.target_assignments`, the reconstructions of this tokenizer). Every
+    clip is decoded once and reconstructed under every point.
 
-    Each router point also gets ``equal_quality_tokens`` (:func:`equal_quality_tokens`, on the
+    Each router and threshold point also gets ``equal_quality_tokens`` (:func:`equal_quality_tokens`, on the
     first metric) and ``savings_at_equal_quality`` = 1 - mean tokens / that.
 
     Args: as :func:`evaluate_reconstruction`; ``metrics`` default ``psnr`` (any of psnr, ssim,
@@ -143,7 +148,11 @@ def evaluate_curve(
     with process_group(device) as env:
         check_batch(batch_size, workers)
         names = resolve_metrics(metrics, i3d=i3d, lpips_weights=lpips_weights)
-        w_qs, budget_list = _parse_floats(w_q), _parse_floats(budgets)
+        w_qs, budget_list, target_list = _parse_floats(w_q), _parse_floats(budgets), _parse_floats(targets)
+        if target_list and names[0] not in ("psnr", "ssim", "lpips"):
+            raise EvalError(
+                f"--targets are values of the first --metric, which must be psnr, ssim or lpips (got {names[0]})"
+            )
         if router is None and (w_qs or budget_list):
             raise EvalError("--w-q and --budgets need --router")
         if w_qs and budget_list:
@@ -159,6 +168,7 @@ def evaluate_curve(
         w = load_metric_weights(names, proto, env, i3d=i3d, i3d_variant=i3d_variant, lpips_weights=lpips_weights,
                           lpips_heads=lpips_heads, lpips_net=lpips_net, batch_size=batch_size)  # fmt: skip
         sel = prepare_clips(data, proto, num_clips, env, stdin)
+        points += _threshold_points(model, names[0], target_list or [], w.lpips)
         router_model, router_rec = None, None
         if router is not None:
             policy = RouterPolicy.load(router, space, geometry, env.device)
@@ -187,6 +197,7 @@ def evaluate_curve(
                 "metrics": names,
                 "w_q": w_qs,
                 "budgets": budget_list,
+                "targets": target_list,
                 "batch_size": batch_size,
                 "device": str(env.device),
                 "num_clips": num_clips,
@@ -197,6 +208,18 @@ def evaluate_curve(
             points=out_points,
         )
         return finish_report(report, env, t0)
+
+
+def _threshold_points(model: Any, metric: str, targets: Sequence[float], lpips: Any) -> list[Point]:
+    """The threshold baseline: per target, each clip's fewest tokens meeting it (block by block)."""
+    if not targets:
+        return []
+    block_metric = lpips if metric == "lpips" else get_metric(metric)
+    return [
+        Point(f"threshold-{v:g}", "threshold", {"metric": metric, "target": v},
+              lambda video, pred, pos, v=v: target_assignments(model, video, block_metric, v).assignments)
+        for v in targets
+    ]  # fmt: skip
 
 
 def _router_points(policy: RouterPolicy, sel: ClipSelection, env: DistEnv, *, w_qs: list[float] | None,

@@ -275,7 +275,7 @@ def plot_curve(report: EvalReport, path: str | Path) -> Path:
     fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, m in zip(axes, names):
-        for kind, style in (("uniform", "o-"), ("router", "s-")):
+        for kind, style in (("uniform", "o-"), ("router", "s-"), ("threshold", "^--")):
             pts = [p for p in report.points if p["kind"] == kind and p[m] is not None and p["mean_tokens"] is not None]
             if pts:
                 ax.plot([p["mean_tokens"] for p in pts], [p[m] for p in pts], style, label=kind)

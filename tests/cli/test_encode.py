@@ -22,6 +22,8 @@ from evatok_cli.cli import app
 from evatok_cli.store import open_store
 from evatok_cli.video import safe_name
 
+CHECKED_EVATOK = str(Path(__file__).resolve().parents[1] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
+
 runner = CliRunner()
 EVATOK = [sys.executable, "-m", "evatok_cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -268,8 +270,7 @@ def test_torchrun_two_ranks_equals_one_process(video_dir, tiny_tokenizer, tmp_pa
             "2",
             "--master_port",
             str(_free_port()),
-            "-m",
-            "evatok_cli",
+            CHECKED_EVATOK,
         ]
         + args
         + ["-o", str(two), "--json"]

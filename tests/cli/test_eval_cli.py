@@ -23,6 +23,8 @@ from evatok_cli.metrics import FeatureStats
 from evatok_cli.models.gpt import GPT, gpt_config
 from evatok_cli.models.router import Router, router_config
 
+CHECKED_EVATOK = str(Path(__file__).resolve().parents[1] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
+
 runner = CliRunner()
 RANDOM = ["--i3d", "random:0", "--lpips-weights", "random:1", "--lpips-net", "alex", "--device", "cpu"]
 
@@ -631,7 +633,7 @@ def test_torchrun_two_ranks_give_the_statistics_of_one(tiny_tokenizer, video_dir
             assert res.exit_code == 0, res.output
         else:
             res = subprocess.run(
-                [*prefix, "-m", "evatok_cli", *args],
+                [*prefix, CHECKED_EVATOK, *args],
                 capture_output=True,
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -690,7 +692,7 @@ def test_torchrun_gen_samples_and_cache_do_not_depend_on_ranks(tiny_gpt, tiny_to
             assert res.exit_code == 0, res.output
         else:
             res = subprocess.run(
-                [*prefix, "-m", "evatok_cli", *args],
+                [*prefix, CHECKED_EVATOK, *args],
                 capture_output=True,
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},

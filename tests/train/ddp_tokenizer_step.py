@@ -17,6 +17,10 @@ from evatok_cli.video import ClipSpec, list_inputs
 def main() -> None:
     videos, dump = sys.argv[1], Path(sys.argv[2])
     env = init_distributed("cpu")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from checked_evatok import install
+
+    install(env.device)  # tensor collectives NCCL would reject raise
     torch.manual_seed(0)
     cfg = tokenizer_config("tiny")
     model = EVATokTokenizer(cfg)

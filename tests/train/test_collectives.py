@@ -11,6 +11,11 @@ whole class of bug.
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +85,67 @@ def test_all_reduce_mean_puts_its_tensor_on_the_job_device(monkeypatch):
     with pytest.raises(_Stop):
         all_reduce_mean({"a": 1.0, "b": 2.0}, DistEnv(rank=0, world_size=2, device=torch.device("meta")))
     assert seen == [torch.device("meta")]
+
+
+# ------------------------------------------- the torchrun tests' guard (tests/checked_evatok.py)
+CHECKED = PACKAGE.parent / "tests" / "checked_evatok.py"
+
+
+def _checked():
+    spec = importlib.util.spec_from_file_location("checked_evatok", CHECKED)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_guard_rejects_a_tensor_off_the_job_device():
+    checked = _checked()
+    cuda = torch.device("cuda", 0)  # a device object needs no GPU
+    with pytest.raises(checked.OffDeviceCollective, match="tensor on cpu, the job runs on cuda:0"):
+        checked.check("all_reduce", (torch.zeros(2),), {}, cuda, "evatok_cli/runtime.py:1")
+    with pytest.raises(checked.OffDeviceCollective, match="tensor on cpu"):
+        checked.check("all_gather", ([torch.zeros(1)], torch.zeros(1)), {}, cuda, "evatok_cli/runtime.py:1")
+    checked.check("barrier", (), {}, cuda, "evatok_cli/encode.py:1")  # no tensor: nothing to check
+    cpu = torch.device("cpu")
+    checked.check("all_reduce", (torch.zeros(2),), {}, cpu, "/x/evatok_cli/runtime.py:120")
+    with pytest.raises(checked.OffDeviceCollective, match="outside the device-aware helpers"):
+        checked.check("all_reduce", (torch.zeros(2),), {}, cpu, "/x/evatok_cli/encode.py:88")
+
+
+BAD_JOB = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from checked_evatok import install
+from evatok_cli.runtime import DistEnv, all_reduce_mean
+
+dist.init_process_group("gloo")
+env = DistEnv(rank=dist.get_rank(), world_size=2, device=torch.device("cpu"))
+install(env.device)
+print("mean", all_reduce_mean({{"x": float(dist.get_rank())}}, env)["x"], flush=True)
+t = torch.tensor([1.0])  # what encode's old _reduce did: fine on gloo, rejected by NCCL
+dist.all_reduce(t)
+print("not caught", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_guard_catches_a_bare_collective(tmp_path):
+    """Under torchrun the guard lets runtime's helper through and stops a bare all_reduce."""
+    job = tmp_path / "bad_job.py"
+    job.write_text(BAD_JOB.format(tests=str(CHECKED.parent)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(job)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert res.returncode != 0
+    assert "mean 0.5" in res.stdout and "not caught" not in res.stdout
+    assert "OffDeviceCollective" in res.stderr and "bad_job.py:14" in res.stderr

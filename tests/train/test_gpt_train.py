@@ -215,6 +215,10 @@ def _ddp_main(paths: list[str], out: str, dump: str) -> None:
     from evatok_cli.train.gpt import GPTTask, GPTTrainConfig, sequence_batches
 
     env = init_distributed("cpu")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from checked_evatok import install
+
+    install(env.device)  # tensor collectives NCCL would reject raise
     data = open_token_stores(paths)
     cfg = gpt_config(
         "tiny",

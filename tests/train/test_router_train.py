@@ -24,6 +24,8 @@ from evatok_cli.route import route  # noqa: E402
 from evatok_cli.store import StoreError, open_store, open_writer  # noqa: E402
 from evatok_cli.train.router import make_targets, train_router  # noqa: E402
 
+CHECKED_EVATOK = str(Path(__file__).resolve().parents[1] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
+
 COMMON = dict(preset="tiny", batch_size=8, workers=0, device="cpu", warmup=5, ema_decay=0.0, lr=1e-2)
 
 
@@ -285,8 +287,7 @@ def test_torchrun_two_ranks_train_router_in_sync(videos, labels_path, tmp_path):
         "2",
         "--master_port",
         str(port),
-        "-m",
-        "evatok_cli",
+        CHECKED_EVATOK,
         "train",
         "router",
         "--labels",

@@ -15,6 +15,8 @@ import torch
 from evatok_cli.models.tokenizer import EVATokTokenizer
 from evatok_cli.train.tokenizer import train_tokenizer
 
+CHECKED_EVATOK = str(Path(__file__).resolve().parents[1] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
+
 COMMON = dict(preset="tiny", batch_size=2, workers=0, log_every=1, warmup=1, disc_start=2, lr=1e-3)
 
 
@@ -93,8 +95,7 @@ def test_torchrun_two_ranks_identical_weights(videos, tmp_path):
         "2",
         "--master_port",
         str(_free_port()),
-        "-m",
-        "evatok_cli",
+        CHECKED_EVATOK,
         "train",
         "tokenizer",
         "--preset",
