@@ -13,17 +13,26 @@
 #    at its one trade-off
 # -> examples/router_study.py: uniform curve, oracle curve (the held-out labels) and the routed
 #    points, savings at equal PSNR, share of the oracle's margin realised, tokens per kind/block.
+# -> `evatok eval curve --plot` on both held-out sets with CURVE_ROUTER at the budgets and the
+#    quality-target (threshold) points: PSNR and SSIM against tokens, as PNG + JSON + markdown.
+# -> with FINAL_STEPS > 0: two final tokenizers from the same start (TOKENIZER's weights), the same
+#    steps and data: one on CURVE_ROUTER's assignments (argmax at the labels' weights), one on
+#    uniform:MAX (the paper's Table 1 pair), then `evatok eval recon` of both on both held-out sets.
 #
 # Nothing is chosen on the held-out sets: the budgets and every setting are fixed here. Every
 # stage resumes: finished outputs are kept, unfinished searches continue their stores.
 # Environment: RUN_DIR, TOKENIZER, TRAIN_CLIPS (176), HELDOUT_CLIPS (88), ROUTER_STEPS (1500),
-# BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1), PYTHON.
+# BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
+# CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
+# FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), PYTHON.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python}
 : "${RUN_DIR:=runs/claim}" "${TOKENIZER:=$HERE/../evatok_cli/demo/models/tokenizer}"
 : "${TRAIN_CLIPS:=176}" "${HELDOUT_CLIPS:=88}" "${ROUTER_STEPS:=1500}" "${BUDGETS:=128,192,256,320,384}"
-: "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}"
+: "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}" "${CURVE_ROUTER:=blocks}" "${TARGETS:=18,20,22,24}"
+: "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}"
+TOKENIZER=$(cd "$(dirname "$TOKENIZER")" && pwd)/$(basename "$TOKENIZER")  # absolute: the stages run in RUN_DIR
 mkdir -p "$RUN_DIR/reports"
 cd "$RUN_DIR"
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -86,4 +95,40 @@ for set in heldout real; do
     done
     "$PYTHON" "$HERE/router_study.py" "${args[@]}" --out "reports/study-$set" > /dev/null
     log "reports/study-$set.md"
+    if [[ ! -s reports/curve-$set.json ]]; then
+        log "eval curve $set"
+        evatok eval curve --tokenizer "$TOKENIZER" --data "$data" --router "router-$CURVE_ROUTER" --budgets "$BUDGETS" \
+            --targets "$TARGETS" --metric psnr,ssim "${clips[@]}" -o "reports/curve-$set.json" \
+            --plot "reports/curve-$set.png" --device cpu --quiet
+    fi
 done
+
+if ((FINAL_STEPS > 0)); then
+    max=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['config']['levels'][-1])" "$TOKENIZER/config.json" 2>/dev/null \
+        || python -c "import json,glob,sys; print(json.load(open(sorted(glob.glob(sys.argv[1]+'/step-*/config.json'))[-1]))['config']['levels'][-1])" "$TOKENIZER")
+    final() {  # NAME [assignment args]
+        local name=$1
+        shift
+        [[ -f final-$name/DONE ]] && return 0
+        log "final tokenizer $name ($FINAL_STEPS steps)"
+        evatok train tokenizer --stage final --preset small --data "$FINAL_DATA" --init "$TOKENIZER" --out "final-$name" \
+            --steps "$FINAL_STEPS" --batch-size 8 --lr "$FINAL_LR" --warmup 50 --no-disc --no-lpips --workers 1 \
+            --checkpoint-every 250 --log-every 50 --device cpu --seed 0 --resume "$@" > "reports/final-$name.log" 2>&1
+        touch "final-$name/DONE"
+    }
+    final router --router "router-$CURVE_ROUTER"
+    final uniform --assignment "uniform:$max"
+    for set in heldout real; do
+        data=corpus/heldout clips=()
+        [[ $set == real ]] && data=real-heldout clips=(--clips all)
+        for name in router uniform; do
+            how=(--router "router-$CURVE_ROUTER")
+            [[ $name == uniform ]] && how=(--assignment "uniform:$max")
+            [[ -s reports/recon-final-$name-$set.json ]] || evatok eval recon --tokenizer "final-$name" --data "$data" \
+                "${how[@]}" "${clips[@]}" --metrics psnr,ssim -o "reports/recon-final-$name-$set.json" --device cpu --quiet
+        done
+        evatok eval compare "reports/recon-final-uniform-$set.json" "reports/recon-final-router-$set.json" \
+            -o "reports/compare-final-$set.md"
+        log "reports/compare-final-$set.md"
+    done
+fi
