@@ -131,3 +131,29 @@ def test_eval_curve_threshold_points(tiny_tokenizer, video_dir, model):
     assert mid["kind"] == "threshold" and mid["params"] == {"metric": "psnr", "target": 11.0}
     assert space.levels[0] * space.blocks <= mid["mean_tokens"] <= space.levels[-1] * space.blocks
     assert "savings_at_equal_quality" in mid and report.settings["targets"] == [0.01, 11.0, 99.0]
+
+
+@pytest.mark.slow
+def test_torchrun_eval_curve_with_thresholds_equals_one_process(tiny_tokenizer, video_dir, tmp_path):
+    """`eval curve` under torchrun (through the NCCL-safe collective guard): the same points as one process."""
+    import os
+    import socket
+    from pathlib import Path
+
+    from evatok_cli.evaluation import evaluate_curve
+
+    one = evaluate_curve(tiny_tokenizer, [str(video_dir)], targets="11", clips="2", device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    checked = Path(__file__).resolve().parent / "checked_evatok.py"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += [str(checked), "eval", "curve", "--tokenizer", str(tiny_tokenizer), "--data", str(video_dir)]
+    cmd += ["--targets", "11", "--clips", "2", "--device", "cpu", "-o", str(tmp_path / "two.json"), "-q"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert [p["label"] for p in two["points"]] == [p["label"] for p in one.points]
+    for a, b in zip(one.points, two["points"]):
+        assert a["clips"] == b["clips"] == 4 and a["mean_tokens"] == b["mean_tokens"]
+        assert b["psnr"] == pytest.approx(a["psnr"], rel=1e-5)
