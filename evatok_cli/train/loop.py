@@ -9,6 +9,7 @@ exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -94,6 +95,7 @@ def restore(task: TrainTask, out: Path, env: DistEnv) -> int:
     latest = ckpt.latest_step_dir(out)
     if latest is None:
         raise ResumeError(f"{out}: no complete checkpoint to resume from")
+    _check_same_config(task, latest)
     task.load_model(latest)
     state = torch.load(latest / ckpt.TRAIN_STATE_NAME, map_location=env.device, weights_only=True)
     task.load_state_dict(state)
@@ -101,6 +103,25 @@ def restore(task: TrainTask, out: Path, env: DistEnv) -> int:
     step = int(ckpt.read_state(latest)["step"])
     log.info("resumed from %s (step %d)", latest, step)
     return step
+
+
+def _check_same_config(task: TrainTask, step_dir: Path) -> None:
+    """A checkpoint resumes only into the model configuration it was trained with (one line otherwise)."""
+    cfg = getattr(getattr(task, "model", None), "config", None)
+    saved_file = step_dir / "config.json"
+    if not dataclasses.is_dataclass(cfg) or not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text()).get("config")
+    if not isinstance(saved, dict):
+        return
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+    if diff:
+        raise ResumeError(
+            f"{step_dir}: trained with another model configuration ({'; '.join(diff[:4])}"
+            f"{'; ...' if len(diff) > 4 else ''}); resume with the preset and options it was trained with, "
+            "or start a new --out"
+        )
 
 
 def save(task: TrainTask, out: Path, step: int, env: DistEnv, keep_last: int, extra: dict[str, Any]) -> Path:

@@ -222,3 +222,19 @@ def test_lpips_perceptual_loss_from_weight_files(videos, tmp_path):
             lpips_net="alex",
             **COMMON,
         )
+
+
+def test_resume_into_another_configuration_is_one_line(videos, tmp_path):
+    """A checkpoint resumes only into the configuration it was trained with: a one-line error, not a traceback."""
+    from typer.testing import CliRunner
+
+    from evatok_cli.cli import app
+
+    out = tmp_path / "run"
+    train_tokenizer(stage="proxy", data=[str(videos)], out=out, steps=2, checkpoint_every=1, stop_at=1, **COMMON)
+    args = ["train", "tokenizer", "--stage", "proxy", "--preset", "tiny", "--data", str(videos), "--out", str(out)]
+    args += ["--steps", "2", "--batch-size", "2", "--workers", "0", "--resume", "--codebook-size", "512", "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "trained with another model configuration (codebook_size 1024 -> 512)" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3
