@@ -9,6 +9,8 @@ Usage:
         --i3d weights/i3d_torchscript.pt -o reports/gfvd.json
     torchrun --nproc_per_node 8 -m evatok_cli eval gen --gpt runs/gpt --tokenizer runs/final --real ucf101/train \\
         --protocol ucf-c2v-10k --i3d weights/i3d_torchscript.pt -o reports/gfvd.json
+    evatok eval gen --gpt runs/fp --tokenizer runs/final --real k600_val/ --protocol k600-fp-50k \\
+        --i3d weights/i3d_torchscript.pt -o reports/k600-fp.json     # frame prediction (continuation)
     evatok eval curve --tokenizer runs/proxy --data ucf101/train --router runs/rr --w-q 0.8,1.2,1.6 \\
         --metric psnr -o curve.json --plot curve.png
     evatok eval compare reports/uniform.json reports/router.json

@@ -122,9 +122,10 @@ def evaluate_generation(
     prefix_assignment_spec: str | Sequence[int] | None = None,
     stdin=None,
 ) -> EvalReport:
-    """gFVD of a class-conditional GPT under a protocol (``evatok eval gen``).
+    """gFVD of a GPT under a protocol (``evatok eval gen``).
 
-    Samples: sample i gets class ``i mod C`` (classes balanced); samples are drawn in chunks of
+    Samples: sample i gets class ``i mod C`` (classes balanced), or for a frame-prediction protocol
+    continues real clip ``i mod n`` with the null class (see the module docstring); samples are drawn in chunks of
     ``batch_size``, chunk c with a generator seeded from ``(seed, c)`` and handed to rank
     ``c mod world_size``, so the samples do not depend on the number of ranks. Each sample is
     decoded by the tokenizer and its I3D features summed; statistics are all-reduced.
@@ -138,7 +139,8 @@ def evaluate_generation(
         gpt: a GPT model directory (or a training output directory).
         tokenizer: the tokenizer the GPT's token stores were written with (checked).
         real: the real videos of the protocol's split.
-        protocol: a generation preset (``ucf-c2v-10k``, ``fvd2048-16f``, ``tiny``).
+        protocol: a generation preset (``ucf-c2v-10k``, ``fvd2048-16f``, ``tiny``; frame prediction:
+            ``k600-fp-50k``, ``tiny-fp``).
         i3d, i3d_variant: I3D weights (or ``random:SEED`` for tests) and variant (default: protocol's).
         num_samples: generated samples (default: the protocol's; another count is non-standard).
         num_clips: real clips: a seeded subset of this many (non-standard).
