@@ -71,3 +71,42 @@ def test_prefix_tokens_of_real_footage(tiny_tokenizer, footage):
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(pre, encode_prefix(tok, noisy, (16, 4))))
     with pytest.raises(ValueError, match="does not fit"):
         encode_prefix(tok, video, (16, 4, 1, 1, 1))
+
+
+def test_paper_training_data_encode_router_prefix_then_train(tiny_tokenizer, video_dir, tmp_path):
+    """PAPER §6: training clips take the router's best assignment that starts with the prefix assignment
+    (`encode --router-prefix 16,4`), and `train gpt --prefix-blocks 2` trains on them."""
+    from typer.testing import CliRunner
+
+    from evatok_cli.assign import choose_assignments
+    from evatok_cli.cli import app
+    from evatok_cli.models.router import Router, router_config
+    from evatok_cli.store import open_store
+    from evatok_cli.video import list_inputs, read_clips
+
+    torch.manual_seed(0)
+    router = Router(router_config("tiny"))
+    torch.nn.init.normal_(router.head.weight, std=0.5)
+    rdir = router.save_pretrained(tmp_path / "router", preset="tiny", extra={"clip": {"fps": "native"}})
+    runner = CliRunner()
+    store = tmp_path / "fp.zarr"
+    args = ["encode", str(video_dir), "-o", str(store), "--tokenizer", str(tiny_tokenizer), "--router", str(rdir)]
+    res = runner.invoke(app, [*args, "--router-prefix", "16,4", "--clips", "first", "--workers", "0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    s = open_store(store)
+    assert s.attrs["assignment_policy"]["prefix"] == [16, 4]
+    # each clip got the router's best assignment among those starting with (16, 4)
+    router = Router.from_pretrained(rdir).eval()
+    spec = ClipSpec(frames=8, height=32, width=32)
+    videos = [read_clips(r, spec, policy="first")[0].frames for r in list_inputs([str(video_dir)])]
+    with torch.no_grad():
+        pred = router.predict(to_model_input(torch.from_numpy(np.stack(videos))))
+    want = choose_assignments(pred, "classify", router.space, prefix=(16, 4))
+    assert sorted(s.assignments().tolist()) == sorted(want.tolist())
+    assert all(tuple(bl[:2]) == (16, 4) for bl in s.block_lengths().tolist())
+    res = runner.invoke(app, [*args[:3], str(tmp_path / "x.zarr"), *args[4:8], "--router-prefix", "3,4"])
+    assert res.exit_code == 1 and "--router-prefix" in res.output
+    out = tmp_path / "gpt"
+    args = ["train", "gpt", "--tokens", str(store), "--preset", "tiny", "--out", str(out), "--steps", "2"]
+    res = runner.invoke(app, [*args, "--batch-size", "2", "--workers", "0", "--prefix-blocks", "2", "--quiet"])
+    assert res.exit_code == 0, res.output

@@ -261,8 +261,8 @@ def check_prefix(data: TokenStores, prefix: Sequence[int]) -> None:
             raise ValueError(
                 f"{path}: {bad.size} of {len(reader)} samples do not start with the prefix assignment "
                 f"{tuple(want.tolist())} (first: {reader.keys[i]} with {tuple(bl[i].tolist())}); encode the "
-                f"training clips with assignments that start with it (e.g. --assignment fixed:"
-                f"{','.join(map(str, want.tolist()))},...)"
+                f"training clips with assignments that start with it (evatok encode --router R --router-prefix "
+                f"{','.join(map(str, want.tolist()))}, or --assignment fixed:{','.join(map(str, want.tolist()))},...)"
             )
 
 
