@@ -51,8 +51,21 @@ def routing_scores(
     raise ValueError(f"head must be 'classify' or 'reward', got {head!r}")
 
 
+def starts_with(space: AssignmentSpace, prefix: Any) -> np.ndarray:
+    """(m^T,) bool: which assignments of ``space`` start with the block lengths ``prefix`` (P,)."""
+    want = [int(k) for k in prefix]
+    if not 1 <= len(want) <= space.blocks or any(k not in space.levels for k in want):
+        raise ValueError(f"prefix {want} must be 1 to {space.blocks} levels of {list(space.levels)}")
+    return (np.asarray(space.table())[:, : len(want)] == np.asarray(want)[None, :]).all(axis=1)
+
+
 def choose_assignments(
-    pred: Any, head: str, space: AssignmentSpace, w_q: float = DEFAULT_W_Q, w_l: float = DEFAULT_W_L
+    pred: Any,
+    head: str,
+    space: AssignmentSpace,
+    w_q: float = DEFAULT_W_Q,
+    w_l: float = DEFAULT_W_L,
+    prefix: Any = None,
 ) -> np.ndarray:
     """One assignment index per clip (deterministic: the first index wins ties).
 
@@ -61,22 +74,32 @@ def choose_assignments(
         head: ``classify`` (w_q, w_l are ignored: they were fixed when the labels were made) or
             ``reward`` (argmax of w_q * Q_hat - w_l * Lz).
         space: the router's assignment space.
+        prefix: block lengths (P,) every chosen assignment must start with: the best-scoring such
+            assignment (frame-prediction training data, PAPER §6: the most probable router
+            assignment that starts with (512, 128)); ``None``: any assignment.
 
     Returns:
         (B,) int64 indices into ``space``.
     """
-    return np.argmax(routing_scores(pred, head, space, w_q, w_l), axis=1).astype(np.int64)
+    scores = routing_scores(pred, head, space, w_q, w_l)
+    if prefix is not None:
+        scores = np.where(starts_with(space, prefix)[None, :], scores, -np.inf)
+    return np.argmax(scores, axis=1).astype(np.int64)
 
 
 class RouterPolicy:
     """A router as an assignment policy: video (B, 3, F, H, W) in [-1, 1] -> (B, T) tokens per block.
 
     Used by `evatok encode --router` and `evatok train tokenizer --stage final --router`: each clip
-    gets the argmax of the router's scores (logits, or w_q * Q_hat - w_l * Lz for the reward head).
+    gets the argmax of the router's scores (logits, or w_q * Q_hat - w_l * Lz for the reward head),
+    among the assignments that start with ``prefix`` when one is given (``encode --router-prefix``).
     """
 
-    def __init__(self, model: Any, space: AssignmentSpace, w_q: float, w_l: float) -> None:
+    def __init__(self, model: Any, space: AssignmentSpace, w_q: float, w_l: float, prefix: Any = None) -> None:
         self.model, self.space, self.w_q, self.w_l = model, space, w_q, w_l
+        self.prefix = None if prefix is None else tuple(int(k) for k in prefix)
+        if self.prefix is not None:
+            starts_with(space, self.prefix)  # validate now
         self.table = torch.as_tensor(space.table())
         self.source: OpenModel | None = None  # the router directory, when loaded with :meth:`load`
 
@@ -90,6 +113,7 @@ class RouterPolicy:
         *,
         w_q: float | None = None,
         w_l: float | None = None,
+        prefix: Any = None,
     ) -> RouterPolicy:
         """Load a router directory and check it matches the tokenizer's space and clip geometry."""
         router = open_model(path, "router", device=device)
@@ -104,13 +128,14 @@ class RouterPolicy:
                 f"{path}: router clips {c.frames}x{c.height}x{c.width} differ from the tokenizer's "
                 f"{clip[0]}x{clip[1]}x{clip[2]}"
             )
-        policy = cls(model, space, *reward_weights(w_q, w_l, router.meta.get("labels")))
+        policy = cls(model, space, *reward_weights(w_q, w_l, router.meta.get("labels")), prefix=prefix)
         policy.source = router
         return policy
 
     @torch.no_grad()
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
-        idx = choose_assignments(self.model.predict(video), self.model.config.head, self.space, self.w_q, self.w_l)
+        pred = self.model.predict(video)
+        idx = choose_assignments(pred, self.model.config.head, self.space, self.w_q, self.w_l, prefix=self.prefix)
         return self.table[torch.as_tensor(idx)]
 
 

@@ -172,9 +172,10 @@ class RouterAssigner:
         device: torch.device,
         w_q: float | None = None,
         w_l: float | None = None,
+        prefix: Sequence[int] | None = None,
     ) -> None:
         try:
-            self.policy = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l)
+            self.policy = RouterPolicy.load(path, space, clip, device, w_q=w_q, w_l=w_l, prefix=prefix)
         except ValueError as e:
             raise EncodeError(str(e)) from None
 
@@ -274,6 +275,7 @@ def encode_videos(
     w_q: float | None = None,
     w_l: float | None = None,
     budget: float | None = None,
+    router_prefix: str | Sequence[int] | None = None,
     target: str | None = None,
     metric_options: dict[str, Any] | None = None,
     assigner: Assigner | None = None,
@@ -300,6 +302,9 @@ def encode_videos(
             scores with ``w_q``/``w_l`` (reward head; default: the router's training weights), or,
             with ``budget`` (mean tokens per clip over this job's clips; reward head only), the
             Lagrangian budget solution. Budget mode routes every clip first (a second decoding pass).
+        router_prefix: ``k1,...,kP``: only the router's assignments that start with these block
+            lengths (the best-scoring one per clip): training data for ``evatok train gpt
+            --prefix-blocks P`` (PAPER §6: the most probable assignment starting with (512, 128)).
         target: ``psnr=28``, ``ssim=0.9`` or ``lpips=0.15``: each clip gets the fewest tokens whose
             reconstruction by ``tokenizer`` meets it, block by block (:class:`TargetAssigner`);
             ``metric_options`` (LPIPS: ``net``, ``backbone``, ``heads``) go to ``get_metric``.
@@ -325,6 +330,8 @@ def encode_videos(
             raise EncodeError(str(e)) from None
     if budget is not None and router is None:
         raise EncodeError("--budget needs --router (a reward-head router)")
+    if router_prefix is not None and (router is None or budget is not None):
+        raise EncodeError("--router-prefix needs --router (and no --budget)")
     # one writer per store: a second job on the same store is refused before any work
     with process_group(device) as env, acquire_store_lock(out, rank=env.rank):
         tok = open_model(tokenizer, "tokenizer", device=env.device)
@@ -344,14 +351,17 @@ def encode_videos(
                 else ""
             )
             raise EncodeError(f"no video inputs found in {', '.join(map(str, inputs))}{extra_msg}")
+        prefix = _router_prefix(router_prefix, space)
         policy_name = _policy_name(assignment, labels_store, router, budget, assigner, space)
+        if prefix is not None:
+            policy_name["prefix"] = list(prefix)
         if target is not None:
             assigner = TargetAssigner(model, target, metric_options)
             policy_name = {"target": target}
         if assigner is None:
             assigner = _assigner(space, spec, env, assignment=assignment, labels_store=labels_store, router=router,
                                  w_q=w_q, w_l=w_l, budget=budget, refs=refs, policy=policy, seed=seed,
-                                 batch_size=batch_size, workers=workers)  # fmt: skip
+                                 batch_size=batch_size, workers=workers, prefix=prefix)  # fmt: skip
         labels, names = read_labels(refs, label_from)
         extra = {"kind": "encode", "clip_policy": str(clips), "seed": seed, "assignment_policy": policy_name}
         if names is not None:
@@ -535,10 +545,24 @@ def _finish(summary: EncodeSummary, env: DistEnv, t0: float) -> EncodeSummary:
     return summary
 
 
+def _router_prefix(spec: str | Sequence[int] | None, space: AssignmentSpace) -> tuple[int, ...] | None:
+    """``--router-prefix k1,...,kP`` as block lengths (levels of the space, 1 <= P <= T)."""
+    if spec is None:
+        return None
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()] if isinstance(spec, str) else [int(v) for v in spec]
+    except ValueError:
+        raise EncodeError(f"--router-prefix must be k1,...,kP, got {spec!r}") from None
+    if not 1 <= len(values) <= space.blocks or any(k not in space.levels for k in values):
+        raise EncodeError(f"--router-prefix {values} must be 1 to {space.blocks} levels of {list(space.levels)}")
+    return tuple(values)
+
+
 def _assigner(space: AssignmentSpace, spec: ClipSpec, env: DistEnv, *, assignment, labels_store, router, w_q, w_l,
-              budget, refs, policy, seed, batch_size, workers) -> Assigner:  # fmt: skip
+              budget, refs, policy, seed, batch_size, workers, prefix=None) -> Assigner:  # fmt: skip
     if router is not None:
-        assigner = RouterAssigner(Path(router), space, (spec.frames, spec.height, spec.width), env.device, w_q, w_l)
+        clip = (spec.frames, spec.height, spec.width)
+        assigner = RouterAssigner(Path(router), space, clip, env.device, w_q, w_l, prefix=prefix)
         if budget is None:
             return assigner
         return _budget_table(assigner.policy, refs, spec, policy, seed, budget, env, batch_size, workers)

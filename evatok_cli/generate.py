@@ -9,6 +9,13 @@ trained on, and writes
 - ``OUT/samples.zarr``, a token store of the samples (``store`` format): the tokenizer's attrs,
   label = the class, assignment = the sampled block lengths, key = the mp4 file's stem.
 
+**Video continuation** (frame prediction, PAPER §6 "K600 frame prediction"): with ``prefix``
+clips, each clip's first frames (``prefix_frames`` real frames, padded to ``prefix_blocks`` blocks
+by repeating the last one) are encoded with the fixed prefix assignment
+(:mod:`evatok_cli.prefix`), the GPT is teacher-forced through those blocks and samples the rest;
+the decoded video is the whole clip (its first frames reconstruct the prefix). Files are
+``prefix-<clip>_<i>.mp4`` (``prefix-<clip>_class-<name>_<i>.mp4`` with ``classes``).
+
 The tokenizer must be the one the GPT's training stores were written with: its weights sha256,
 assignment space and codebook size are checked against what the GPT directory records
 (:func:`~evatok_cli.sampling.check_tokenizer`; a mismatch raises ``TokenizerMismatchError``).
@@ -31,11 +38,12 @@ import numpy as np
 import torch
 
 from evatok_cli.checkpoint import OpenModel, open_model, store_attrs
+from evatok_cli.prefix import DEFAULT_PREFIX_BLOCKS, encode_prefix, gpt_prefix, prefix_assignment, read_condition
 from evatok_cli.runtime import resolve_device
 from evatok_cli.sampling import check_tokenizer, decode_samples, default_cfg_scale, generate
 from evatok_cli.store import Sample, open_writer
-from evatok_cli.video import ClipSpec, safe_name, write_mp4
-from evatok_cli.video.dataset import to_uint8
+from evatok_cli.video import ClipSpec, VideoError, safe_name, write_mp4
+from evatok_cli.video.dataset import to_model_input, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ class GenerateSummary:
     most_tokens: int = 0
     assignments: dict[str, int] = field(default_factory=dict)  # "k1,...,kT" -> count, most frequent first
     per_sample: list[dict[str, Any]] = field(default_factory=list)  # name, class, class_name, tokens, ...
+    prefix: dict[str, Any] | None = None  # continuation: blocks, assignment, frames, sources
     wall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +140,10 @@ def generate_videos(
     device: str = "auto",
     ema: bool = True,
     fps: float | None = None,
+    prefix: Sequence[str | Path] | None = None,
+    prefix_blocks: int | None = None,
+    prefix_frames: int | None = None,
+    prefix_assignment: str | Sequence[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> GenerateSummary:
     """Sample ``num`` clips per class and write them as mp4 files and/or a token store.
@@ -148,6 +161,13 @@ def generate_videos(
         batch_size: sequences sampled (and decoded) together.
         ema: use the GPT's EMA weights when it has them.
         fps: frame rate of the mp4 files (default: the training clips', 25 when native).
+        prefix: clips to continue (video continuation): ``num`` samples per clip (and class). Without
+            ``classes`` the samples are unconditional (null class) and ``cfg_scale`` defaults to 1
+            (PAPER §6: no CFG for K600).
+        prefix_blocks: blocks of the condition (default: what the GPT was trained with, else 2).
+        prefix_frames: real condition frames, the rest of the prefix blocks repeat the last one
+            (default: every frame of the prefix blocks; the paper: 5 of 8).
+        prefix_assignment: ``paper``, ``max`` or ``k1,...,kP`` (default: the GPT's, else ``paper``).
         on_progress: called with (samples done, total) after every batch.
 
     Returns:
@@ -167,17 +187,29 @@ def generate_videos(
     model, meta, tok = opened.model, opened.meta, tokenizer_.model
     cfg = model.config
     names = meta.get("class_names")
-    ids = resolve_classes(classes, names, cfg.num_classes)
-    scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
+    continuing = prefix is not None
+    if continuing and not prefix:
+        raise GenerateError("no prefix clips given")
+    ids = (
+        resolve_classes(classes, names, cfg.num_classes) if classes is not None or not continuing else [cfg.num_classes]
+    )
+    default_scale = 1.0 if continuing and classes is None else default_cfg_scale(meta.get("preset"), cfg.num_classes)
+    scale = default_scale if cfg_scale is None else float(cfg_scale)
     if scale < 0:
         raise GenerateError(f"cfg scale must be >= 0, got {scale}")
+
+    clip_fps = (meta.get("clip") or {}).get("fps", "native")
+    conds: list[Any] = [None]
+    prefix_info = None
+    if continuing:
+        conds, prefix_info = _encode_prefixes(prefix, tok, meta, dev, prefix_blocks, prefix_frames,
+                                              prefix_assignment, clip_fps)  # fmt: skip
 
     out = Path(out)
     store_path = out / STORE_NAME
     if format in ("store", "both") and store_path.exists():
         raise GenerateError(f"{store_path} already exists; choose another -o or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    clip_fps = (meta.get("clip") or {}).get("fps", "native")
     out_fps = fps or (25.0 if clip_fps == "native" else float(clip_fps))
     summary = GenerateSummary(out=str(out), cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
                               max_tokens=max_tokens, seed=seed)  # fmt: skip
@@ -185,17 +217,23 @@ def generate_videos(
     if format in ("store", "both"):
         settings = {"ema": ema, "cfg_scale": scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                     "max_tokens": max_tokens, "seed": seed, "batch_size": batch_size}  # fmt: skip
-        writer = _store_writer(store_path, opened, tokenizer_, clip_fps, settings)
         summary.store = str(store_path)
     namer = _Namer(cfg.num_classes, names)
-    labels = [c for c in ids for _ in range(num)]
+    summary.prefix = prefix_info
+    if format in ("store", "both"):
+        settings["prefix"] = prefix_info
+        writer = _store_writer(store_path, opened, tokenizer_, clip_fps, settings)
+    rows = [(j, c) for j in range(len(conds)) for c in ids for _ in range(num)]
     gen = torch.Generator().manual_seed(int(seed))
     try:
-        for b in range(0, len(labels), batch_size):
-            chunk = labels[b : b + batch_size]
+        for b in range(0, len(rows), batch_size):
+            chunk_rows = rows[b : b + batch_size]
+            chunk = [c for _, c in chunk_rows]
+            pre = [conds[j] for j, _ in chunk_rows] if continuing else None
             samples = generate(model, torch.tensor(chunk), cfg_scale=scale, temperature=temperature, top_k=top_k,
-                               top_p=top_p, max_tokens=max_tokens, generator=gen)  # fmt: skip
-            recs = [namer.record(c, tokens, bl, tok.space) for c, (tokens, bl) in zip(chunk, samples)]
+                               top_p=top_p, max_tokens=max_tokens, generator=gen, prefix=pre)  # fmt: skip
+            recs = [namer.record(c, tokens, bl, tok.space, None if pre is None else prefix_info["sources"][j])
+                    for (j, c), (tokens, bl) in zip(chunk_rows, samples)]  # fmt: skip
             if format in ("mp4", "both"):
                 frames = to_uint8(decode_samples(tok, samples, dev).cpu()).numpy()  # (B, F, H, W, 3)
                 summary.files += _write_mp4s(recs, frames, out, out_fps)
@@ -204,7 +242,7 @@ def generate_videos(
             summary.per_sample += recs
             summary.samples += len(chunk)
             if on_progress is not None:
-                on_progress(summary.samples, len(labels))
+                on_progress(summary.samples, len(rows))
         if writer is not None:
             writer.close()
     except BaseException:
@@ -220,19 +258,65 @@ class _Namer:
     def __init__(self, num_classes: int, names: Sequence[str] | None) -> None:
         self.num_classes, self.names = num_classes, names
         self.taken: set[str] = set()
-        self.counters: Counter[int] = Counter()
+        self.counters: Counter[tuple[str, int]] = Counter()
 
     def class_name(self, c: int) -> str:
         if c == self.num_classes:
             return NULL_CLASS
         return str(self.names[c]) if self.names is not None else str(c)
 
-    def record(self, c: int, tokens: torch.Tensor, block_lengths: torch.Tensor, space: Any) -> dict[str, Any]:
-        stem = safe_name(f"class-{self.class_name(c)}_{self.counters[c]}", self.taken)
-        self.counters[c] += 1
+    def record(self, c: int, tokens: torch.Tensor, block_lengths: torch.Tensor, space: Any,
+               prefix: str | None = None) -> dict[str, Any]:  # fmt: skip
+        stem = f"class-{self.class_name(c)}"
+        if prefix is not None:  # continuation of a clip: prefix-<clip>[_class-<name>]_<i>
+            clip = "prefix-" + Path(prefix).stem
+            stem = clip if c == self.num_classes else f"{clip}_{stem}"
+        key = (stem, c)
+        stem = safe_name(f"{stem}_{self.counters[key]}", self.taken)
+        self.counters[key] += 1
         bl = tuple(int(k) for k in block_lengths.tolist())
-        return {"name": stem, "class": c, "class_name": self.class_name(c), "tokens": int(tokens.numel()),
-                "block_lengths": list(bl), "assignment": space.to_index(bl)}  # fmt: skip
+        rec = {"name": stem, "class": c, "class_name": self.class_name(c), "tokens": int(tokens.numel()),
+               "block_lengths": list(bl), "assignment": space.to_index(bl)}  # fmt: skip
+        if prefix is not None:
+            rec["prefix"] = str(prefix)
+        return rec
+
+
+def _encode_prefixes(clips: Sequence[str | Path], tok: Any, meta: dict[str, Any], dev: torch.device,
+                     blocks: int | None, frames: int | None, assignment: str | Sequence[int] | None,
+                     clip_fps: Any) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:  # fmt: skip
+    """Each clip's prefix (tokens, block lengths) and the summary's ``prefix`` record."""
+    c, space = tok.config, tok.space
+    trained = gpt_prefix(meta)
+    P = blocks if blocks is not None else (trained[0] if trained else DEFAULT_PREFIX_BLOCKS)
+    if not 1 <= P < space.blocks:
+        raise GenerateError(f"--prefix-blocks must be in [1, {space.blocks - 1}], got {P}")
+    if assignment is None and trained and trained[0] == P:
+        assignment = trained[1]
+    try:
+        fixed = prefix_assignment(assignment, space.levels, P)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    if trained is None:
+        log.warning("the GPT records no prefix training (evatok train gpt --prefix-blocks); continuing anyway")
+    elif trained != (P, fixed):
+        log.warning("the GPT was trained with prefix %s over %d blocks, sampling with %s over %d", trained[1],
+                    trained[0], fixed, P)  # fmt: skip
+    span = P * c.temporal_patch
+    real = span if frames is None else int(frames)
+    if not 1 <= real <= span:
+        raise GenerateError(f"--prefix-frames must be in [1, {span}] ({P} blocks of {c.temporal_patch} frames)")
+    spec = ClipSpec(frames=c.frames, height=c.height, width=c.width, fps=clip_fps)
+    conds = []
+    for path in clips:
+        try:
+            video = torch.from_numpy(read_condition(path, spec, real))[None]  # (1, F, H, W, 3)
+        except VideoError as e:
+            raise GenerateError(f"{path}: {e.reason}") from None
+        conds += encode_prefix(tok, to_model_input(video).to(dev), fixed)
+    record = {"blocks": P, "assignment": list(fixed), "frames": real, "padded_to": span, "tokens": sum(fixed),
+              "sources": [str(p) for p in clips]}  # fmt: skip
+    return conds, record
 
 
 def _write_mp4s(recs: list[dict[str, Any]], frames: np.ndarray, out: Path, fps: float) -> list[str]:

@@ -8,14 +8,18 @@ The model only scores the next id; this module decides what may come next (STYLE
 - **Token budget** (``max_tokens``): a level is masked when taking it would leave too few tokens
   for the remaining blocks at the smallest level, so every sample's total is <= ``max_tokens``.
 - **Forced assignment** (``force_assignment``): the length tokens are fixed instead of drawn
-  (benchmarks; conditioning a frame-prediction prefix later).
+  (benchmarks).
+- **Prefix** (``prefix``, frame prediction / video continuation): each row's first P blocks are
+  given (their length tokens and codebook ids, e.g. the encoded first frames of a clip); they are
+  teacher-forced in one prefill and only the remaining T - P blocks are sampled. The returned
+  samples hold the prefix too (a whole clip, ready to decode).
 - **Classifier-free guidance**: conditional and null-class rows run as one batch and
   ``logits = uncond + s * (cond - uncond)``, before masking and sampling; at ``s == 1`` the
   unconditional rows are not run at all.
 - Temperature, top-k, top-p, greedy; draws come from ``generator`` only, so a seeded generator
   reproduces the samples.
 
-The model is run with a KV cache (prefill of the class token, then one ``decode_step`` per id).
+The model is run with a KV cache (prefill of the class token and any prefix, then one ``decode_step`` per id).
 :func:`generate_uncached` recomputes the whole prefix each step and exists to test the cache.
 
 Shared by the jobs that sample (``evatok generate``, ``evatok eval gen``): :func:`check_tokenizer`
@@ -214,6 +218,7 @@ def _generate(
     force_assignment: Sequence[int] | torch.Tensor | None,
     greedy: bool,
     generator: torch.Generator | None,
+    prefix: Sequence[Sample] | None = None,
 ) -> list[Sample]:
     cfg = model.config
     device = model.tok_emb.weight.device
@@ -234,22 +239,38 @@ def _generate(
             raise ValueError(f"force_assignment totals {int(totals.max())} tokens > max_tokens {max_tokens}")
     greedy = greedy or temperature == 0
     guided = cfg_scale != 1.0
+    pre_ids, pre_tokens, pre_lengths = _prefix_ids(cfg, prefix, B, device)
+    if forced is not None and pre_lengths.numel():
+        pos = {k: i for i, k in enumerate(cfg.levels)}
+        want = torch.tensor([pos[int(k)] for k in pre_lengths.tolist()], device=device)
+        if not bool((forced[:, : want.numel()] == want).all()):
+            raise ValueError("force_assignment disagrees with the prefix's block lengths")
+    P, n_pre = pre_lengths.numel(), int(pre_lengths.sum())
+    if max_tokens is not None and n_pre + (cfg.blocks - P) * cfg.levels[0] > max_tokens:
+        raise ValueError(
+            f"the prefix's {n_pre} tokens leave no room for {cfg.blocks - P} blocks in max_tokens {max_tokens}"
+        )
 
     rows = 2 * B if guided else B
     driver: _Driver = _Cached(model, rows) if cached else _Uncached(model)
     first = labels + cfg.codebook_size + cfg.num_levels  # class ids, (B,)
     if guided:
         first = torch.cat([first, torch.full_like(first, cfg.null_class_token)])
-    logits = driver.start(first[:, None])  # (rows, V)
+    start = first[:, None]  # (rows, 1)
+    if pre_ids is not None:  # teacher-forced prefix, the same for the conditional and null-class halves
+        start = torch.cat([start, torch.cat([pre_ids, pre_ids]) if guided else pre_ids], dim=1)
+    logits = driver.start(start)  # (rows, V)
 
     levels = torch.tensor(cfg.levels, device=device)
     remaining = torch.zeros(B, dtype=torch.long, device=device)
-    block = torch.zeros_like(remaining)
-    used = torch.zeros_like(remaining)
+    block = torch.full_like(remaining, P)
+    used = torch.full_like(remaining, n_pre)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    if P == cfg.blocks:
+        done[:] = True
     emitted: list[torch.Tensor] = []  # (B,) ids per step
     is_length: list[torch.Tensor] = []
-    while True:
+    while not bool(done.all()):
         logits = logits.float()
         if guided:
             logits = apply_cfg(logits[:B], logits[B:], cfg_scale)
@@ -276,14 +297,48 @@ def _generate(
             break
         logits = driver.step((torch.cat([nxt, nxt]) if guided else nxt)[:, None])
 
-    ids = torch.stack(emitted, 1).cpu()  # (B, steps)
-    lens = torch.stack(is_length, 1).cpu()
+    ids = torch.stack(emitted, 1).cpu() if emitted else torch.zeros(B, 0, dtype=torch.long)  # (B, steps)
+    lens = torch.stack(is_length, 1).cpu() if is_length else torch.zeros(B, 0, dtype=torch.bool)
     out: list[Sample] = []
     for b in range(B):
-        block_lengths = levels.cpu()[ids[b][lens[b]] - cfg.codebook_size]  # (T,)
-        n = int(block_lengths.sum()) + cfg.blocks  # steps this row used before it finished
-        out.append((ids[b][:n][~lens[b][:n]].clone(), block_lengths))
+        block_lengths = levels.cpu()[ids[b][lens[b]] - cfg.codebook_size]  # (T - P,)
+        n = int(block_lengths.sum()) + cfg.blocks - P  # steps this row used before it finished
+        tokens = ids[b][:n][~lens[b][:n]]
+        out.append((torch.cat([pre_tokens[b], tokens]), torch.cat([pre_lengths.cpu(), block_lengths])))
     return out
+
+
+def _prefix_ids(
+    cfg: GPTConfig, prefix: Sequence[Sample] | None, batch: int, device
+) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+    """Validate a prefix; (its GPT ids after the class (B, P + n) or None, its tokens per row, block lengths (P,))."""
+    if prefix is None:
+        return None, [torch.zeros(0, dtype=torch.long)] * batch, torch.zeros(0, dtype=torch.long)
+    if len(prefix) != batch:
+        raise ValueError(f"prefix holds {len(prefix)} rows for {batch} labels")
+    lengths = [torch.as_tensor(bl, dtype=torch.long).flatten().cpu() for _, bl in prefix]
+    if any(not torch.equal(bl, lengths[0]) for bl in lengths):
+        raise ValueError("every row's prefix must have the same block lengths (a fixed prefix assignment)")
+    bl = lengths[0]
+    if not 1 <= bl.numel() <= cfg.blocks or any(int(k) not in cfg.levels for k in bl):
+        raise ValueError(f"prefix block lengths {bl.tolist()} must be 1 to {cfg.blocks} levels of {cfg.levels}")
+    tokens = [torch.as_tensor(t, dtype=torch.long).flatten().cpu() for t, _ in prefix]
+    ids = []
+    for t in tokens:
+        if t.numel() != int(bl.sum()) or (t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.codebook_size)):
+            raise ValueError(f"a prefix needs {int(bl.sum())} codebook ids in [0, {cfg.codebook_size})")
+        ids.append(prefix_sequence(t, bl, cfg))
+    return torch.stack(ids).to(device), tokens, bl
+
+
+def prefix_sequence(tokens: torch.Tensor, block_lengths: torch.Tensor | Sequence[int], cfg: GPTConfig) -> torch.Tensor:
+    """GPT ids of the first P blocks (``[len(k_1)] tok.. ... [len(k_P)] tok..``, no class): what a prefix forces."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    parts, start = [], 0
+    for k in torch.as_tensor(block_lengths).flatten().tolist():
+        parts += [torch.tensor([cfg.level_token(cfg.levels.index(int(k)))]), tokens[start : start + int(k)]]
+        start += int(k)
+    return torch.cat(parts)
 
 
 def generate(
@@ -298,6 +353,7 @@ def generate(
     force_assignment: Sequence[int] | torch.Tensor | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    prefix: Sequence[Sample] | None = None,
 ) -> list[Sample]:
     """Sample one clip's tokens per label, batched, with a KV cache.
 
@@ -311,14 +367,18 @@ def generate(
         force_assignment: (T,) or (B, T) block lengths to use instead of sampling them.
         greedy: argmax instead of sampling.
         generator: source of all randomness (any device).
+        prefix: B pairs ``(tokens, block_lengths (P,))`` (all rows with the same block lengths):
+            the first P blocks of each row, teacher-forced (frame prediction); ``None``: none.
 
     Returns:
-        B pairs ``(tokens (sum k_t,) long, block_lengths (T,) long)`` on the CPU, in label order.
+        B pairs ``(tokens (sum k_t,) long, block_lengths (T,) long)`` on the CPU, in label order
+        (with a prefix, its tokens and block lengths come first).
     """
     with torch.inference_mode():
         return _generate(
             model, labels, cached=True, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
             max_tokens=max_tokens, force_assignment=force_assignment, greedy=greedy, generator=generator,
+            prefix=prefix,
         )  # fmt: skip
 
 
@@ -334,12 +394,14 @@ def generate_uncached(
     force_assignment: Sequence[int] | torch.Tensor | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    prefix: Sequence[Sample] | None = None,
 ) -> list[Sample]:
     """:func:`generate` recomputing the whole prefix at every step (reference for the KV cache; slow)."""
     with torch.inference_mode():
         return _generate(
             model, labels, cached=False, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
             max_tokens=max_tokens, force_assignment=force_assignment, greedy=greedy, generator=generator,
+            prefix=prefix,
         )  # fmt: skip
 
 

@@ -54,6 +54,8 @@ def test_paper_protocols_name_everything():
     for p in PROTOCOLS.values():  # data only: a JSON round trip gives the same frozen object
         assert Protocol.from_dict(p.to_dict()) == p and p.reference and p.notes
     assert get_protocol("tiny").test_only and not rfvd.test_only
+    tfp = get_protocol("tiny-fp")
+    assert tfp.test_only and tfp.task == "frame-prediction" and (tfp.cond_frames, tfp.frames) == (3, 8)
     assert rfvd.reference_tokens == c2v.reference_tokens == 1024 and sg.reference_tokens is None  # "774 (-24.4%)"
     with pytest.raises(ValueError, match="unknown protocol 'ucf'.*ucf-rfvd"):
         get_protocol("ucf")
@@ -197,8 +199,52 @@ def test_gen_caches_real_statistics(tiny_gpt, tiny_tokenizer, video_dir, footage
     assert again.samples == first.samples
     other = evaluate_generation(tiny_gpt, tiny_tokenizer, [video_dir, footage["carphone"]], **kw)  # another listing
     assert other.data["real_stats_cache"]["hit"] is False and other.summary["real_clips"] == 3
-    with pytest.raises(EvalError, match="frame prediction"):
+    with pytest.raises(EvalError, match="16x128x128"):  # frame prediction runs, at the paper's geometry only
         evaluate_generation(tiny_gpt, tiny_tokenizer, [video_dir], **{**kw, "protocol": "k600-fp-50k"})
+
+
+def test_gen_frame_prediction_continues_the_real_clips(tiny_gpt, tiny_tokenizer, video_dir, monkeypatch, tmp_path):
+    """tiny-fp (k600-fp-50k at the tiny geometry): sample i continues real clip i mod n from its encoded first frames."""
+    import evatok_cli.evaluation.gen as gen_mod
+
+    seen = []
+    real_generate = gen_mod.generate
+
+    def spy(model, labels, **kw):
+        seen.append((labels.tolist(), kw["prefix"], kw["cfg_scale"]))
+        return real_generate(model, labels, **kw)
+
+    monkeypatch.setattr(gen_mod, "generate", spy)
+    kw = dict(protocol="tiny-fp", i3d="random:0", num_samples=3, batch_size=2, cache_dir=tmp_path, device="cpu")
+    rep = evaluate_generation(tiny_gpt, tiny_tokenizer, [video_dir], **kw)
+    assert rep.protocol["name"] == "tiny-fp" and rep.protocol["cond_frames"] == 3
+    assert math.isfinite(rep.summary["fvd"]) and rep.summary["samples"] == 3 and rep.fvd["n_real"] == 2
+    assert rep.settings["cfg_scale"] == 1.0  # PAPER §6: no CFG for K600
+    assert rep.settings["prefix"] == {"blocks": 2, "assignment": [16, 4], "cond_frames": 3, "padded_to": 4,
+                                      "tokens": 20, "labels": "null class"}  # fmt: skip
+    assert [s["class"] for s in rep.samples] == [2, 2, 2]  # the null class of a 2-class GPT
+    assert all(s["block_lengths"][:2] == [16, 4] for s in rep.samples)
+    assert any("records no prefix training" in d for d in rep.deviations) and not rep.standard
+    # the prefixes are the real clips' first 3 frames (the 4th repeating the 3rd), encoded with (16, 4, ...)
+    tok = EVATokTokenizer.from_pretrained(tiny_tokenizer).eval()
+    clips = [
+        read_clips(r, get_protocol("tiny-fp").clip_spec(), policy="first")[0].frames
+        for r in list_inputs([str(video_dir)])
+    ]
+    want = []
+    for frames in clips:
+        frames = frames.copy()
+        frames[3:] = frames[2]
+        tokens, _ = tok.encode(to_model_input(torch.from_numpy(frames)[None]), torch.tensor([[16, 4, 8, 8]]))
+        want.append(tokens[0][:20])
+    prefixes = [p for _, chunk, _ in seen for p in chunk]
+    assert len(prefixes) == 3 and all(scale == 1.0 for *_, scale in seen)
+    for i, (t, bl) in enumerate(prefixes):
+        assert torch.equal(t, want[i % 2]) and bl.tolist() == [16, 4]
+    again = evaluate_generation(tiny_gpt, tiny_tokenizer, [video_dir], **kw)
+    assert again.samples == rep.samples and again.summary["fvd"] == pytest.approx(rep.summary["fvd"], rel=1e-9)
+    with pytest.raises(EvalError, match="non-levels"):
+        evaluate_generation(tiny_gpt, tiny_tokenizer, [video_dir], **kw, prefix_assignment_spec="3,3")
 
 
 # ------------------------------------------------------------------------------ comparison

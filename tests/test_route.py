@@ -182,6 +182,23 @@ def test_choose_assignments_heads():
         choose_assignments(pred[:, :4], "classify", space)
 
 
+def test_choose_assignments_with_a_prefix():
+    """The best-scoring assignment that starts with the prefix (PAPER §6: router assignment starting with (512, 128))."""
+    space = AssignmentSpace((32, 64, 128, 256, 512), 4)
+    g = np.random.default_rng(1)
+    pred = g.normal(size=(6, 625))
+    table = np.asarray(space.table())
+    for head, w in (("classify", (1.0, 1.0)), ("reward", (1.2, 0.8))):
+        got = choose_assignments(pred, head, space, *w, prefix=(512, 128))
+        scores = routing_scores(pred, head, space, *w)
+        ok = [a for a in range(625) if tuple(table[a][:2]) == (512, 128)]
+        assert len(ok) == 25 and got.tolist() == [max(ok, key=lambda a: row[a]) for row in scores]
+        assert all(tuple(table[a][:2]) == (512, 128) for a in got)
+    assert (choose_assignments(pred, "classify", space, prefix=(512, 128)) != pred.argmax(1)).any()
+    with pytest.raises(ValueError, match="levels"):
+        choose_assignments(pred, "classify", space, prefix=(512, 100))
+
+
 def _knapsack_best(q: np.ndarray, lengths: np.ndarray, budget: float) -> float:
     """Exact optimum of max sum_i q[i, a_i] s.t. sum_i L(a_i) <= budget * N (dynamic programming)."""
     cap = int(np.floor(budget * q.shape[0] + 1e-9))

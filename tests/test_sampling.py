@@ -1,4 +1,5 @@
-"""Sampling: structural validity, token budget, forced assignments, KV cache == recompute, CFG, overfit."""
+"""Sampling: structural validity, token budget, forced assignments, KV cache == recompute, CFG, overfit,
+teacher-forced prefixes (frame prediction)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from evatok_cli.sampling import (
     apply_cfg,
     generate,
     generate_uncached,
+    prefix_sequence,
     sample_from_logits,
     top_k_filter,
     top_p_filter,
@@ -190,3 +192,79 @@ def test_tiny_gpt_memorises_and_reproduces_sequences() -> None:
         assert block_lengths.tolist() == want_bl.tolist()
         assert torch.equal(tokens, want_t)
     assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------------- prefix (frame prediction)
+def _prefix(seed: int, rows: int, block_lengths=(8, 2)) -> list:
+    g = torch.Generator().manual_seed(seed)
+    bl = torch.tensor(block_lengths)
+    return [(torch.randint(0, SMALL["codebook_size"], (int(bl.sum()),), generator=g), bl) for _ in range(rows)]
+
+
+def test_prefix_is_teacher_forced_and_the_continuation_is_valid() -> None:
+    model = random_model(7, init_std=0.5)
+    cfg = model.config
+    labels = torch.tensor([0, 1, 5, 2])  # 5: the null class
+    pre = _prefix(0, 4)
+    for kw in MODES:
+        samples = generate(model, labels, prefix=pre, generator=torch.Generator().manual_seed(1), **kw)
+        assert_valid(samples, cfg, labels.tolist())
+        for (tokens, bl), (pt, pbl) in zip(samples, pre):
+            assert torch.equal(tokens[:10], pt) and bl[:2].tolist() == pbl.tolist()
+    # budgets and forced assignments count the prefix
+    budget = generate(model, labels, prefix=pre, max_tokens=13, generator=torch.Generator().manual_seed(1))
+    assert all(len(t) <= 13 for t, _ in budget)
+    forced = generate(model, labels, prefix=pre, force_assignment=[8, 2, 4])
+    assert all(bl.tolist() == [8, 2, 4] for _, bl in forced)
+    # a prefix of every block: nothing left to sample, the prefix comes back as it is
+    full = _prefix(3, 2, (2, 4, 8))
+    assert _same(generate(model, torch.tensor([0, 1]), prefix=full), full)
+
+
+def test_prefix_conditions_the_continuation_and_cache_matches_recompute() -> None:
+    model = random_model(8, init_std=0.1)
+    labels = torch.tensor([0, 1, 2])
+    pre = _prefix(0, 3)
+    cached = generate(model, labels, prefix=pre, greedy=True)
+    assert _same(cached, generate_uncached(model, labels, prefix=pre, greedy=True))
+    seeded = dict(cfg_scale=2.0, top_k=8)
+    assert _same(
+        generate(model, labels, prefix=pre, generator=torch.Generator().manual_seed(4), **seeded),
+        generate_uncached(model, labels, prefix=pre, generator=torch.Generator().manual_seed(4), **seeded),
+    )
+    other = generate(model, labels, prefix=_prefix(1, 3), greedy=True)
+    assert any(not torch.equal(a[0][10:], b[0][10:]) for a, b in zip(cached, other))  # the prefix matters
+    # the first sampled step sees exactly the teacher-forced sequence: its logits equal a full forward's
+    seq = torch.cat([torch.tensor([model.config.class_token(0)]), prefix_sequence(*pre[0], model.config)])
+    with torch.inference_mode():
+        full = model(seq[None])[0][0, -1]
+        cache = model.new_cache(1)
+        torch.testing.assert_close(model.prefill(seq[None], cache)[0], full)
+
+
+def test_prefix_cfg_scale_one_is_plain_conditional() -> None:
+    model = random_model(9, init_std=0.1)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    pre = _prefix(2, 5)
+    run = lambda s: generate(model, labels, prefix=pre, cfg_scale=s, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    plain = run(1.0)  # no null-class rows at all
+    assert _same(plain, run(1.0 + 1e-6))  # the guided path (conditional + null rows, both prefixed) at scale ~1
+    assert _same(plain, generate_uncached(model, labels, prefix=pre, generator=torch.Generator().manual_seed(3)))
+    assert not _same(plain, run(4.0))
+
+
+def test_prefix_errors() -> None:
+    model = random_model(0)
+    labels = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="same block lengths"):
+        generate(model, labels, prefix=[*_prefix(0, 1), *_prefix(0, 1, (2, 2))])
+    with pytest.raises(ValueError, match="rows"):
+        generate(model, labels, prefix=_prefix(0, 3))
+    with pytest.raises(ValueError, match="levels"):
+        generate(model, labels, prefix=_prefix(0, 2, (3, 2)))
+    with pytest.raises(ValueError, match="codebook ids"):
+        generate(model, labels, prefix=[(torch.zeros(9, dtype=torch.long), torch.tensor([8, 2]))] * 2)
+    with pytest.raises(ValueError, match="disagrees"):
+        generate(model, labels, prefix=_prefix(0, 2), force_assignment=[2, 2, 2])
+    with pytest.raises(ValueError, match="max_tokens"):
+        generate(model, labels, prefix=_prefix(0, 2), max_tokens=11)

@@ -6,6 +6,7 @@ Usage:
     find videos -name '*.mp4' | evatok encode - -o tokens.zarr --tokenizer runs/final --assignment uniform:128
     evatok encode ucf101/ -o ucf.zarr --tokenizer runs/final --router runs/router --label-from parent-dir --json
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final --router runs/reward-router --budget 600
+    evatok encode k600/ -o k600-fp.zarr --tokenizer runs/final --router runs/router --router-prefix 512,128
     evatok encode videos/ -o tokens.zarr --tokenizer runs/final --target psnr=28   # constant quality
     evatok encode batch2/ -o tokens.zarr --extensions mp4,mts      # appends to a finished store
     torchrun --nproc_per_node 8 -m evatok_cli encode webvid/ -o webvid.zarr --tokenizer runs/final
@@ -76,6 +77,15 @@ def encode(
     ] = None,
     budget: Annotated[
         float | None, typer.Option("--budget", help="Mean tokens per clip over the job (reward-head router).")
+    ] = None,
+    router_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--router-prefix",
+            help="k1,...,kP: the router's best assignment that starts with these block lengths (frame-prediction "
+            "training data for `train gpt --prefix-blocks P`; paper: 512,128).",
+            show_default=False,
+        ),
     ] = None,
     target: Annotated[
         str | None,
@@ -175,6 +185,7 @@ def encode(
                 w_q=w_q,
                 w_l=w_l,
                 budget=budget,
+                router_prefix=router_prefix,
                 target=target,
                 metric_options={"net": lpips_net, "backbone": lpips_backbone, "heads": lpips_heads},
                 clips=clips,

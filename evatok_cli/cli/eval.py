@@ -9,6 +9,8 @@ Usage:
         --i3d weights/i3d_torchscript.pt -o reports/gfvd.json
     torchrun --nproc_per_node 8 -m evatok_cli eval gen --gpt runs/gpt --tokenizer runs/final --real ucf101/train \\
         --protocol ucf-c2v-10k --i3d weights/i3d_torchscript.pt -o reports/gfvd.json
+    evatok eval gen --gpt runs/fp --tokenizer runs/final --real k600_val/ --protocol k600-fp-50k \\
+        --i3d weights/i3d_torchscript.pt -o reports/k600-fp.json     # frame prediction (continuation)
     evatok eval curve --tokenizer runs/proxy --data ucf101/train --router runs/rr --w-q 0.8,1.2,1.6 \\
         --metric psnr -o curve.json --plot curve.png
     evatok eval compare reports/uniform.json reports/router.json
@@ -256,7 +258,7 @@ def gen(
         str,
         typer.Option(
             "--protocol",
-            help="ucf-c2v-10k, fvd2048-16f or tiny (k600-fp-50k is recorded, not implemented).",
+            help="ucf-c2v-10k, k600-fp-50k (frame prediction), fvd2048-16f, tiny or tiny-fp.",
             show_default=False,
         ),
     ],
@@ -297,6 +299,14 @@ def gen(
         bool, typer.Option("--no-cache", help="Recompute the real statistics and do not cache them.")
     ] = False,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the GPT's raw weights instead of the EMA.")] = False,
+    prefix_assignment: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix-assignment",
+            help="Frame prediction: prefix block lengths (paper, max or k1,...,kN; default: the GPT's).",
+            show_default=False,
+        ),
+    ] = None,
     out: ReportOpt = None,
     batch_size: BatchOpt = 16,
     workers: WorkersOpt = 0,
@@ -307,7 +317,7 @@ def gen(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """gFVD of class-conditional samples against the protocol's real clips (real statistics cached)."""
+    """gFVD of class-conditional samples, or of continued real clips (frame prediction), against real clips."""
     import sys
 
     from evatok_cli.evaluation import evaluate_generation
@@ -340,6 +350,7 @@ def gen(
             ema=not no_ema,
             cache_dir=cache_dir,
             use_cache=not no_cache,
+            prefix_assignment_spec=prefix_assignment,
             stdin=sys.stdin if "-" in real else None,
         )
         _emit(report, out, json_, quiet)

@@ -5,6 +5,7 @@ Usage:
     evatok generate --gpt runs/gpt --tokenizer runs/final --classes 0,5,17 --num 4 -o samples/
     evatok generate --gpt runs/gpt --tokenizer runs/final --classes ride,talk --num 8 --cfg 3.0 -o samples/
     evatok generate --gpt runs/gpt --tokenizer runs/final --num 100 --format store --max-tokens 512 -o gen/ --json
+    evatok generate --gpt runs/fp --tokenizer runs/final --prefix clip.mp4 --prefix-frames 5 --num 4 -o cont/
 """
 
 from __future__ import annotations
@@ -67,13 +68,43 @@ def generate(
     ] = None,
     format: Annotated[str, typer.Option("--format", help="mp4, store (OUT/samples.zarr) or both.")] = "mp4",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples generated together.")] = 16,
+    prefix: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--prefix",
+            help="Continue this clip (repeatable): its first frames are encoded and the GPT samples the rest.",
+            show_default=False,
+        ),
+    ] = None,
+    prefix_blocks: Annotated[
+        int | None,
+        typer.Option(
+            "--prefix-blocks", help="Blocks of the condition (default: the GPT's training, else 2).", show_default=False
+        ),
+    ] = None,
+    prefix_frames: Annotated[
+        int | None,
+        typer.Option(
+            "--prefix-frames",
+            help="Real condition frames; the rest of the prefix blocks repeat the last (default: all; paper: 5 of 8).",
+            show_default=False,
+        ),
+    ] = None,
+    prefix_assignment: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix-assignment",
+            help="Prefix block lengths: paper ((512,128) mapped to the levels), max or k1,...,kN (default: the GPT's).",
+            show_default=False,
+        ),
+    ] = None,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Generate videos (and/or their tokens) for the given classes."""
+    """Generate videos (and/or their tokens) for the given classes, or continue clips (--prefix)."""
     from evatok_cli.checkpoint import CheckpointError
     from evatok_cli.generate import FORMATS, GenerateError, generate_videos
     from evatok_cli.store import StoreError
@@ -82,6 +113,8 @@ def generate(
         fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}", code=2)
     if num < 1 or batch_size < 1:
         fail("--num and --batch-size must be >= 1", code=2)
+    if prefix is None and (prefix_blocks, prefix_frames, prefix_assignment) != (None, None, None):
+        fail("--prefix-blocks, --prefix-frames and --prefix-assignment need --prefix", code=2)
     wanted = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
     if wanted is not None and not wanted:
         fail("--classes is empty", code=2)
@@ -105,6 +138,10 @@ def generate(
             batch_size=batch_size,
             device=device,
             ema=not no_ema,
+            prefix=prefix or None,
+            prefix_blocks=prefix_blocks,
+            prefix_frames=prefix_frames,
+            prefix_assignment=prefix_assignment,
         )
     except (GenerateError, CheckpointError, StoreError, ValueError) as e:
         about_tok = demo_tok_only and str(e).startswith(str(tokenizer))  # check_tokenizer's refusals name it first

@@ -6,6 +6,7 @@ Usage:
     evatok train gpt --tokens ucf.zarr --preset gpt-b --out runs/gpt --epochs 3000 --resume
     evatok train gpt --tokens ucf.zarr --preset gpt-b --out runs/gpt --epochs 3000 --dropout 0.1 --token-dropout 0.1
     torchrun --nproc_per_node 8 -m evatok_cli train gpt --tokens k600/ --preset gpt-l --out runs/k --epochs 75
+    evatok train gpt --tokens k600-fp.zarr --preset gpt-l-plus --out runs/fp --epochs 75 --prefix-blocks 2
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def gpt(
         float, typer.Option("--lr", help="Learning rate (WSD: constant, then linear to 0 over the last 20%).")
     ] = 1e-4,
     warmup: Annotated[int, typer.Option("--warmup", help="Linear warmup steps.")] = 0,
+    prefix_blocks: Annotated[
+        int,
+        typer.Option(
+            "--prefix-blocks",
+            help="Frame prediction: the first N blocks are a fixed-assignment condition, not predicted (paper: 2).",
+        ),
+    ] = 0,
+    prefix_assignment: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix-assignment",
+            help="Block lengths of the prefix: paper (the paper's (512,128) mapped to the levels), max or k1,...,kN.",
+            show_default=False,
+        ),
+    ] = None,
     resume: ResumeOpt = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader workers reading the stores.")] = 1,
     checkpoint_every: CheckpointEveryOpt = 1000,
@@ -90,6 +106,10 @@ def gpt(
     for name, p in (("--dropout", dropout), ("--token-dropout", token_dropout)):
         if not 0.0 <= p < 1.0:
             fail(f"{name} must be in [0, 1), got {p}", code=2)
+    if prefix_blocks < 0:
+        fail(f"--prefix-blocks must be >= 0, got {prefix_blocks}", code=2)
+    if prefix_assignment is not None and not prefix_blocks:
+        fail("--prefix-assignment needs --prefix-blocks", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_gpt(
@@ -113,6 +133,8 @@ def gpt(
             class_dropout=class_dropout,
             dropout=dropout,
             token_dropout=token_dropout,
+            prefix_blocks=prefix_blocks,
+            prefix_assignment=prefix_assignment,
         )
     except (ResumeError, StoreError, CheckpointError, ValueError) as e:
         fail(str(e), code=1)

@@ -1,4 +1,12 @@
-"""``evatok eval gen``: gFVD of class-conditional GPT samples under a protocol, with cached real statistics."""
+"""``evatok eval gen``: gFVD of GPT samples under a protocol, with cached real statistics.
+
+Class-to-video protocols sample class-balanced sequences. Frame-prediction protocols
+(``k600-fp-50k``; ``tiny-fp`` for tests) continue real clips: sample i takes the protocol's real
+clip ``i mod n`` (n selected clips), its first ``cond_frames`` frames padded to whole blocks and
+encoded with the fixed prefix assignment (:mod:`evatok_cli.prefix`); the GPT samples the other
+blocks unconditionally (the null class; CFG 1 by default, PAPER §6: no CFG for K600), and the
+whole decoded clip is compared with the real clips.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +45,12 @@ from evatok_cli.evaluation.protocols import (
     Protocol,
     balanced_labels,
     collate_clips,
-    get_protocol,
 )
 from evatok_cli.evaluation.report import (
     EvalReport,
 )
 from evatok_cli.metrics import FeatureStats
+from evatok_cli.prefix import encode_prefix, gpt_prefix, pad_condition, prefix_assignment, prefix_blocks_for
 from evatok_cli.runtime import DistEnv, all_gather_objects, broadcast_object, process_group
 from evatok_cli.sampling import check_tokenizer, decode_samples, default_cfg_scale, generate
 from evatok_cli.video import to_model_input
@@ -111,11 +119,13 @@ def evaluate_generation(
     ema: bool = True,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    prefix_assignment_spec: str | Sequence[int] | None = None,
     stdin=None,
 ) -> EvalReport:
-    """gFVD of a class-conditional GPT under a protocol (``evatok eval gen``).
+    """gFVD of a GPT under a protocol (``evatok eval gen``).
 
-    Samples: sample i gets class ``i mod C`` (classes balanced); samples are drawn in chunks of
+    Samples: sample i gets class ``i mod C`` (classes balanced), or for a frame-prediction protocol
+    continues real clip ``i mod n`` with the null class (see the module docstring); samples are drawn in chunks of
     ``batch_size``, chunk c with a generator seeded from ``(seed, c)`` and handed to rank
     ``c mod world_size``, so the samples do not depend on the number of ranks. Each sample is
     decoded by the tokenizer and its I3D features summed; statistics are all-reduced.
@@ -129,7 +139,8 @@ def evaluate_generation(
         gpt: a GPT model directory (or a training output directory).
         tokenizer: the tokenizer the GPT's token stores were written with (checked).
         real: the real videos of the protocol's split.
-        protocol: a generation preset (``ucf-c2v-10k``, ``fvd2048-16f``, ``tiny``).
+        protocol: a generation preset (``ucf-c2v-10k``, ``fvd2048-16f``, ``tiny``; frame prediction:
+            ``k600-fp-50k``, ``tiny-fp``).
         i3d, i3d_variant: I3D weights (or ``random:SEED`` for tests) and variant (default: protocol's).
         num_samples: generated samples (default: the protocol's; another count is non-standard).
         num_clips: real clips: a seeded subset of this many (non-standard).
@@ -139,6 +150,8 @@ def evaluate_generation(
         batch_size: samples per chunk (also clips per I3D batch for the real statistics).
         cache_dir: where real statistics are cached (default :func:`default_cache_dir`).
         use_cache: False to recompute (and not write) the real statistics.
+        prefix_assignment_spec: frame prediction: the prefix block lengths (``paper``, ``max`` or
+            ``k1,...,kP``; default: the GPT's training prefix, else ``paper``).
 
     Returns:
         The :class:`EvalReport` (complete on rank 0).
@@ -149,12 +162,6 @@ def evaluate_generation(
         if i3d is None:
             raise EvalError("gFVD needs --i3d (i3d_torchscript.pt for the paper's protocols)")
         tok_open, tok, geometry = load_tokenizer(tokenizer, env)
-        proto = get_protocol(protocol)
-        if proto.task == "frame-prediction":
-            raise EvalError(
-                f"protocol {proto.name} is frame prediction ({proto.cond_frames} condition frames -> "
-                f"{proto.frames}); evatok's sampler generates class-conditional sequences only"
-            )
         proto, why = resolve_protocol(protocol, geometry, "gen", clips=None, i3d=i3d, i3d_variant=i3d_variant)
         gpt_open = open_model(gpt, "gpt", device=env.device, ema=ema)
         check_tokenizer(gpt_open, tok_open)
@@ -166,7 +173,9 @@ def evaluate_generation(
         if num_samples is not None and num_samples != proto.num_samples:
             why.append(f"--num-samples {num_samples} overrides the protocol's {proto.num_samples} samples")
             proto = dataclasses.replace(proto, num_samples=n)
-        scale = default_cfg_scale(meta.get("preset"), cfg.num_classes) if cfg_scale is None else float(cfg_scale)
+        fp = proto.task == "frame-prediction"
+        default_scale = 1.0 if fp else default_cfg_scale(meta.get("preset"), cfg.num_classes)
+        scale = default_scale if cfg_scale is None else float(cfg_scale)
         sampler_seed = proto.seed if seed is None else int(seed)
         w = load_metric_weights(
             ["fvd"],
@@ -185,9 +194,15 @@ def evaluate_generation(
         real_stats, real_failures, cache_info = _cached_real_stats(
             sel, proto, real, w, env, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, workers=workers
         )
-        labels = balanced_labels(n, cfg.num_classes)  # no classes: the null class (id 0)
+        conditions, prefix_info = None, None
+        if fp:  # continuation of the protocol's real clips, unconditional (the null class)
+            labels = [cfg.num_classes] * n
+            conditions, prefix_info = _conditions(sel, proto, tok, meta, prefix_assignment_spec, env, why)
+        else:
+            labels = balanced_labels(n, cfg.num_classes)  # no classes: the null class (id 0)
         fake, samples = _sample_stats(model, tok, labels, fvd, env, batch_size=batch_size, seed=sampler_seed,
-                                      cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
+                                      cfg_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      conditions=conditions)  # fmt: skip
         deviations = why + sel.deviations + w.deviations
         if real_failures:
             deviations.append(f"{len(real_failures)} real clips failed to decode (first: {real_failures[0]['source']})")
@@ -225,6 +240,7 @@ def evaluate_generation(
                 "classes": cfg.num_classes,
                 "per_class": {str(k): v for k, v in sorted(per_class.items())},
                 "num_clips": num_clips,
+                "prefix": prefix_info,
             },
             seed=proto.seed,
             fvd=fvd_res,
@@ -262,9 +278,55 @@ def _cached_real_stats(sel: ClipSelection, proto: Protocol, real: Sequence[str |
     return stats, failures, info
 
 
+def _conditions(sel: ClipSelection, proto: Protocol, tok: Any, meta: dict[str, Any],
+                spec: str | Sequence[int] | None, env: DistEnv,
+                why: list[str]) -> tuple[Callable[[list[int]], list[Any]], dict[str, Any]]:  # fmt: skip
+    """Frame prediction: ``conditions(sample indices) -> prefixes`` and the report's prefix record.
+
+    Sample i continues clip ``i mod n`` of the selection: its first ``cond_frames`` frames, padded
+    to whole blocks by repeating the last one, encoded with the fixed prefix assignment.
+    """
+    space, tp = tok.space, tok.config.temporal_patch
+    P = prefix_blocks_for(proto.cond_frames, tp)
+    if not 1 <= P < space.blocks:
+        raise EvalError(
+            f"protocol {proto.name}: {proto.cond_frames} condition frames fill {P} of {space.blocks} blocks"
+        )
+    trained = gpt_prefix(meta)
+    if spec is None and trained is not None and trained[0] == P:
+        spec = trained[1]
+    try:
+        fixed = prefix_assignment(spec, space.levels, P)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if trained is None:
+        why.append("the GPT records no prefix training (evatok train gpt --prefix-blocks)")
+    elif trained != (P, fixed):
+        why.append(f"the GPT was trained with the prefix {trained[1]} over {trained[0]} blocks, sampled with {fixed}")
+    clips = ClipDataset(sel.items, proto.clip_spec())
+
+    def conditions(indices: list[int]) -> list[Any]:
+        want = [i % len(clips) for i in indices]
+        distinct = sorted(set(want))
+        frames = []
+        for j in distinct:
+            item = clips[j]
+            if "error" in item:
+                raise EvalError(f"{item['source']}: condition clip at {item['clip_start']}: {item['error']}")
+            frames.append(torch.from_numpy(pad_condition(item["video"].numpy(), proto.cond_frames)))
+        video = to_model_input(torch.stack(frames)).to(env.device)
+        encoded = dict(zip(distinct, encode_prefix(tok, video, fixed)))
+        return [encoded[j] for j in want]
+
+    record = {"blocks": P, "assignment": list(fixed), "cond_frames": proto.cond_frames, "padded_to": P * tp,
+              "tokens": sum(fixed), "labels": "null class"}  # fmt: skip
+    return conditions, record
+
+
 def _sample_stats(model: Any, tok: Any, labels: Sequence[int], fvd: Any, env: DistEnv, *, batch_size: int,
-                  seed: int, cfg_scale: float, temperature: float, top_k: int | None,
-                  top_p: float | None) -> tuple[Any, list[dict[str, Any]]]:  # fmt: skip
+                  seed: int, cfg_scale: float, temperature: float, top_k: int | None, top_p: float | None,
+                  conditions: Callable[[list[int]], list[Any]] | None = None,
+                  ) -> tuple[Any, list[dict[str, Any]]]:  # fmt: skip
     """FVD statistics of generated samples (all ranks summed) and a record per sample (all ranks, in order).
 
     Chunk c of ``batch_size`` labels goes to rank c mod world with a generator seeded by (seed, c),
@@ -277,8 +339,9 @@ def _sample_stats(model: Any, tok: Any, labels: Sequence[int], fvd: Any, env: Di
         lo = chunks[c]
         chunk = labels[lo : lo + batch_size]
         gen = torch.Generator().manual_seed(_chunk_seed(seed, c))
+        prefix = None if conditions is None else conditions(list(range(lo, lo + len(chunk))))
         out = generate(model, torch.tensor(chunk), cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                       top_p=top_p, generator=gen)  # fmt: skip
+                       top_p=top_p, generator=gen, prefix=prefix)  # fmt: skip
         fvd.update(fake, decode_samples(tok, out, env.device))
         samples += [{"index": lo + j, "class": int(label), "tokens": int(tokens.numel()),
                      "block_lengths": [int(k) for k in bl.tolist()]}

@@ -208,8 +208,32 @@ PROTOCOLS: dict[str, Protocol] = {
         reference_tokens=1024,
         reference="LARP sample.py --fp --num_cond_frames 5 --num_samples 50000; PAPER §6 (5 condition frames "
         "padded to 8, condition length 512+128 tokens, condition frames generated too, no CFG)",
-        notes="Recorded for completeness: `evatok eval gen` does not implement frame prediction yet (the GPT "
-        "samples class-conditional sequences only) and refuses this protocol.",
+        notes="Sample i continues real clip i mod n (LARP cycles over the validation clips): its first 5 frames, "
+        "padded to 8 (2 blocks) by repeating frame 5, are encoded with the fixed prefix assignment (default "
+        "`paper`: (512, 128) in the paper's space) and teacher-forced; the GPT samples blocks 3-4 with the null "
+        "class and no CFG. The whole decoded 16-frame clip is compared with the real clips. The paper's "
+        "condition is a separate 640-token prefix and the condition frames are generated again; evatok's "
+        "condition is the clip's own first 2 blocks (docs/generation.md, 'Video continuation').",
+    ),
+    "tiny-fp": Protocol(
+        name="tiny-fp",
+        task="frame-prediction",
+        commands=("gen",),
+        dataset="any",
+        split="the videos given",
+        clips_per_video="first",
+        sampling="every",
+        num_clips=None,
+        num_samples=4,
+        frames=8,
+        height=32,
+        width=32,
+        fvd_variant="videogpt",
+        seed=0,
+        cond_frames=3,
+        test_only=True,
+        reference="evatok tests and CI only: k600-fp-50k at the `tiny` tokenizer's geometry",
+        notes="8x32x32 clips, 3 condition frames padded to 4 (2 blocks of 2 frames), as 5 to 8 in k600-fp-50k.",
     ),
     "fvd2048-16f": Protocol(
         name="fvd2048-16f",

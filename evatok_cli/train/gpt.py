@@ -11,6 +11,13 @@ ignored). Training follows the paper:
 - bf16 autocast on CUDA, DDP under torchrun, an EMA of the weights (``ema.safetensors``), which
   ``GPT.from_pretrained`` and ``evatok generate`` use by default.
 
+Frame prediction (``prefix_blocks`` P > 0, PAPER §6 "K600 frame prediction"): every training
+sample must start with the fixed prefix assignment (:func:`evatok_cli.prefix.prefix_assignment`;
+the paper trains on the router's best assignment that starts with (512, 128)); samples that do not
+are refused before training. The loss ignores the prefix (its length tokens and codebook ids are
+inputs only, as they are teacher-forced at sampling time); the first target is the length token of
+block P + 1.
+
 The data is a function of the step: global item ``i`` is position ``i % N`` of epoch ``i // N``'s
 permutation of the N samples of all stores (seeded by ``(seed, epoch)``), item indices are split
 over ranks as in the tokenizer stage (:class:`~evatok_cli.train.data.StepSampler`), and class
@@ -37,7 +44,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from evatok_cli.checkpoint import latest_step_dir, read_model_meta
-from evatok_cli.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_sequence, drop_class, gpt_config, pad_batch
+from evatok_cli.models.gpt import (
+    GPT,
+    GPT_PRESETS,
+    IGNORE_INDEX,
+    GPTConfig,
+    build_sequence,
+    drop_class,
+    gpt_config,
+    pad_batch,
+)
+from evatok_cli.prefix import prefix_assignment as fixed_prefix
+from evatok_cli.prefix import prefix_record
 from evatok_cli.runtime import process_group
 from evatok_cli.store import StoreReader, open_store
 from evatok_cli.train import loop
@@ -196,11 +214,15 @@ class SequenceStream(Dataset):
     """Map-style: stream index -> one GPT training sequence, a function of the index only.
 
     Index ``i`` is position ``i % N`` of epoch ``i // N``'s permutation of the N samples (seeded
-    by ``(seed, epoch)``). Items: ``{"seq": LongTensor (1 + T + L,), "tokens": L}``.
+    by ``(seed, epoch)``). Items: ``{"seq": LongTensor (1 + T + L,), "tokens": L, "loss_from": n}``:
+    targets at positions < ``loss_from`` are ignored (1, the class, without a prefix; with a
+    ``prefix`` of block lengths (P,), ``1 + P + sum(prefix)``: the prefix is not a target).
     """
 
-    def __init__(self, data: TokenStores, cfg: GPTConfig, seed: int) -> None:
+    def __init__(self, data: TokenStores, cfg: GPTConfig, seed: int, prefix: Sequence[int] | None = None) -> None:
         self.data, self.cfg, self.seed = data, cfg, seed
+        self.prefix = tuple(int(k) for k in prefix) if prefix else ()
+        self.loss_from = 1 + len(self.prefix) + sum(self.prefix)
         self._perm: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -219,15 +241,39 @@ class SequenceStream(Dataset):
         sample = self.data.readers()[s][row]
         tokens = torch.from_numpy(np.asarray(sample.tokens).astype(np.int64))
         label = int(sample.label)
-        seq = build_sequence(
-            tokens, np.asarray(sample.block_lengths).astype(np.int64), None if label < 0 else label, self.cfg
-        )
-        return {"seq": seq, "tokens": int(tokens.numel())}
+        bl = np.asarray(sample.block_lengths).astype(np.int64)
+        if self.prefix and tuple(int(k) for k in bl[: len(self.prefix)]) != self.prefix:
+            raise ValueError(
+                f"sample {sample.key}: block lengths {bl.tolist()} do not start with the prefix {self.prefix}"
+            )
+        seq = build_sequence(tokens, bl, None if label < 0 else label, self.cfg)
+        return {"seq": seq, "tokens": int(tokens.numel()), "loss_from": self.loss_from}
+
+
+def check_prefix(data: TokenStores, prefix: Sequence[int]) -> None:
+    """Refuse stores holding samples that do not start with the prefix assignment (one line per store)."""
+    want = np.asarray([int(k) for k in prefix], dtype=np.int64)
+    for path, reader in zip(data.paths, data.readers()):
+        bl = reader.block_lengths()[:, : len(want)].astype(np.int64)
+        bad = np.flatnonzero((bl != want[None, :]).any(axis=1))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"{path}: {bad.size} of {len(reader)} samples do not start with the prefix assignment "
+                f"{tuple(want.tolist())} (first: {reader.keys[i]} with {tuple(bl[i].tolist())}); encode the "
+                f"training clips with assignments that start with it (evatok encode --router R --router-prefix "
+                f"{','.join(map(str, want.tolist()))}, or --assignment fixed:{','.join(map(str, want.tolist()))},...)"
+            )
 
 
 def collate_sequences(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """``input_ids`` / ``targets`` (B, L) from :func:`pad_batch`, ``lengths`` (B,), ``tokens`` (B,)."""
+    """``input_ids`` / ``targets`` (B, L) from :func:`pad_batch`, ``lengths`` (B,), ``tokens`` (B,).
+
+    Targets before an item's ``loss_from`` (the class, and a frame-prediction prefix) are ignored.
+    """
     input_ids, targets, lengths = pad_batch([it["seq"] for it in items])
+    for b, it in enumerate(items):
+        targets[b, : int(it.get("loss_from", 1))] = IGNORE_INDEX
     return {
         "input_ids": input_ids,
         "targets": targets,
@@ -326,7 +372,7 @@ def _check_resume(out: Path, record: dict[str, Any], samples: int) -> None:
     if latest is None:
         return
     meta = read_model_meta(latest)
-    for k in ("space", "codebook_size", "class_names"):
+    for k in ("space", "codebook_size", "class_names", "prefix"):
         if meta.get(k) != record[k]:
             raise ValueError(
                 f"{out}: was trained on stores with another {k} ({meta.get(k)!r}, now {record[k]!r}); "
@@ -358,6 +404,8 @@ def train_gpt(
     dropout: float = 0.0,
     token_dropout: float = 0.0,
     model_overrides: dict[str, Any] | None = None,
+    prefix_blocks: int = 0,
+    prefix_assignment: str | Sequence[int] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     **train_overrides: Any,
 ) -> Path:
@@ -378,6 +426,10 @@ def train_gpt(
         token_dropout: dropout on the input token embeddings (``token_dropout``); 0 = none.
         model_overrides: fields of :class:`~evatok_cli.models.gpt.GPTConfig` to change from the preset
             (win over ``dropout``/``token_dropout``).
+        prefix_blocks: frame prediction: P > 0 trains on sequences whose first P blocks use the
+            fixed prefix assignment, with the loss on the prefix masked out (0: class-to-video).
+        prefix_assignment: the prefix assignment (``paper``, ``max`` or ``k1,...,kP``; default
+            ``paper``, see :func:`evatok_cli.prefix.prefix_assignment`); recorded as ``prefix``.
         train_overrides: fields of :class:`GPTTrainConfig` (``lr``, ``warmup``, ``class_dropout``, ...).
 
     Returns:
@@ -395,6 +447,12 @@ def train_gpt(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = open_token_stores(tokens)
+    blocks = int(data.space["blocks"])
+    if not 0 <= prefix_blocks < blocks:
+        raise ValueError(f"prefix blocks must be in [0, {blocks}) (a prefix leaves at least one block to predict)")
+    prefix = fixed_prefix(prefix_assignment, data.space["levels"], prefix_blocks) if prefix_blocks else ()
+    if prefix:
+        check_prefix(data, prefix)
     drops = {"resid_dropout": dropout, "ffn_dropout": dropout, "token_dropout": token_dropout}
     config = gpt_config(
         preset,
@@ -409,7 +467,7 @@ def train_gpt(
             assert epochs is not None
             steps = steps_for_epochs(epochs, len(data), batch_size * env.world_size)
         cfg = GPTTrainConfig(steps=steps, **train_overrides)
-        record = data.record()
+        record = {**data.record(), "prefix": prefix_record(prefix_blocks, prefix) if prefix else None}
         if resume:
             _check_resume(Path(out), record, len(data))
         torch.manual_seed(seed)  # identical initial weights on every rank
@@ -437,7 +495,7 @@ def train_gpt(
             },
         }
         task = GPTTask(model=model, cfg=cfg, env=env, seed=seed, preset=preset, extra_meta=meta)
-        stream = SequenceStream(data, config, seed)
+        stream = SequenceStream(data, config, seed, prefix)
         batches = sequence_batches(
             stream, local_batch=batch_size, rank=env.rank, world_size=env.world_size, workers=workers
         )

@@ -214,6 +214,7 @@ def test_eval_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
                 ema=False,
                 cache_dir=Path("c"),
                 use_cache=False,
+                prefix_assignment_spec=None,
                 stdin=None,
             ),
         )
@@ -250,6 +251,7 @@ def test_eval_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
                 router=Path("r"),
                 w_q="0.8,1.6",
                 budgets=None,
+                targets=None,
                 metrics=["psnr", "lpips"],
                 protocol=None,
                 i3d=None,
@@ -328,6 +330,7 @@ EVAL_SURFACE = {  # a new option is a decision: update docs/evaluation.md and th
         "--num-clips",
         "--num-samples",
         "--out",
+        "--prefix-assignment",
         "--protocol",
         "--quiet",
         "--real",
@@ -357,6 +360,7 @@ EVAL_SURFACE = {  # a new option is a decision: update docs/evaluation.md and th
         "--protocol",
         "--quiet",
         "--router",
+        "--targets",
         "--tokenizer",
         "--w-q",
         "--workers",
@@ -549,8 +553,23 @@ def test_eval_gen_caches_real_stats(tiny_gpt, tiny_tokenizer, video_dir, tmp_pat
     second = runner.invoke(app, args)
     b = json.loads(second.stdout)
     assert b["data"]["real_stats_cache"]["hit"] is True and b["summary"]["fvd"] == pytest.approx(a["summary"]["fvd"])
-    res = runner.invoke(app, [*args[:9], "k600-fp-50k", *args[10:]])
-    assert res.exit_code == 1 and "frame prediction" in res.output
+    res = runner.invoke(app, [*args[:9], "k600-fp-50k", *args[10:]])  # the paper's geometry, not tiny's
+    assert res.exit_code == 1 and "16x128x128" in res.output
+
+
+def test_eval_gen_frame_prediction_end_to_end(tiny_gpt, tiny_tokenizer, video_dir, tmp_path):
+    """`eval gen --protocol tiny-fp` (k600-fp-50k at the tiny geometry) on real footage, random I3D."""
+    args = ["eval", "gen", "--gpt", str(tiny_gpt), "--tokenizer", str(tiny_tokenizer), "--real", str(video_dir)]
+    args += ["--protocol", "tiny-fp", "--i3d", "random:0", "--num-samples", "3", "--batch-size", "2"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--json"]
+    res = runner.invoke(app, [*args, "--prefix-assignment", "max", "-o", str(tmp_path / "fp.json")])
+    assert res.exit_code == 0, res.output
+    a = json.loads(res.stdout)
+    assert a["kind"] == "gen" and a["protocol"]["task"] == "frame-prediction" and math.isfinite(a["summary"]["fvd"])
+    assert a["fvd"]["n_fake"] == 3 and a["fvd"]["n_real"] == 2 and a["settings"]["cfg_scale"] == 1.0
+    assert a["settings"]["prefix"]["assignment"] == [16, 16] and a["settings"]["prefix"]["padded_to"] == 4
+    assert all(s["block_lengths"][:2] == [16, 16] and s["tokens"] == sum(s["block_lengths"]) for s in a["samples"])
+    assert json.loads((tmp_path / "fp.json").read_text())["summary"]["fvd"] == a["summary"]["fvd"]
 
 
 def test_eval_compare_refuses_mismatched_reports(tiny_tokenizer, video_dir, tmp_path):
@@ -719,3 +738,20 @@ def test_torchrun_gen_samples_and_cache_do_not_depend_on_ranks(tiny_gpt, tiny_to
     torch.testing.assert_close(s2.outer, s1.outer, rtol=1e-5, atol=1e-5)
     assert two["world_size"] == 2 and two["summary"]["fvd"] == pytest.approx(one["summary"]["fvd"], rel=1e-4)
     assert hit["summary"]["fvd"] == pytest.approx(two["summary"]["fvd"], rel=1e-9)
+
+
+def test_torchrun_frame_prediction_does_not_depend_on_ranks(tiny_gpt, tiny_tokenizer, video_dir, tmp_path):
+    """tiny-fp under torchrun (2 ranks): each rank encodes the condition clips of its own chunks; same report."""
+    args = ["eval", "gen", "--gpt", str(tiny_gpt), "--tokenizer", str(tiny_tokenizer), "--real", str(video_dir)]
+    args += ["--protocol", "tiny-fp", "--i3d", "random:0", "--num-samples", "4", "--batch-size", "1", "--device", "cpu"]
+    res = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "c1"), "-o", str(tmp_path / "one.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port"]
+    two = [*args, "--cache-dir", str(tmp_path / "c2"), "-o", str(tmp_path / "two.json"), "-q"]
+    res = subprocess.run([*torchrun, str(_free_port()), CHECKED_EVATOK, *two], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and one["samples"] == two["samples"]
+    assert all(s["block_lengths"][:2] == [16, 4] for s in two["samples"])
+    assert two["summary"]["fvd"] == pytest.approx(one["summary"]["fvd"], rel=1e-4)

@@ -144,6 +144,10 @@ def test_generate_cli_calls_library_with_exact_kwargs(monkeypatch):
                 batch_size=5,
                 device="cpu",
                 ema=False,
+                prefix=None,
+                prefix_blocks=None,
+                prefix_frames=None,
+                prefix_assignment=None,
             ),
         )
     ]
@@ -151,7 +155,16 @@ def test_generate_cli_calls_library_with_exact_kwargs(monkeypatch):
     calls.clear()
     res = runner.invoke(app, ["generate", "--gpt", "g", "--tokenizer", "t", "-o", "o", "--quiet"])
     assert res.exit_code == 0 and calls[0][2]["classes"] is None and calls[0][2]["cfg_scale"] is None
-    for bad in (["--format", "gif"], ["--num", "0"], ["--classes", ","]):
+    calls.clear()
+    cont = ["--prefix", "a.mp4", "--prefix", "b.mp4", "--prefix-blocks", "2", "--prefix-frames", "3"]
+    res = runner.invoke(
+        app, ["generate", "--gpt", "g", "--tokenizer", "t", "-o", "o", *cont, "--prefix-assignment", "16,4", "--quiet"]
+    )
+    assert res.exit_code == 0, res.output
+    kw = calls[0][2]
+    assert kw["prefix"] == [Path("a.mp4"), Path("b.mp4")] and kw["classes"] is None and kw["cfg_scale"] is None
+    assert (kw["prefix_blocks"], kw["prefix_frames"], kw["prefix_assignment"]) == (2, 3, "16,4")
+    for bad in (["--format", "gif"], ["--num", "0"], ["--classes", ","], ["--prefix-blocks", "2"]):
         res = runner.invoke(app, ["generate", "--gpt", "g", "--tokenizer", "t", "-o", "o", *bad])
         assert res.exit_code == 2, bad
 
@@ -215,6 +228,8 @@ def test_train_gpt_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
         class_dropout=0.2,
         dropout=0.0,
         token_dropout=0.0,
+        prefix_blocks=0,
+        prefix_assignment=None,
     )
     res = runner.invoke(
         app,
@@ -236,12 +251,21 @@ def test_train_gpt_cli_calls_library_with_exact_kwargs(monkeypatch, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (calls[1]["dropout"], calls[1]["token_dropout"]) == (0.1, 0.05)
+    res = runner.invoke(
+        app,
+        ["train", "gpt", "--tokens", "a", "--out", "r", "--steps", "3", "--prefix-blocks", "2",
+         "--prefix-assignment", "max", "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (calls[2]["prefix_blocks"], calls[2]["prefix_assignment"]) == (2, "max")
     for bad in (
         ["--steps", "3", "--epochs", "1"],
         [],
         ["--steps", "3", "--preset", "huge"],
         ["--steps", "3", "--dropout", "1.0"],
         ["--steps", "3", "--token-dropout", "-0.1"],
+        ["--steps", "3", "--prefix-blocks", "-1"],
+        ["--steps", "3", "--prefix-assignment", "max"],
     ):
         res = runner.invoke(app, ["train", "gpt", "--tokens", "a", "--out", "r", *bad])
         assert res.exit_code == 2, bad
@@ -419,3 +443,86 @@ def test_mismatched_tokenizer_is_refused(gpt_run, other_tokenizer, tmp_path):
     assert res.exit_code == 1
     assert "not the tokenizer" in res.stderr and "sha256" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------- video continuation (frame prediction)
+def _prefixed(video: torch.Tensor, keys) -> torch.Tensor:
+    return torch.tensor([(16, 4, 2, 8) if k.startswith("bikes") else (16, 4, 8, 1) for k in keys])
+
+
+@pytest.fixture(scope="module")
+def fp_run(video_dir, tiny_tokenizer, tmp_path_factory) -> Path:
+    """A tiny GPT trained by `evatok train gpt --prefix-blocks 2` on real clips that start with (16, 4)."""
+    d = tmp_path_factory.mktemp("fp")
+    store = d / "train.zarr"
+    encode_videos(
+        [video_dir], store, tokenizer=tiny_tokenizer, clips="2", label_from="parent-dir", workers=0, assigner=_prefixed
+    )
+    args = ["train", "gpt", "--tokens", str(store), "--preset", "tiny", "--out", str(d / "run"), "--steps", "3"]
+    res = runner.invoke(app, [*args, "--batch-size", "2", "--workers", "0", "--prefix-blocks", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return d / "run"
+
+
+def test_generate_continues_real_footage(fp_run, tiny_tokenizer, footage, tmp_path):
+    from evatok_cli.video import ClipReader, ClipSpec, to_model_input
+
+    clips = [footage["bikes"], footage["carphone"]]
+    out = tmp_path / "cont"
+    args = ["generate", "--gpt", str(fp_run), "--tokenizer", str(tiny_tokenizer), "--prefix", str(clips[0])]
+    args += ["--prefix", str(clips[1]), "--prefix-frames", "3", "--num", "2", "--format", "both", "--batch-size", "3"]
+    res = runner.invoke(app, [*args, "-o", str(out), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["cfg_scale"] == 1.0  # continuation: unconditional, no CFG (PAPER §6, K600)
+    assert summary["prefix"] == {"blocks": 2, "assignment": [16, 4], "frames": 3, "padded_to": 4, "tokens": 20,
+                                 "sources": [str(c) for c in clips]}  # fmt: skip
+    names = ["prefix-bikes_0", "prefix-bikes_1", "prefix-carphone_pristine_0", "prefix-carphone_pristine_1"]
+    assert [r["name"] for r in summary["per_sample"]] == names
+    assert sorted(Path(f).name for f in summary["files"]) == sorted(f"{n}.mp4" for n in names)
+    for f in summary["files"]:
+        assert probe(f).frames == 8
+
+    tok = EVATokTokenizer.from_pretrained(tiny_tokenizer).eval()
+    spec = ClipSpec(frames=8, height=32, width=32)
+    expected = []
+    for c in clips:  # encoded here: the first 3 frames, the 4th repeating the 3rd, with (16, 4) then anything
+        with ClipReader(c, spec) as r:
+            frames = r.read(0).frames.copy()
+        frames[3:] = frames[2]
+        tokens, _ = tok.encode(to_model_input(torch.from_numpy(frames)[None]), torch.tensor([[16, 4, 16, 16]]))
+        expected.append(tokens[0][:20])
+    store = open_store(out / "samples.zarr")
+    assert store.keys == names and store.attrs["generate"]["prefix"]["assignment"] == [16, 4]
+    levels = store.space.levels
+    decoded = []
+    for s, rec in zip(store, summary["per_sample"]):
+        tokens = torch.from_numpy(s.tokens.astype("int64"))
+        bl = [int(k) for k in s.block_lengths]
+        # the prefix is exactly the encoded condition; the continuation is structurally valid
+        assert torch.equal(tokens[:20], expected[clips.index(Path(rec["prefix"]))])
+        assert bl[:2] == [16, 4] and all(k in levels for k in bl[2:]) and len(tokens) == sum(bl)
+        assert int(tokens.max()) < 1024 and int(tokens.min()) >= 0 and s.label == -1
+        decoded.append(tok.decode([tokens], torch.tensor([bl])))
+    # the first 2 blocks (4 frames) of every continuation of a clip reconstruct the same prefix
+    for a, b in ((0, 1), (2, 3)):
+        torch.testing.assert_close(decoded[a][:, :, :4], decoded[b][:, :, :4])
+    assert not torch.allclose(decoded[0][:, :, :4], decoded[2][:, :, :4])
+
+    # the same seed gives the same continuations; a class with CFG runs the guided path
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "again"), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    again = open_store(tmp_path / "again" / "samples.zarr")
+    assert [x.tokens.tolist() for x in again] == [x.tokens.tolist() for x in store]
+    res = runner.invoke(
+        app, [*args[:7], "--classes", "ride", "--cfg", "2", "-o", str(tmp_path / "cls"), "--device", "cpu", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert [r["name"] for r in json.loads(res.stdout)["per_sample"]] == ["prefix-bikes_class-ride_0"]
+    # bad prefix options are one-line errors
+    for bad, msg in ((["--prefix-blocks", "4"], "--prefix-blocks"), (["--prefix-frames", "5"], "--prefix-frames"),
+                     (["--prefix-assignment", "3,3"], "non-levels")):  # fmt: skip
+        res = runner.invoke(app, [*args[:7], *bad, "-o", str(tmp_path / "bad"), "--device", "cpu"])
+        assert res.exit_code == 1 and msg in res.output, res.output
+    res = runner.invoke(app, [*args[:5], "--prefix", str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "m")])
+    assert res.exit_code == 1 and "missing.mp4" in res.output and not (tmp_path / "m").exists()

@@ -20,10 +20,16 @@ import torch
 
 from evatok_cli.checkpoint import weights_sha256
 from evatok_cli.encode import encode_videos
-from evatok_cli.models.gpt import GPT, gpt_config, parse_sequence
+from evatok_cli.models.gpt import GPT, IGNORE_INDEX, gpt_config, parse_sequence
 from evatok_cli.sampling import generate
 from evatok_cli.store import open_store
-from evatok_cli.train.gpt import SequenceStream, open_token_stores, steps_for_epochs, train_gpt
+from evatok_cli.train.gpt import (
+    SequenceStream,
+    collate_sequences,
+    open_token_stores,
+    steps_for_epochs,
+    train_gpt,
+)
 
 # one clip per class, each with its own assignment: the memorisation target is unambiguous
 ASSIGN = {"bikes": (16, 8, 2, 4), "carphone": (1, 4, 8, 16)}
@@ -50,7 +56,21 @@ def stores(video_dir, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
     encode_videos([video_dir], d / "one.zarr", clips="first", assigner=_by_source, **kw)
     encode_videos([video_dir], d / "more.zarr", clips="2", assignment="fixed:4,4,2,1", **kw)
     encode_videos([video_dir / "ride"], d / "ride-only.zarr", clips="first", assignment="fixed:1,1,1,1", **kw)
-    return {"one": d / "one.zarr", "more": d / "more.zarr", "ride-only": d / "ride-only.zarr"}
+    # frame prediction: every sample starts with the prefix assignment (16, 4) (the `paper` one for tiny)
+    encode_videos([video_dir], d / "prefix.zarr", clips="first", assigner=_prefixed, **kw)
+    return {
+        "one": d / "one.zarr",
+        "more": d / "more.zarr",
+        "ride-only": d / "ride-only.zarr",
+        "prefix": d / "prefix.zarr",
+    }
+
+
+PREFIXED = {"bikes": (16, 4, 2, 8), "carphone": (16, 4, 8, 1)}
+
+
+def _prefixed(video: torch.Tensor, keys) -> torch.Tensor:
+    return torch.tensor([PREFIXED["bikes" if k.startswith("bikes") else "carphone"] for k in keys])
 
 
 def _curve(out: Path) -> list[dict]:
@@ -166,6 +186,73 @@ def test_dropout_is_recorded_and_trains(stores, tmp_path):
     assert all(r["loss"] == r["loss"] for r in _curve(tmp_path / "d"))  # finite
     model = GPT.from_pretrained(final)
     assert not model.training and model.config.resid_dropout == 0.1
+
+
+# ------------------------------------------------------------------------ frame prediction (prefix)
+def test_prefix_training_ignores_the_prefix_in_the_loss(stores):
+    data = open_token_stores([stores["prefix"]])
+    cfg = gpt_config("tiny", codebook_size=1024, levels=(1, 2, 4, 8, 16), blocks=4, num_classes=2)
+    stream = SequenceStream(data, cfg, seed=0, prefix=(16, 4))
+    items = [stream[i] for i in range(2)]
+    n = 1 + 2 + 20  # class, two length tokens, 16 + 4 prefix tokens
+    assert all(it["loss_from"] == n for it in items)
+    batch = collate_sequences(items)
+    ids, tg = batch["input_ids"], batch["targets"]
+    assert (tg[:, :n] == IGNORE_INDEX).all()
+    assert (tg[:, n] >= 1024).all() and (tg[:, n] < 1024 + 5).all()  # the first target: block 3's length token
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    logits, loss = model(ids, tg)
+    logits.retain_grad()
+    loss.backward()
+    # no gradient reaches the logits that predict the prefix; the continuation's do get one
+    assert logits.grad[:, : n - 1].abs().max() == 0 and (logits.grad[:, n - 1].abs().sum(-1) > 0).all()
+    # the loss is the mean cross-entropy over the continuation (length and codebook ids), computed here
+    ce = [
+        torch.nn.functional.cross_entropy(
+            logits[b, n - 1 : len(items[b]["seq"]) - 1].detach(), items[b]["seq"][n:], reduction="sum"
+        )
+        for b in range(2)
+    ]
+    want = sum(ce) / sum(len(it["seq"]) - n for it in items)
+    torch.testing.assert_close(loss.detach(), want)
+    # other prefix ids in the sequences change no target, so (for the same inputs) not the loss
+    g = torch.Generator().manual_seed(1)
+    other = [{**it, "seq": it["seq"].clone()} for it in items]
+    for it in other:
+        it["seq"][3:n] = torch.randint(0, 1024, (n - 3,), generator=g)
+    tg_other = collate_sequences(other)["targets"]
+    assert not torch.equal(collate_sequences(other)["input_ids"], ids)
+    assert torch.equal(model(ids, tg_other)[1], model(ids, tg)[1])
+    # without the prefix mask the prefix would count
+    plain = collate_sequences([{**it, "loss_from": 1} for it in items])["targets"]
+    assert not torch.allclose(model(ids, plain)[1], model(ids, tg)[1])
+
+
+def test_prefix_training_runs_records_and_reproduces_continuations(stores, tmp_path):
+    steps = 120
+    final = train_gpt(tokens=[stores["prefix"]], out=tmp_path / "fp", steps=steps, batch_size=2, lr=3e-3,
+                      checkpoint_every=steps, prefix_blocks=2, **COMMON)  # fmt: skip
+    meta = json.loads((final / "config.json").read_text())
+    assert meta["prefix"] == {"blocks": 2, "assignment": [16, 4]}  # `paper` on tiny's levels
+    recs = _curve(tmp_path / "fp")
+    assert recs[-1]["loss"] < 0.1, recs[-1]["loss"]
+    # given each clip's real prefix, greedy decoding continues it exactly as memorised
+    store = open_store(stores["prefix"])
+    model = GPT.from_pretrained(final, ema=False)
+    prefixes = [(torch.from_numpy(s.tokens[:20].astype("int64")), torch.tensor([16, 4])) for s in store]
+    out = generate(model, torch.tensor([s.label for s in store]), prefix=prefixes, greedy=True)
+    for (tokens, bl), s in zip(out, store):
+        assert bl.tolist() == [int(k) for k in s.block_lengths] and tokens.tolist() == s.tokens.tolist()
+    # stores whose samples do not start with the prefix are refused; resume keeps the prefix
+    with pytest.raises(
+        ValueError, match=r"more.zarr: 4 of 4 samples do not start with the prefix assignment \(16, 4\)"
+    ):
+        train_gpt(tokens=[stores["more"]], out=tmp_path / "x", steps=1, prefix_blocks=2, **COMMON)
+    with pytest.raises(ValueError, match="prefix blocks must be in"):
+        train_gpt(tokens=[stores["prefix"]], out=tmp_path / "x", steps=1, prefix_blocks=4, **COMMON)
+    with pytest.raises(ValueError, match="prefix"):
+        train_gpt(tokens=[stores["prefix"]], out=tmp_path / "fp", steps=steps + 1, resume=True, **COMMON)
 
 
 def _free_port() -> int:
