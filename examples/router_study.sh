@@ -8,7 +8,8 @@
 # (examples/real_heldout.py: the last 30% of each real video, other codecs and sizes, full frame)
 # -> exact search with TOKENIZER on all three sets (PSNR reward, the paper's w_q 1.2 / w_l 0.8)
 # -> routers trained on the TRAIN labels only: classify (argmax labels), reward (joint, 625
-#    outputs) and reward with the blocks form (20 outputs)
+#    outputs) and reward with the blocks form (20 outputs); both reward forms again with per-clip
+#    quality targets and flips (reward-pc, blocks-pc)
 # -> routing of both held-out sets: the reward heads at fixed mean-token budgets, the classify head
 #    at its one trade-off
 # -> examples/router_study.py: uniform curve, oracle curve (the held-out labels) and the routed
@@ -71,6 +72,10 @@ train() {  # NAME HEAD [extra args]
 train classify classify
 train reward reward
 train blocks reward --reward-form blocks
+# the reward heads again with per-clip quality targets (Q minus the clip's mean: the same routing,
+# no across-clip offset to learn) and left-right flips (docs/pipeline.md "Router")
+train reward-pc reward --quality per-clip --flip
+train blocks-pc reward --reward-form blocks --quality per-clip --flip
 
 route() {  # ROUTER SET DATA OUT [extra args]
     local router=$1 set=$2 data=$3 out=$4
@@ -87,7 +92,7 @@ for set in heldout real; do
     args=(--labels "labels-$set.zarr")
     route classify "$set" "$data" "routed-$set/classify.jsonl" "${clips[@]}"
     args+=(--routed "classify=routed-$set/classify.jsonl")
-    for router in reward blocks; do
+    for router in reward blocks reward-pc blocks-pc; do
         for b in ${BUDGETS//,/ }; do
             route "$router" "$set" "$data" "routed-$set/$router-$b.jsonl" --budget "$b" "${clips[@]}"
             args+=(--routed "$router@$b=routed-$set/$router-$b.jsonl")

@@ -62,6 +62,16 @@ def router(
             help="Reward head: joint (one output per assignment) or blocks (one per block and level, averaged).",
         ),
     ] = "joint",
+    quality: Annotated[
+        str,
+        typer.Option(
+            "--quality",
+            help="Reward head targets: calibrated (the paper's z-scored Q) or per-clip (Q minus the clip's mean; same routing).",
+        ),
+    ] = "calibrated",
+    flip: Annotated[
+        bool, typer.Option("--flip", help="Mirror a random half of each batch left-right (augmentation).")
+    ] = False,
     soft_tau: Annotated[
         float | None, typer.Option("--soft-tau", help="Classify head: soft targets softmax(R/T).")
     ] = None,
@@ -100,6 +110,10 @@ def router(
         fail(f"--reward-form must be joint or blocks, got {reward_form!r}", code=2)
     if reward_form != "joint" and head != "reward":
         fail("--reward-form applies to --head reward only", code=2)
+    if quality not in ("calibrated", "per-clip"):
+        fail(f"--quality must be calibrated or per-clip, got {quality!r}", code=2)
+    if quality != "calibrated" and head != "reward":
+        fail("--quality applies to --head reward only", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         final = train_router(
@@ -111,6 +125,8 @@ def router(
             steps=steps,
             batch_size=batch_size,
             reward_form=reward_form,
+            quality=quality,
+            flip=flip,
             soft_tau=soft_tau,
             w_q=w_q,
             w_l=w_l,

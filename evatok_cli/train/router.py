@@ -8,7 +8,14 @@ the target comes from the labels store (``evatok_cli.route.load_labels``):
   vectors. With ``soft_tau`` the target is the distribution softmax(R / tau) over the explored
   assignments instead of the one-hot argmax.
 - ``reward`` head: mean squared error to the per-assignment quality z-scores Q (m^T,), masking the
-  assignments the search did not explore (NaN); the trade-off is chosen when routing.
+  assignments the search did not explore (NaN); the trade-off is chosen when routing. With
+  ``quality="per-clip"`` the target is Q minus the clip's mean over its explored assignments: every
+  routing policy (argmax of w_q*Q - w_l*Lz, budgets) compares assignments of one clip, or marginal
+  gains across clips, and neither depends on a per-clip offset; the head then spends nothing on
+  predicting how hard a clip is overall, which dominates Q (across-clip spread >> within-clip).
+
+``flip`` mirrors a random half of each batch left-right (the labels stay the clip's: a mirrored
+clip costs the tokenizer about the same), against overfitting small label sets.
 
 Clip order is a function of the step (epoch permutations seeded by (seed, epoch)), so a resumed
 run sees exactly the clips of an uninterrupted one. Small label sets (``preload``) are decoded once
@@ -59,6 +66,7 @@ class RouterTrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    flip: bool = False  # mirror a random half of each batch left-right (a label-preserving augmentation)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -81,14 +89,30 @@ class RouterTargets:
     w_l: float = DEFAULT_W_L
 
 
+QUALITY_TARGETS = ("calibrated", "per-clip")
+
+
 def make_targets(
-    labels: Labels, head: str, *, w_q: float | None = None, w_l: float | None = None, soft_tau: float | None = None
+    labels: Labels,
+    head: str,
+    *,
+    w_q: float | None = None,
+    w_l: float | None = None,
+    soft_tau: float | None = None,
+    quality: str = "calibrated",
 ) -> RouterTargets:
     """Targets of every labels row for ``head`` (see the module docstring)."""
+    if quality not in QUALITY_TARGETS:
+        raise ValueError(f"quality must be one of {QUALITY_TARGETS}, got {quality!r}")
     w_q, w_l = labels.weights(w_q, w_l)
     t = RouterTargets(best=torch.from_numpy(labels.best_assignments(w_q, w_l)), w_q=w_q, w_l=w_l)
     if head == "reward":
-        t.quality = torch.from_numpy(labels.quality().astype(np.float32))
+        q = labels.quality().astype(np.float64)
+        if quality == "per-clip":
+            explored = ~np.isnan(q)
+            mean = np.where(explored, q, 0.0).sum(1, keepdims=True) / np.maximum(explored.sum(1, keepdims=True), 1)
+            q = q - mean
+        t.quality = torch.from_numpy(q.astype(np.float32))
         t.lengths_z = torch.from_numpy(labels.space.lengths_z().astype(np.float32))
     elif soft_tau is not None:
         if not soft_tau > 0:
@@ -143,6 +167,9 @@ class RouterTask(ModelTask):
         for g in self.opt.param_groups:
             g["lr"] = lr
         video = to_model_input(batch["video"]).to(dev, non_blocking=True)
+        if c.flip:  # the same clips flip on a resumed run: the choice is a function of the step
+            mirror = torch.rand(video.shape[0], generator=torch.Generator().manual_seed(step)) < 0.5
+            video = torch.where(mirror.to(dev)[:, None, None, None, None], video.flip(-1), video)
         rows = batch["row"]
         best = t.best[rows].to(dev)
         with self.autocast:
@@ -265,6 +292,7 @@ def train_router(
     steps: int,
     batch_size: int = 32,
     reward_form: str = "joint",
+    quality: str = "calibrated",
     soft_tau: float | None = None,
     w_q: float | None = None,
     w_l: float | None = None,
@@ -292,6 +320,8 @@ def train_router(
         out: output directory; checkpoints are ``out/step-NNNNNNNN/`` model directories.
         reward_form: reward head: ``joint`` (one output per assignment) or ``blocks`` (one per block
             and level, averaged over blocks; :class:`~evatok_cli.models.router.RouterConfig`).
+        quality: reward head targets: ``calibrated`` (the paper's z-scored Q) or ``per-clip`` (Q minus
+            the clip's mean; the same routing, no across-clip offset to learn).
         soft_tau: classify head: soft targets softmax(R / tau) instead of the argmax label.
         w_q, w_l: reward weights for the classify targets (default: the labels store's); for the reward
             head they only set the routing defaults recorded in the checkpoint (and the logged top-1).
@@ -309,6 +339,8 @@ def train_router(
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if soft_tau is not None and head != "classify":
         raise ValueError("soft_tau (soft targets) applies to the classify head only")
+    if quality != "calibrated" and head != "reward":
+        raise ValueError("quality targets other than 'calibrated' apply to the reward head only")
     cfg = RouterTrainConfig(steps=steps, **train_overrides)
     lab = load_labels(labels)
     spec = lab.clip_spec()
@@ -323,7 +355,7 @@ def train_router(
         head=head,
         reward_form=reward_form,
     )
-    targets = make_targets(lab, head, w_q=w_q, w_l=w_l, soft_tau=soft_tau)
+    targets = make_targets(lab, head, w_q=w_q, w_l=w_l, soft_tau=soft_tau, quality=quality)
     refs = list_inputs(data, stdin=stdin)
     if not refs:
         raise ValueError(f"no videos found in {', '.join(map(str, data))}")
@@ -356,10 +388,12 @@ def train_router(
                 "w_q": targets.w_q,
                 "w_l": targets.w_l,
                 "soft_tau": soft_tau,
+                "quality": quality,
                 "clips": len(items),
             },
             "clip": spec.to_dict(),
             "seed": seed,
+            "flip": cfg.flip,
         }
         task = RouterTask(model=model, cfg=cfg, env=env, targets=targets, preset=preset, extra_meta=meta)
         stream = LabelledClipStream(items, spec, seed, clips)

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_route import make_labels_store  # noqa: E402
 
+from evatok_cli.assign import budget_assignments, choose_assignments  # noqa: E402
 from evatok_cli.cli import app  # noqa: E402
 from evatok_cli.labels import load_labels  # noqa: E402
 from evatok_cli.models.router import Router  # noqa: E402
@@ -319,3 +320,37 @@ def test_torchrun_two_ranks_train_router_in_sync(videos, labels_path, tmp_path):
     assert Router.from_pretrained(step, ema=False).config.head == "classify"
     recs = _curve(out)
     assert [r["step"] for r in recs][-1] == 2 and all(np.isfinite(r["loss"]) for r in recs)
+
+
+def test_per_clip_quality_targets_keep_every_routing_decision(labels_path):
+    """Per-clip targets drop each clip's mean: the argmax at any weights and every budget choice stay the same."""
+    lab = load_labels(labels_path)
+    cal = make_targets(lab, "reward").quality.double().numpy()
+    pc = make_targets(lab, "reward", quality="per-clip").quality.double().numpy()
+    np.testing.assert_allclose(np.nanmean(pc, axis=1), 0.0, atol=1e-5)
+    offset = cal - pc  # one number per clip
+    np.testing.assert_allclose(offset, offset[:, :1].repeat(offset.shape[1], 1), atol=1e-5)
+    for w_q, w_l in ((1.2, 0.8), (1.6, 0.4), (0.4, 1.6)):
+        np.testing.assert_array_equal(
+            choose_assignments(cal, "reward", lab.space, w_q, w_l),
+            choose_assignments(pc, "reward", lab.space, w_q, w_l),
+        )
+    for b in (40.0, 100.0):
+        np.testing.assert_array_equal(budget_assignments(cal, lab.space, b)[0], budget_assignments(pc, lab.space, b)[0])
+    with pytest.raises(ValueError, match="quality must be one of"):
+        make_targets(lab, "reward", quality="absolute")
+
+
+def test_flip_augmentation_trains_and_is_recorded(videos, labels_path, tmp_path):
+    """--flip: a resumed run mirrors the same clips as an uninterrupted one; the config records it."""
+    kw = dict(labels=labels_path, data=[str(videos)], head="reward", quality="per-clip", steps=4, log_every=1)
+    kw.update(checkpoint_every=2, flip=True, **COMMON)
+    full = train_router(out=tmp_path / "full", **kw)
+    train_router(out=tmp_path / "part", stop_at=2, **kw)
+    train_router(out=tmp_path / "part", resume=True, **kw)
+    for ra, rb in zip(_curve(tmp_path / "full"), _curve(tmp_path / "part")):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+    meta = json.loads((full / "config.json").read_text())
+    assert meta["flip"] is True and meta["labels"]["quality"] == "per-clip"
+    train_router(out=tmp_path / "plain", **{**kw, "flip": False, "steps": 4})
+    assert _curve(tmp_path / "plain")[1]["loss"] != _curve(tmp_path / "full")[1]["loss"]
