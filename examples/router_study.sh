@@ -25,14 +25,18 @@
 # Environment: RUN_DIR, TOKENIZER, TRAIN_CLIPS (176), HELDOUT_CLIPS (88), ROUTER_STEPS (1500),
 # BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
 # CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
-# FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), PYTHON.
+# FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), FINAL_W_Q / FINAL_W_L
+# (the router's trade-off for the final pair; default its labels' weights; set them on the TRAIN split), PYTHON.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python}
 : "${RUN_DIR:=runs/claim}" "${TOKENIZER:=$HERE/../evatok_cli/demo/models/tokenizer}"
 : "${TRAIN_CLIPS:=176}" "${HELDOUT_CLIPS:=88}" "${ROUTER_STEPS:=1500}" "${BUDGETS:=128,192,256,320,384}"
 : "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}" "${CURVE_ROUTER:=blocks}" "${TARGETS:=18,20,22,24}"
-: "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}"
+: "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}" "${FINAL_W_Q=}" "${FINAL_W_L=}"
+TRADE=()  # the router's trade-off for the final pair (train and evaluation alike)
+[[ -n $FINAL_W_Q ]] && TRADE+=(--w-q "$FINAL_W_Q")
+[[ -n $FINAL_W_L ]] && TRADE+=(--w-l "$FINAL_W_L")
 TOKENIZER=$(cd "$(dirname "$TOKENIZER")" && pwd)/$(basename "$TOKENIZER")  # absolute: the stages run in RUN_DIR
 mkdir -p "$RUN_DIR/reports"
 cd "$RUN_DIR"
@@ -100,11 +104,11 @@ for set in heldout real; do
     done
     "$PYTHON" "$HERE/router_study.py" "${args[@]}" --out "reports/study-$set" > /dev/null
     log "reports/study-$set.md"
-    if [[ ! -s reports/curve-$set.json ]]; then
-        log "eval curve $set"
+    curve=reports/curve-$set-$CURVE_ROUTER
+    if [[ ! -s $curve.json ]]; then
+        log "eval curve $set ($CURVE_ROUTER)"
         evatok eval curve --tokenizer "$TOKENIZER" --data "$data" --router "router-$CURVE_ROUTER" --budgets "$BUDGETS" \
-            --targets "$TARGETS" --metric psnr,ssim "${clips[@]}" -o "reports/curve-$set.json" \
-            --plot "reports/curve-$set.png" --device cpu --quiet
+            --targets "$TARGETS" --metric psnr,ssim "${clips[@]}" -o "$curve.json" --plot "$curve.png" --device cpu --quiet
     fi
 done
 
@@ -121,13 +125,13 @@ if ((FINAL_STEPS > 0)); then
             --checkpoint-every 250 --log-every 50 --device cpu --seed 0 --resume "$@" > "reports/final-$name.log" 2>&1
         touch "final-$name/DONE"
     }
-    final router --router "router-$CURVE_ROUTER"
+    final router --router "router-$CURVE_ROUTER" "${TRADE[@]}"
     final uniform --assignment "uniform:$max"
     for set in heldout real; do
         data=corpus/heldout clips=()
         [[ $set == real ]] && data=real-heldout clips=(--clips all)
         for name in router uniform; do
-            how=(--router "router-$CURVE_ROUTER")
+            how=(--router "router-$CURVE_ROUTER" "${TRADE[@]}")
             [[ $name == uniform ]] && how=(--assignment "uniform:$max")
             [[ -s reports/recon-final-$name-$set.json ]] || evatok eval recon --tokenizer "final-$name" --data "$data" \
                 "${how[@]}" "${clips[@]}" --metrics psnr,ssim -o "reports/recon-final-$name-$set.json" --device cpu --quiet

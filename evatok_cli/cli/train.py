@@ -83,6 +83,22 @@ def tokenizer(
     router: Annotated[
         Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")
     ] = None,
+    w_q: Annotated[
+        float | None,
+        typer.Option(
+            "--w-q",
+            help="With --router (reward head): quality weight of its trade-off (default: its labels').",
+            show_default=False,
+        ),
+    ] = None,
+    w_l: Annotated[
+        float | None,
+        typer.Option(
+            "--w-l",
+            help="With --router (reward head): length weight of its trade-off (default: its labels').",
+            show_default=False,
+        ),
+    ] = None,
     init: Annotated[
         Path | None,
         typer.Option(
@@ -199,6 +215,8 @@ def tokenizer(
             batch_size=batch_size,
             assignment=assignment,
             router=router,
+            router_w_q=w_q,
+            router_w_l=w_l,
             init=init,
             resume=resume,
             seed=seed,

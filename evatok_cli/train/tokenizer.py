@@ -432,6 +432,8 @@ def train_tokenizer(
     batch_size: int = 8,
     assignment: str | None = None,
     router: str | Path | None = None,
+    router_w_q: float | None = None,
+    router_w_l: float | None = None,
     init: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
@@ -467,6 +469,7 @@ def train_tokenizer(
         out: output directory; checkpoints are ``out/step-NNNNNNNN/`` model directories.
         assignment: ``random`` (proxy default), ``uniform:K`` or ``fixed:k1,...,kT``.
         router: final stage: a router model directory that assigns every training clip.
+        router_w_q, router_w_l: a reward-head router's trade-off (default: the weights of its labels).
         init: start from this tokenizer's weights (EMA when present; a model directory or a training
             output directory) with a fresh optimizer and schedule; same preset. Ignored (logged)
             when ``resume`` finds a checkpoint. Recorded as ``init_from`` in config.json.
@@ -504,9 +507,15 @@ def train_tokenizer(
         space = config.space
         if router is not None and assignment is not None:
             raise ValueError("give --router or --assignment, not both")
+        if router is None and (router_w_q is not None or router_w_l is not None):
+            raise ValueError("--w-q/--w-l set a router's trade-off: give --router too")
         if router is not None:
-            policy = router_assignments(Path(router), space, (config.frames, config.height, config.width), env.device)
+            policy = router_assignments(
+                Path(router), space, (config.frames, config.height, config.width), env.device, router_w_q, router_w_l
+            )
             assignment = f"router:{router}"
+            if router_w_q is not None or router_w_l is not None:
+                assignment += f" (w_q {router_w_q}, w_l {router_w_l})"
         else:
             assignment = assignment or ("random" if stage == "proxy" else None)
             if assignment is None:

@@ -125,6 +125,8 @@ def test_cli_passes_codebook_size_and_no_lpips(tmp_path):
         "batch_size": 8,
         "assignment": None,
         "router": None,
+        "router_w_q": None,
+        "router_w_l": None,
         "init": None,
         "resume": False,
         "seed": 0,
