@@ -290,3 +290,30 @@ def test_label_weights_sweep_moves_the_labels_with_the_length_weight(tmp_path, f
     assert rows[2]["w_l"] == 0.8 and rows[2]["mean_tokens"] == pytest.approx(
         np.mean([sum(s.block_lengths) for s in open_store(labels)])
     )  # the store's own labels at its own weights
+
+
+def test_frame_grid_places_the_chosen_frames(tmp_path):
+    """examples/frame_grid.py: rows = mp4s common to the folders, the chosen frames side by side, as PNG."""
+    pytest.importorskip("matplotlib")
+    from evatok_cli.video.write import write_mp4
+
+    rng = np.random.default_rng(0)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for name in ("x", "y"):
+            frames = np.repeat(rng.integers(0, 256, (16, 1, 1, 3), dtype=np.uint8), 32, 1).repeat(64, 2)
+            write_mp4(tmp_path / d / f"{name}.mp4", frames, fps=8)
+    (tmp_path / "a" / "only_a.mp4").write_bytes((tmp_path / "a" / "x.mp4").read_bytes())
+    out = tmp_path / "grid.png"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "frame_grid.py"), str(out), str(tmp_path / "a"), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "2 clips x 2 x 3 frames" in res.stdout
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    assert img.shape[0] > 2 * 32 * 3 and img.shape[1] >= 6 * 64 * 3  # 2 rows, 2 folders x 3 frames, upscaled 3x
