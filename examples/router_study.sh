@@ -86,7 +86,7 @@ route() {  # ROUTER SET DATA OUT [extra args]
     shift 4
     [[ -s $out ]] && return 0
     evatok route --router "router-$router" --data "$data" --eval "labels-$set.zarr" -o "$out.tmp" --device cpu \
-        --json "$@" > "reports/route-$(basename "$out" .jsonl).json"
+        --json "$@" > "reports/route-$set-$(basename "$out" .jsonl).json"
     mv "$out.tmp" "$out"
 }
 for set in heldout real; do
