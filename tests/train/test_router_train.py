@@ -217,6 +217,8 @@ def test_cli_train_router_calls_library(tmp_path):
         steps=10,
         batch_size=32,
         reward_form="joint",
+        quality="calibrated",
+        flip=False,
         soft_tau=None,
         w_q=1.4,
         w_l=0.6,
