@@ -123,7 +123,7 @@ from evatok_cli.runtime import DistEnv, all_reduce_mean
 dist.init_process_group("gloo")
 env = DistEnv(rank=dist.get_rank(), world_size=2, device=torch.device("cpu"))
 install(env.device)
-print("mean", all_reduce_mean({{"x": float(dist.get_rank())}}, env)["x"], flush=True)
+print(f"rank{{env.rank}} mean {{all_reduce_mean({{'x': float(env.rank)}}, env)['x']}}", flush=True)
 t = torch.tensor([1.0])  # what encode's old _reduce did: fine on gloo, rejected by NCCL
 dist.all_reduce(t)
 print("not caught", flush=True)
@@ -147,5 +147,6 @@ def test_torchrun_guard_catches_a_bare_collective(tmp_path):
         timeout=300,
     )
     assert res.returncode != 0
-    assert "mean 0.5" in res.stdout and "not caught" not in res.stdout
+    # each rank prints its own line (the two processes' writes may interleave, the substrings survive)
+    assert "rank0 mean 0.5" in res.stdout and "rank1 mean 0.5" in res.stdout and "not caught" not in res.stdout
     assert "OffDeviceCollective" in res.stderr and "bad_job.py:14" in res.stderr
