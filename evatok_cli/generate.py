@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from evatok_cli.checkpoint import OpenModel, open_model, store_attrs
-from evatok_cli.prefix import DEFAULT_PREFIX_BLOCKS, encode_prefix, gpt_prefix, prefix_assignment, read_condition
+from evatok_cli.prefix import DEFAULT_PREFIX_BLOCKS, encode_prefix, gpt_prefix, read_condition, resolve_prefix
 from evatok_cli.runtime import resolve_device
 from evatok_cli.sampling import check_tokenizer, decode_samples, default_cfg_scale, generate
 from evatok_cli.store import Sample, open_writer
@@ -291,17 +291,12 @@ def _encode_prefixes(clips: Sequence[str | Path], tok: Any, meta: dict[str, Any]
     P = blocks if blocks is not None else (trained[0] if trained else DEFAULT_PREFIX_BLOCKS)
     if not 1 <= P < space.blocks:
         raise GenerateError(f"--prefix-blocks must be in [1, {space.blocks - 1}], got {P}")
-    if assignment is None and trained and trained[0] == P:
-        assignment = trained[1]
     try:
-        fixed = prefix_assignment(assignment, space.levels, P)
+        fixed, mismatch = resolve_prefix(meta, space.levels, P, assignment)
     except ValueError as e:
         raise GenerateError(str(e)) from None
-    if trained is None:
-        log.warning("the GPT records no prefix training (evatok train gpt --prefix-blocks); continuing anyway")
-    elif trained != (P, fixed):
-        log.warning("the GPT was trained with prefix %s over %d blocks, sampling with %s over %d", trained[1],
-                    trained[0], fixed, P)  # fmt: skip
+    if mismatch:
+        log.warning("%s; continuing anyway", mismatch)
     span = P * c.temporal_patch
     real = span if frames is None else int(frames)
     if not 1 <= real <= span:

@@ -137,6 +137,32 @@ def gpt_prefix(meta: dict[str, Any]) -> tuple[int, tuple[int, ...]] | None:
     return int(rec["blocks"]), tuple(int(k) for k in rec["assignment"])
 
 
+def resolve_prefix(
+    meta: dict[str, Any], levels: Sequence[int], prefix_blocks: int, spec: str | Sequence[int] | None
+) -> tuple[tuple[int, ...], str | None]:
+    """The prefix block lengths to sample a GPT with, and how they differ from its training.
+
+    ``spec`` None takes the GPT's own prefix when it was trained over ``prefix_blocks`` blocks (else
+    :func:`prefix_assignment`'s default). Returns ``(assignment, mismatch)``: ``mismatch`` is None
+    when the GPT was trained with exactly this prefix, else one line saying how it differs.
+
+    Raises:
+        ValueError: a bad ``spec`` (from :func:`prefix_assignment`).
+    """
+    trained = gpt_prefix(meta)
+    if spec is None and trained is not None and trained[0] == prefix_blocks:
+        spec = trained[1]
+    fixed = prefix_assignment(spec, levels, prefix_blocks)
+    if trained is None:
+        return fixed, "the GPT records no prefix training (evatok train gpt --prefix-blocks)"
+    if trained != (prefix_blocks, fixed):
+        return fixed, (
+            f"the GPT was trained with the prefix {trained[1]} over {trained[0]} blocks, "
+            f"sampled with {fixed} over {prefix_blocks}"
+        )
+    return fixed, None
+
+
 __all__ = [
     "DEFAULT_PREFIX_ASSIGNMENT",
     "DEFAULT_PREFIX_BLOCKS",
@@ -148,5 +174,6 @@ __all__ = [
     "prefix_assignment",
     "prefix_blocks_for",
     "prefix_record",
+    "resolve_prefix",
     "read_condition",
 ]

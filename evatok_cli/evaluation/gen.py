@@ -50,7 +50,7 @@ from evatok_cli.evaluation.report import (
     EvalReport,
 )
 from evatok_cli.metrics import FeatureStats
-from evatok_cli.prefix import encode_prefix, gpt_prefix, pad_condition, prefix_assignment, prefix_blocks_for
+from evatok_cli.prefix import encode_prefix, pad_condition, prefix_blocks_for, resolve_prefix
 from evatok_cli.runtime import DistEnv, all_gather_objects, broadcast_object, process_group
 from evatok_cli.sampling import check_tokenizer, decode_samples, default_cfg_scale, generate
 from evatok_cli.video import to_model_input
@@ -292,17 +292,12 @@ def _conditions(sel: ClipSelection, proto: Protocol, tok: Any, meta: dict[str, A
         raise EvalError(
             f"protocol {proto.name}: {proto.cond_frames} condition frames fill {P} of {space.blocks} blocks"
         )
-    trained = gpt_prefix(meta)
-    if spec is None and trained is not None and trained[0] == P:
-        spec = trained[1]
     try:
-        fixed = prefix_assignment(spec, space.levels, P)
+        fixed, mismatch = resolve_prefix(meta, space.levels, P, spec)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    if trained is None:
-        why.append("the GPT records no prefix training (evatok train gpt --prefix-blocks)")
-    elif trained != (P, fixed):
-        why.append(f"the GPT was trained with the prefix {trained[1]} over {trained[0]} blocks, sampled with {fixed}")
+    if mismatch:
+        why.append(mismatch)
     clips = ClipDataset(sel.items, proto.clip_spec())
 
     def conditions(indices: list[int]) -> list[Any]:

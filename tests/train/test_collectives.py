@@ -24,24 +24,20 @@ import torch
 from evatok_cli.runtime import DistEnv, all_reduce_mean
 
 PACKAGE = Path(__file__).resolve().parents[2] / "evatok_cli"
-TENSOR_COLLECTIVES = {
-    "all_reduce",
-    "reduce",
-    "broadcast",
-    "all_gather",
-    "all_gather_into_tensor",
-    "gather",
-    "scatter",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "all_to_all",
-    "all_to_all_single",
-    "send",
-    "recv",
-    "isend",
-    "irecv",
-}
-ALLOWED = {"train/dist.py", "runtime.py", "metrics/fvd.py"}
+CHECKED = PACKAGE.parent / "tests" / "checked_evatok.py"
+
+
+def _checked():
+    spec = importlib.util.spec_from_file_location("checked_evatok", CHECKED)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# one list of tensor collectives and of the device-aware helpers: the torchrun guard's
+GUARD = _checked()
+TENSOR_COLLECTIVES = set(GUARD.TENSOR_COLLECTIVES)
+ALLOWED = {p.removeprefix("evatok_cli/") for p in GUARD.DEVICE_AWARE}
 
 
 def _tensor_collective_calls(path: Path, root: Path = PACKAGE) -> list[str]:
@@ -88,18 +84,8 @@ def test_all_reduce_mean_puts_its_tensor_on_the_job_device(monkeypatch):
 
 
 # ------------------------------------------- the torchrun tests' guard (tests/checked_evatok.py)
-CHECKED = PACKAGE.parent / "tests" / "checked_evatok.py"
-
-
-def _checked():
-    spec = importlib.util.spec_from_file_location("checked_evatok", CHECKED)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_the_guard_rejects_a_tensor_off_the_job_device():
-    checked = _checked()
+    checked = GUARD
     cuda = torch.device("cuda", 0)  # a device object needs no GPU
     with pytest.raises(checked.OffDeviceCollective, match="tensor on cpu, the job runs on cuda:0"):
         checked.check("all_reduce", (torch.zeros(2),), {}, cuda, "evatok_cli/runtime.py:1")
