@@ -7,6 +7,7 @@ with per-clip extra fields ``metric`` (m^T,) (NaN where unexplored) and ``reward
 
 - :func:`labels_attrs`: the attrs the search writes;
 - :func:`load_labels` -> :class:`Labels`: everything routing targets and evaluation need, in memory;
+  several stores of one search setup (e.g. a later batch of clips) are read as one;
 - :func:`label_clips`, :class:`LabelClipDataset`: the labelled clips, found again among videos
   (router training and ``evatok route --eval``).
 
@@ -169,6 +170,66 @@ def load_labels(path: str | Path) -> Labels:
     )
 
 
+def _same_search(first: Labels, other: Labels) -> str | None:
+    """Why ``other`` cannot be concatenated to ``first`` (None when it can)."""
+    tok_a, tok_b = (lab.attrs.get("tokenizer") or {} for lab in (first, other))
+    checks = (
+        ("assignment space", first.space.levels, other.space.levels),
+        ("blocks", first.space.blocks, other.space.blocks),
+        ("metric", first.metric_name, other.metric_name),
+        ("proxy tokenizer (sha256)", tok_a.get("sha256"), tok_b.get("sha256")),
+        ("calibration mean/std", (first.mean, first.std), (other.mean, other.std)),
+        ("reward weights w_q/w_l", (first.w_q, first.w_l), (other.w_q, other.w_l)),
+        ("clip geometry", first.clip_spec(), other.clip_spec()),
+    )
+    for what, a, b in checks:
+        if a != b:
+            hint = " (search it with --stats FIRST_STORE)" if what.startswith("calibration") else ""
+            return f"{what} {b} differs from {first.path}'s {a}{hint}"
+    return None
+
+
+def concat_labels(parts: Sequence[Labels]) -> Labels:
+    """One :class:`Labels` from stores of the same search setup (same proxy, space, metric, calibration,
+    weights and clip geometry), rows in the order given; the first store's attrs.
+
+    Raises:
+        ValueError: no store, a store of another setup (naming it and the field), or a clip (key)
+            labelled in two stores.
+    """
+    if not parts:
+        raise ValueError("no labels store given")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    seen: dict[str, str] = {}
+    for lab in parts:
+        why = _same_search(first, lab)
+        if why is not None:
+            raise ValueError(f"{lab.path}: cannot be read with {first.path}: {why}")
+        for k in lab.keys:
+            if k in seen:
+                raise ValueError(f"{lab.path}: clip {k} is also labelled in {seen[k]}")
+            seen[k] = lab.path
+    return Labels(
+        space=first.space,
+        keys=[k for lab in parts for k in lab.keys],
+        sources=[s for lab in parts for s in lab.sources],
+        clip_starts=np.concatenate([lab.clip_starts for lab in parts]),
+        best=np.concatenate([lab.best for lab in parts]),
+        metric=np.concatenate([lab.metric for lab in parts]),
+        metric_name=first.metric_name,
+        higher_is_better=first.higher_is_better,
+        mean=first.mean,
+        std=first.std,
+        w_q=first.w_q,
+        w_l=first.w_l,
+        clip=dict(first.clip),
+        path=",".join(lab.path for lab in parts),
+        attrs=first.attrs,
+    )
+
+
 def _canonical(source: str) -> str:
     path, sep, member = source.partition("::")
     return os.path.realpath(path) + sep + member
@@ -301,6 +362,7 @@ __all__ = [
     "LabelClipDataset",
     "Labels",
     "collate_label_clips",
+    "concat_labels",
     "label_clips",
     "labels_attrs",
     "load_labels",

@@ -60,12 +60,14 @@ def make_labels_store(
     seed: int = 0,
     extra_sources: tuple[str, ...] = (),
     nan_frac: float = 0.0,
+    calibration: tuple[float, float] | None = None,
 ) -> Path:
     """A labels store over the tiny tokenizer's space (levels 1..16, 4 blocks) and 8x32x32 clips.
 
     metric (LPIPS-like, lower is better) of assignment a = mean_t d_t * k_t^-0.6 + noise, with d_t the
     clip's per-block difficulty; the best index / reward / tokens follow PAPER Eq. 3-7.
-    ``extra_sources`` adds one fake clip per (nonexistent) source.
+    ``extra_sources`` adds one fake clip per (nonexistent) source; ``calibration`` (mean, std) replaces
+    the store's own (a later batch searched with ``--stats``).
     """
     tcfg = tokenizer_config("tiny")
     space = tcfg.space
@@ -80,7 +82,7 @@ def make_labels_store(
     table = space.table().astype(np.float64)  # (M, T)
     metric = np.stack([(d[None, :] * table**-0.6).mean(1) for _, _, d in rows])  # (N, M)
     metric += rng.normal(0, 0.002, metric.shape)
-    mean, std = float(metric.mean()), float(metric.std())
+    mean, std = (float(metric.mean()), float(metric.std())) if calibration is None else calibration
     if nan_frac:
         metric[rng.random(metric.shape) < nan_frac] = np.nan
     reward = W_Q * -(metric - mean) / std - W_L * space.lengths_z()[None, :]

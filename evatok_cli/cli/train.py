@@ -120,6 +120,22 @@ def tokenizer(
             show_default=False,
         ),
     ] = None,
+    patch_depth: Annotated[
+        int | None,
+        typer.Option(
+            "--patch-depth",
+            help="Block-causal layers over the patches before the Q-Former (default: the preset's; paper: 0, linear embedding).",
+            show_default=False,
+        ),
+    ] = None,
+    dec_locality_bias: Annotated[
+        float | None,
+        typer.Option(
+            "--dec-locality-bias",
+            help="Initial learned decoder cross-attention bias towards covering tokens (default: the preset's; paper: 0, off).",
+            show_default=False,
+        ),
+    ] = None,
     lpips_backbone: Annotated[
         Path | None,
         typer.Option(
@@ -202,6 +218,10 @@ def tokenizer(
         fail(f"--disc must be patchgan, semantic or both, got {disc!r}", code=2)
     if codebook_size is not None and codebook_size < 2:
         fail(f"--codebook-size must be >= 2, got {codebook_size}", code=2)
+    if patch_depth is not None and patch_depth < 0:
+        fail(f"--patch-depth must be >= 0, got {patch_depth}", code=2)
+    if dec_locality_bias is not None and dec_locality_bias < 0:
+        fail(f"--dec-locality-bias must be >= 0, got {dec_locality_bias}", code=2)
     if no_lpips and lpips_backbone is not None:
         fail("give --lpips-backbone or --no-lpips, not both", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -234,6 +254,8 @@ def tokenizer(
             warmup=warmup,
             disc_start=disc_start,
             codebook_size=codebook_size,
+            patch_depth=patch_depth,
+            dec_locality_bias=dec_locality_bias,
             lpips_backbone=lpips_backbone,
             lpips_heads=lpips_heads,
             lpips_net=lpips_net,

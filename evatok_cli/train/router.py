@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from evatok_cli.labels import LabelClipDataset, Labels, label_clips, load_labels
+from evatok_cli.labels import LabelClipDataset, Labels, concat_labels, label_clips, load_labels
 from evatok_cli.models.router import HEADS, Router, router_config
 from evatok_cli.reward import DEFAULT_W_L, DEFAULT_W_Q
 from evatok_cli.runtime import process_group
@@ -284,7 +284,7 @@ def label_batches(
 # ---------------------------------------------------------------------------------------- entry
 def train_router(
     *,
-    labels: str | Path,
+    labels: str | Path | Sequence[str | Path],
     data: list[str],
     head: str,
     preset: str,
@@ -312,7 +312,8 @@ def train_router(
     """Train a router on a labels store; one process or torchrun (DDP).
 
     Args:
-        labels: the labels store written by ``evatok search``.
+        labels: the labels store written by ``evatok search``, or several stores of one search setup
+            (same proxy, calibration and weights: e.g. a later batch searched with ``--stats``), read as one.
         data: video files, directories, ``-`` (paths on stdin) or WebDataset tars holding the labels'
             sources (matched by path, real path, or unique file name; unmatched sources are skipped).
         head: ``classify`` or ``reward``.
@@ -342,7 +343,8 @@ def train_router(
     if quality != "calibrated" and head != "reward":
         raise ValueError("quality targets other than 'calibrated' apply to the reward head only")
     cfg = RouterTrainConfig(steps=steps, **train_overrides)
-    lab = load_labels(labels)
+    paths = [labels] if isinstance(labels, (str, Path)) else list(labels)
+    lab = concat_labels([load_labels(p) for p in paths])
     spec = lab.clip_spec()
     space = lab.space
     config = router_config(
@@ -362,7 +364,7 @@ def train_router(
     items, skipped = label_clips(lab, refs, spec)
     if not items:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise ValueError(f"none of the {len(lab)} labelled clips of {labels} can be read from --data{first}")
+        raise ValueError(f"none of the {len(lab)} labelled clips of {lab.path} can be read from --data{first}")
     if preload is None:
         preload = len(items) * spec.frames * spec.height * spec.width * 3 <= PRELOAD_BYTES
     clips = None
@@ -382,7 +384,7 @@ def train_router(
         model = Router(config)
         meta = {
             "labels": {
-                "path": str(labels),
+                "path": lab.path,
                 "metric": lab.metric_name,
                 "higher_is_better": lab.higher_is_better,
                 "w_q": targets.w_q,

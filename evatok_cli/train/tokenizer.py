@@ -446,6 +446,8 @@ def train_tokenizer(
     stop_at: int | None = None,
     discriminator: bool = True,
     codebook_size: int | None = None,
+    patch_depth: int | None = None,
+    dec_locality_bias: float | None = None,
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     perceptual_loss: bool = True,
     lpips_backbone: str | Path | None = None,
@@ -476,6 +478,8 @@ def train_tokenizer(
         resume: continue from the latest complete checkpoint in ``out``.
         codebook_size: VQ codebook entries instead of the preset's (PAPER §2: 16384; 8192 for the
             UCF/K600 final tokenizers); recorded in the saved config like every field.
+        patch_depth, dec_locality_bias: the architecture's two extras (docs/tokenizer.md) instead of
+            the preset's (0 and 0 in ``paper``: the paper's linear patch embedding, plain cross-attention).
         perceptual: a perceptual loss ``(recon, video) -> loss``; else built from ``lpips_backbone``.
         perceptual_loss: False trains without the perceptual term on purpose (``--no-lpips``). When
             True and no perceptual loss is given, preset ``paper`` raises at once and the others
@@ -499,8 +503,8 @@ def train_tokenizer(
     with process_group(device) as env:
         torch.manual_seed(seed)  # identical initial weights on every rank
         overrides: dict[str, Any] = {} if align_layer is None else {"dec_feature_layer": align_layer}
-        if codebook_size is not None:
-            overrides["codebook_size"] = codebook_size
+        extras = {"codebook_size": codebook_size, "patch_depth": patch_depth, "dec_locality_bias": dec_locality_bias}
+        overrides.update({k: v for k, v in extras.items() if v is not None})
         config = tokenizer_config(preset, **overrides)
         model = EVATokTokenizer(config)
         init_from = _init_record(init, model, preset, Path(out), resume, env)

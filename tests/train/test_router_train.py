@@ -19,7 +19,7 @@ from test_route import make_labels_store  # noqa: E402
 
 from evatok_cli.assign import budget_assignments, choose_assignments  # noqa: E402
 from evatok_cli.cli import app  # noqa: E402
-from evatok_cli.labels import load_labels  # noqa: E402
+from evatok_cli.labels import concat_labels, load_labels  # noqa: E402
 from evatok_cli.models.router import Router  # noqa: E402
 from evatok_cli.route import route  # noqa: E402
 from evatok_cli.store import StoreError, open_store, open_writer  # noqa: E402
@@ -168,6 +168,83 @@ def test_missing_sources_skipped_and_errors(videos, tmp_path, caplog):
         )
 
 
+def test_two_label_stores_train_as_one(videos, tmp_path):
+    """A later batch searched with the first store's calibration (--stats) trains with it as one store."""
+    first = make_labels_store(tmp_path / "a.zarr", [videos / "carphone.mp4"])
+    a = load_labels(first)
+    more = make_labels_store(tmp_path / "b.zarr", [videos / "bikes.mp4"], calibration=(a.mean, a.std))
+    b = load_labels(more)
+    both = concat_labels([a, b])
+    assert both.keys == a.keys + b.keys and len(both) == len(a) + len(b) == 8
+    np.testing.assert_array_equal(both.metric, np.concatenate([a.metric, b.metric]))
+    np.testing.assert_array_equal(
+        both.best_assignments(1.0, 0.3), np.concatenate([a.best_assignments(1.0, 0.3), b.best_assignments(1.0, 0.3)])
+    )
+    final = train_router(labels=[first, more], data=[str(videos)], head="reward", out=tmp_path / "r", steps=2, **COMMON)
+    meta = json.loads((final / "config.json").read_text())
+    assert meta["labels"]["clips"] == 8 and meta["labels"]["path"] == f"{first},{more}"
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "router",
+            "--labels",
+            str(first),
+            "--labels",
+            str(more),
+            "--data",
+            str(videos),
+            "--head",
+            "reward",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "cli"),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cli" / "step-00000000" / "config.json").read_text())["labels"]["clips"] == 8
+
+
+def test_label_stores_of_other_searches_are_refused(videos, tmp_path):
+    first = make_labels_store(tmp_path / "a.zarr", [videos / "carphone.mp4"])
+    other = make_labels_store(tmp_path / "b.zarr", [videos / "bikes.mp4"])  # its own calibration
+    with pytest.raises(ValueError, match=r"b\.zarr: cannot be read with .*a\.zarr: calibration mean/std .*--stats"):
+        train_router(labels=[first, other], data=[str(videos)], head="reward", out=tmp_path / "r", steps=1, **COMMON)
+    with pytest.raises(ValueError, match="clip carphone.* is also labelled in"):
+        concat_labels([load_labels(first), load_labels(first)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "router",
+            "--labels",
+            str(first),
+            "--labels",
+            str(other),
+            "--data",
+            str(videos),
+            "--head",
+            "reward",
+            "--out",
+            str(tmp_path / "cli"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 1 and "calibration mean/std" in res.output and len(res.output.strip().splitlines()) == 1
+
+
 def test_targets_follow_the_weights(labels_path):
     lab = load_labels(labels_path)
     t = make_targets(lab, "classify")
@@ -209,7 +286,7 @@ def test_cli_train_router_calls_library(tmp_path):
         )
     assert res.exit_code == 0, res.output
     m.assert_called_once_with(
-        labels=Path("l.zarr"),
+        labels=[Path("l.zarr")],
         data=["v"],
         head="reward",
         preset="tiny",

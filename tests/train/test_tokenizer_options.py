@@ -73,6 +73,26 @@ def test_codebook_size_is_recorded_and_stores_follow_it(videos, tmp_path):
     assert open_store(tmp_path / "small.zarr")[0].tokens.dtype == np.uint16
 
 
+def test_architecture_extras_are_options(videos, tmp_path):
+    """tiny without its two extras (the paper's linear patch embedding, plain cross-attention), from the CLI."""
+    from evatok_cli.models.tokenizer import EVATokTokenizer
+
+    out = tmp_path / "plain"
+    args = ["train", "tokenizer", "--data", str(videos), "--out", str(out), "--preset", "tiny", "--steps", "1"]
+    args += ["--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-lpips", "--no-disc", "--quiet"]
+    res = runner.invoke(app, [*args, "--patch-depth", "0", "--dec-locality-bias", "0"])
+    assert res.exit_code == 0, res.output
+    final = out / "step-00000000"
+    cfg = json.loads((final / "config.json").read_text())["config"]
+    assert cfg["patch_depth"] == 0 and cfg["dec_locality_bias"] == 0.0
+    model = EVATokTokenizer.from_pretrained(final)
+    assert len(model.patch_layers) == 0 and model.dec_local_bias is None
+    default = EVATokTokenizer.from_pretrained(
+        train_tokenizer(data=[str(videos)], out=tmp_path / "d", steps=1, perceptual_loss=False, **COMMON)
+    )
+    assert len(default.patch_layers) == 1 and default.dec_local_bias is not None  # tiny's extras
+
+
 def test_paper_preset_without_lpips_stops_at_once(tmp_path):
     with pytest.raises(ValueError, match="--lpips-backbone") as e:
         train_tokenizer(preset="paper", stage="proxy", data=["nowhere/"], out=tmp_path / "p", steps=1)
@@ -144,6 +164,8 @@ def test_cli_passes_codebook_size_and_no_lpips(tmp_path):
         "warmup": 1000,
         "disc_start": 20_000,
         "codebook_size": 8192,
+        "patch_depth": None,
+        "dec_locality_bias": None,
         "lpips_backbone": None,
         "lpips_heads": None,
         "lpips_net": "vgg",
@@ -161,7 +183,12 @@ def test_cli_passes_codebook_size_and_no_lpips(tmp_path):
         res = runner.invoke(app, [*args, "--lpips-backbone", "vgg.pth"])
     assert res.exit_code == 0 and call.call_args.kwargs["perceptual_loss"] is True
     assert call.call_args.kwargs["codebook_size"] is None  # the preset's
-    for bad in (["--codebook-size", "1"], ["--no-lpips", "--lpips-backbone", "vgg.pth"]):
+    for bad in (
+        ["--codebook-size", "1"],
+        ["--no-lpips", "--lpips-backbone", "vgg.pth"],
+        ["--patch-depth", "-1"],
+        ["--dec-locality-bias", "-0.5"],
+    ):
         with mock.patch("evatok_cli.train.tokenizer.train_tokenizer") as call:
             res = runner.invoke(app, [*args, *bad])
         assert res.exit_code == 2 and not call.called, bad
