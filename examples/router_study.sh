@@ -20,9 +20,16 @@
 #    steps and data: one on CURVE_ROUTER's assignments (argmax at the labels' weights), one on
 #    uniform:MAX (the paper's Table 1 pair), then `evatok eval recon` of both on both held-out sets.
 #
-# Nothing is chosen on the held-out sets: the budgets and every setting are fixed here. Every
-# stage resumes: finished outputs are kept, unfinished searches continue their stores.
+# With MORE_DATA (a corpus directory of more train-split clips, e.g. the proxy's own training clips)
+# and MORE_CLIPS / VAL_CLIPS > 0: MORE_CLIPS of its clips (balanced over kinds) are searched too and
+# every router trains on both label stores; VAL_CLIPS others form a validation split, searched and
+# routed like the held-out sets, and CURVE_ROUTER=auto takes the router with the best mean savings
+# at equal PSNR on it (reports/study-val.*, reports/curve-router.txt).
+#
+# Nothing is chosen on the held-out sets: the budgets and every setting are fixed here or on the
+# validation split. Every stage resumes: finished outputs are kept, unfinished searches continue their stores.
 # Environment: RUN_DIR, TOKENIZER, TRAIN_CLIPS (176), HELDOUT_CLIPS (88), ROUTER_STEPS (1500),
+# ROUTERS (classify reward blocks reward-pc blocks-pc), MORE_DATA, MORE_CLIPS (0), VAL_CLIPS (0),
 # BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
 # CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
 # FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), FINAL_W_Q / FINAL_W_L
@@ -34,6 +41,7 @@ PYTHON=${PYTHON:-python}
 : "${TRAIN_CLIPS:=176}" "${HELDOUT_CLIPS:=88}" "${ROUTER_STEPS:=1500}" "${BUDGETS:=128,192,256,320,384}"
 : "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}" "${CURVE_ROUTER:=blocks}" "${TARGETS:=18,20,22,24}"
 : "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}" "${FINAL_W_Q=}" "${FINAL_W_L=}"
+: "${ROUTERS:=classify reward blocks reward-pc blocks-pc}" "${MORE_DATA=}" "${MORE_CLIPS:=0}" "${VAL_CLIPS:=0}"
 TRADE=()  # the router's trade-off for the final pair (train and evaluation alike)
 [[ -n $FINAL_W_Q ]] && TRADE+=(--w-q "$FINAL_W_Q")
 [[ -n $FINAL_W_L ]] && TRADE+=(--w-l "$FINAL_W_L")
@@ -47,12 +55,14 @@ log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 [[ -d real-heldout ]] || "$PYTHON" "$HERE/real_heldout.py" real-heldout
 
 search() {  # NAME DATA [extra args]: exact search, resumable; the JSON summary in reports/
-    local name=$1 data=$2
+    local name=$1 data=$2 input=/dev/null
     shift 2
     [[ -s reports/search-$name.json ]] && return 0
+    [[ $data == - ]] && input=lists/$name.txt  # the clips listed in lists/NAME.txt
     log "search $name"
     evatok search --tokenizer "$TOKENIZER" --data "$data" -o "labels-$name.zarr" --metric psnr --w-q 1.2 --w-l 0.8 \
-        --calibration "$CALIBRATION" --workers "$WORKERS" --device cpu --json "$@" > "reports/search-$name.json.tmp" 2> "reports/search-$name.log"
+        --calibration "$CALIBRATION" --workers "$WORKERS" --device cpu --json "$@" < "$input" \
+        > "reports/search-$name.json.tmp" 2> "reports/search-$name.log"
     mv "reports/search-$name.json.tmp" "reports/search-$name.json"
 }
 # exact search by default: a beam guided by the reward explores only the assignments near that
@@ -62,24 +72,47 @@ search train corpus/train ${BEAM:+--beam "$BEAM"}
 # the held-out sets reuse the train calibration, so their rewards are on the same scale
 search heldout corpus/heldout --stats labels-train.zarr
 search real real-heldout --clips all --stats labels-train.zarr
+LABELS=(--labels labels-train.zarr) ROUTER_DATA=(corpus/train)
+mkdir -p lists
+if [[ -n $MORE_DATA ]] && ((MORE_CLIPS + VAL_CLIPS > 0)); then
+    # lists/val.txt: the first VAL_CLIPS/kinds clips of each kind (sorted names); lists/more.txt: the next MORE_CLIPS/kinds
+    [[ -s lists/more.txt || -s lists/val.txt ]] || "$PYTHON" - "$MORE_DATA" "$VAL_CLIPS" "$MORE_CLIPS" <<'EOF'
+import json, sys
+root, n_val, n_more = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m = json.load(open(f"{root}/manifest.json"))
+val, more = [], []
+for kind in m["kinds"]:
+    files = sorted(f"{root}/{c['file']}" for c in m["clips"] if c["kind"] == kind)
+    a, b = n_val // len(m["kinds"]), n_more // len(m["kinds"])
+    val, more = val + files[:a], more + files[a : a + b]
+for name, rows in (("val", val), ("more", more)):
+    open(f"lists/{name}.txt", "w").write("".join(f + "\n" for f in rows))
+EOF
+    if ((MORE_CLIPS > 0)); then
+        search more - --stats labels-train.zarr
+        LABELS+=(--labels labels-more.zarr) ROUTER_DATA+=("$MORE_DATA")
+    fi
+    ((VAL_CLIPS > 0)) && search val - --stats labels-train.zarr
+fi
 
 train() {  # NAME HEAD [extra args]
     local name=$1 head=$2
     shift 2
     [[ -f router-$name/DONE ]] && return 0
     log "router $name"
-    evatok train router --labels labels-train.zarr --data corpus/train --head "$head" --preset small \
+    evatok train router "${LABELS[@]}" --data "${ROUTER_DATA[@]}" --head "$head" --preset small \
         --out "router-$name" --steps "$ROUTER_STEPS" --batch-size 32 --workers 0 --checkpoint-every 500 \
         --log-every 100 --device cpu --resume --quiet "$@"
     touch "router-$name/DONE"
 }
-train classify classify
-train reward reward
-train blocks reward --reward-form blocks
-# the reward heads again with per-clip quality targets (Q minus the clip's mean: the same routing,
-# no across-clip offset to learn) and left-right flips (docs/pipeline.md "Router")
-train reward-pc reward --quality per-clip --flip
-train blocks-pc reward --reward-form blocks --quality per-clip --flip
+# reward-pc / blocks-pc: the reward heads with per-clip quality targets (Q minus the clip's mean:
+# the same routing, no across-clip offset to learn) and left-right flips (docs/pipeline.md "Router")
+declare -A HOW=([classify]="classify" [reward]="reward" [blocks]="reward --reward-form blocks"
+    [reward-pc]="reward --quality per-clip --flip" [blocks-pc]="reward --reward-form blocks --quality per-clip --flip")
+for router in $ROUTERS; do
+    # shellcheck disable=SC2086
+    train "$router" ${HOW[$router]}
+done
 
 route() {  # ROUTER SET DATA OUT [extra args]
     local router=$1 set=$2 data=$3 out=$4
@@ -89,21 +122,45 @@ route() {  # ROUTER SET DATA OUT [extra args]
         --json "$@" > "reports/route-$set-$(basename "$out" .jsonl).json"
     mv "$out.tmp" "$out"
 }
-for set in heldout real; do
-    data=corpus/heldout clips=()
+study() {  # SET: route SET with every router, then examples/router_study.py -> reports/study-SET.*
+    local set=$1 data=corpus/heldout clips=() input=/dev/null
     [[ $set == real ]] && data=real-heldout clips=(--clips all)
+    [[ $set == val ]] && data=- clips=(--clips all) input=lists/val.txt
     mkdir -p "routed-$set"
-    args=(--labels "labels-$set.zarr")
-    route classify "$set" "$data" "routed-$set/classify.jsonl" "${clips[@]}"
-    args+=(--routed "classify=routed-$set/classify.jsonl")
-    for router in reward blocks reward-pc blocks-pc; do
+    local args=(--labels "labels-$set.zarr")
+    for router in $ROUTERS; do
+        if [[ $router == classify ]]; then
+            route classify "$set" "$data" "routed-$set/classify.jsonl" "${clips[@]}" < "$input"
+            args+=(--routed "classify=routed-$set/classify.jsonl")
+            continue
+        fi
         for b in ${BUDGETS//,/ }; do
-            route "$router" "$set" "$data" "routed-$set/$router-$b.jsonl" --budget "$b" "${clips[@]}"
+            route "$router" "$set" "$data" "routed-$set/$router-$b.jsonl" --budget "$b" "${clips[@]}" < "$input"
             args+=(--routed "$router@$b=routed-$set/$router-$b.jsonl")
         done
     done
     "$PYTHON" "$HERE/router_study.py" "${args[@]}" --out "reports/study-$set" > /dev/null
     log "reports/study-$set.md"
+}
+if ((VAL_CLIPS > 0)) && [[ -n $MORE_DATA ]]; then
+    study val
+    if [[ $CURVE_ROUTER == auto ]]; then
+        # the reward router with the best mean savings at equal PSNR over the budgets, on the validation split
+        CURVE_ROUTER=$("$PYTHON" -c "
+import json, statistics
+rows = json.load(open('reports/study-val.json'))['routers']
+names = {r['name'].split('@')[0] for r in rows if '@' in r['name']}
+mean = {n: statistics.mean(r['savings_at_equal_quality'] for r in rows if r['name'].split('@')[0] == n) for n in names}
+print(max(sorted(mean), key=mean.get))")
+        echo "$CURVE_ROUTER" > reports/curve-router.txt
+        log "CURVE_ROUTER=$CURVE_ROUTER (best mean savings on the validation split)"
+    fi
+fi
+[[ $CURVE_ROUTER == auto ]] && { echo "CURVE_ROUTER=auto needs MORE_DATA and VAL_CLIPS > 0" >&2; exit 2; }
+for set in heldout real; do
+    data=corpus/heldout clips=()
+    [[ $set == real ]] && data=real-heldout clips=(--clips all)
+    study "$set"
     curve=reports/curve-$set-$CURVE_ROUTER
     if [[ ! -s $curve.json ]]; then
         log "eval curve $set ($CURVE_ROUTER)"

@@ -317,3 +317,43 @@ def test_frame_grid_places_the_chosen_frames(tmp_path):
 
     img = matplotlib.image.imread(out)
     assert img.shape[0] > 2 * 32 * 3 and img.shape[1] >= 6 * 64 * 3  # 2 rows, 2 folders x 3 frames, upscaled 3x
+
+
+def test_ablate_extras_trains_four_variants_and_tabulates_them(tmp_path):
+    """examples/ablate_extras.sh: the preset with and without each extra, same steps, one table."""
+    _load_demo_corpus()
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RUN_DIR": str(tmp_path / "run"),
+        "STEPS": "2",
+        "BATCH": "2",
+        "DATA": str(tmp_path / "corpus"),
+        "HELDOUT": str(tmp_path / "corpus"),
+    }
+    corpus = [sys.executable, str(EXAMPLES / "demo_corpus.py"), str(tmp_path / "corpus")]
+    subprocess.run([*corpus, "--clips", "11", "--size", "32", "--frames", "8"], check=True, capture_output=True)
+    run = ["bash", str(EXAMPLES / "ablate_extras.sh")]
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = json.loads((tmp_path / "run" / "reports" / "ablation.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert {n: (r["patch_depth"], r["dec_locality_bias"]) for n, r in rows.items()} == {
+        "tiny-both": (1, 4.0),
+        "tiny-no-patch": (0, 4.0),
+        "tiny-no-bias": (1, 0.0),
+        "tiny-paper": (0, 0.0),
+    }
+    assert rows["tiny-no-patch"]["params"] < rows["tiny-both"]["params"]
+    from evatok_cli.models.tokenizer import tokenizer_config
+
+    dec_depth = tokenizer_config("tiny").dec_depth  # the bias: one learned scalar per decoder layer
+    assert rows["tiny-no-bias"]["params"] == rows["tiny-both"]["params"] - dec_depth
+    for r in rows.values():
+        assert r["steps"] == 2 and r["clips"] == 11 and len(r["uniform"]) == 5
+        assert all(math.isfinite(p["psnr"]) for p in r["uniform"])
+    assert rows["tiny-paper"]["mean_psnr_vs_plain"] == 0.0
+    assert "| tiny-paper | 0 | 0 |" in (tmp_path / "run" / "reports" / "ablation.md").read_text()
+    again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "train tiny" not in again.stderr
