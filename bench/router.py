@@ -12,7 +12,7 @@ Also times the policies on the router outputs of a large set: :func:`choose_assi
 :func:`budget_assignments` for 10,000 clips over 625 assignments.
 
 Usage:
-    python bench/router.py                      # tiny, small and paper (paper ~1 min on 2 CPU cores)
+    python bench/router.py                      # tiny, small and paper: ~15 s on 2 loaded CPU cores (paper ~10 s)
     python bench/router.py --presets tiny small --reps 10
     python bench/router.py --device cuda --batch 16
     python bench/router.py --presets paper --router input_downsample=4   # try other router fields
