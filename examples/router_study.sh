@@ -72,7 +72,7 @@ search train corpus/train ${BEAM:+--beam "$BEAM"}
 # the held-out sets reuse the train calibration, so their rewards are on the same scale
 search heldout corpus/heldout --stats labels-train.zarr
 search real real-heldout --clips all --stats labels-train.zarr
-LABELS=(--labels labels-train.zarr) ROUTER_DATA=(corpus/train)
+LABELS=(--labels labels-train.zarr) ROUTER_DATA=(--data corpus/train)
 mkdir -p lists
 if [[ -n $MORE_DATA ]] && ((MORE_CLIPS + VAL_CLIPS > 0)); then
     # lists/val.txt: the first VAL_CLIPS/kinds clips of each kind (sorted names); lists/more.txt: the next MORE_CLIPS/kinds
@@ -90,7 +90,7 @@ for name, rows in (("val", val), ("more", more)):
 EOF
     if ((MORE_CLIPS > 0)); then
         search more - --stats labels-train.zarr
-        LABELS+=(--labels labels-more.zarr) ROUTER_DATA+=("$MORE_DATA")
+        LABELS+=(--labels labels-more.zarr) ROUTER_DATA+=(--data "$MORE_DATA")
     fi
     ((VAL_CLIPS > 0)) && search val - --stats labels-train.zarr
 fi
@@ -100,7 +100,7 @@ train() {  # NAME HEAD [extra args]
     shift 2
     [[ -f router-$name/DONE ]] && return 0
     log "router $name"
-    evatok train router "${LABELS[@]}" --data "${ROUTER_DATA[@]}" --head "$head" --preset small \
+    evatok train router "${LABELS[@]}" "${ROUTER_DATA[@]}" --head "$head" --preset small \
         --out "router-$name" --steps "$ROUTER_STEPS" --batch-size 32 --workers 0 --checkpoint-every 500 \
         --log-every 100 --device cpu --resume --quiet "$@"
     touch "router-$name/DONE"

@@ -4,7 +4,7 @@ Usage:
     evatok train router --labels labels.zarr --data videos/ --head classify --preset paper --out runs/router
     evatok train router --labels labels.zarr --data videos/ --head reward --preset small --out runs/rr --steps 20000
     evatok train router --labels labels.zarr --data videos/ --head reward --reward-form blocks --out runs/rb
-    evatok train router --labels labels.zarr --labels more.zarr --data videos/ more/ --head reward --out runs/r2
+    evatok train router --labels labels.zarr --labels more.zarr --data videos/ --data more/ --head reward --out runs/r2
     evatok train router --labels labels.zarr --data videos/ --head classify --soft-tau 0.1 --w-q 1.4 --w-l 0.6 --out r
     torchrun --nproc_per_node 8 -m evatok_cli train router --labels l.zarr --data webvid/ --preset paper --out runs/r
 """
