@@ -13,12 +13,12 @@
 # then `evatok eval curve` (uniform assignments at every level, PSNR and SSIM) of each on the corpus'
 # held-out split, and examples/ablate_extras.py's table (reports/ablation.md/json). Nothing is
 # chosen on the held-out split except the preset defaults this ablation reports on.
-# Environment: RUN_DIR (runs/ablate), PRESET (tiny), STEPS (1500), BATCH (8), LR (3e-4), DATA
+# Environment: RUN_DIR (runs/ablate), PRESET (tiny), STEPS (1500), BATCH (8), LR (3e-4), SEED (0), DATA
 # (corpus/train of examples/demo_corpus.py, TRAIN_CLIPS 352 clips), HELDOUT (corpus/heldout, 88), PYTHON.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python}
-: "${RUN_DIR:=runs/ablate}" "${PRESET:=tiny}" "${STEPS:=1500}" "${BATCH:=8}" "${LR:=3e-4}" "${TRAIN_CLIPS:=352}"
+: "${RUN_DIR:=runs/ablate}" "${PRESET:=tiny}" "${STEPS:=1500}" "${BATCH:=8}" "${LR:=3e-4}" "${TRAIN_CLIPS:=352}" "${SEED:=0}"
 mkdir -p "$RUN_DIR/reports"
 cd "$RUN_DIR"
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -34,7 +34,7 @@ for name in both no-patch no-bias paper; do
         log "train $out ($STEPS steps)"
         # shellcheck disable=SC2086
         evatok train tokenizer --stage proxy --preset "$PRESET" --data "$DATA" --out "$out" --steps "$STEPS" \
-            --batch-size "$BATCH" --lr "$LR" --warmup 100 --no-disc --no-lpips --workers 1 --seed 0 \
+            --batch-size "$BATCH" --lr "$LR" --warmup 100 --no-disc --no-lpips --workers 1 --seed "$SEED" \
             --checkpoint-every 500 --log-every 50 --device cpu --resume --quiet ${EXTRA[$name]} > "reports/train-$out.log" 2>&1
         touch "$out/DONE"
     fi
