@@ -4,16 +4,16 @@
 #   examples/ablate_extras.sh                          # tiny preset, RUN_DIR=runs/ablate
 #   PRESET=small STEPS=600 examples/ablate_extras.sh
 #
-# Four proxy tokenizers of one preset from the same seed, data, steps and schedule, the preset's
-# two extras switched on and off in every combination:
-#   both     the preset as it is (tiny: patch_depth 1, dec_locality_bias 4; small: 2 and 4)
-#   no-patch --patch-depth 0          (the paper's linear patch embedding)
-#   no-bias  --dec-locality-bias 0    (the paper's plain decoder cross-attention)
-#   paper    both off                 (the paper's architecture at this preset's size)
+# Four proxy tokenizers of one preset from the same seed, data, steps and schedule, the two extras
+# switched on and off in every combination (PATCH layers: tiny 1, else 2; BIAS: 4):
+#   both     --patch-depth PATCH --dec-locality-bias BIAS
+#   no-patch --patch-depth 0 (the paper's linear patch embedding) --dec-locality-bias BIAS
+#   no-bias  --patch-depth PATCH --dec-locality-bias 0 (the paper's plain decoder cross-attention)
+#   paper    both off (the paper's architecture at this preset's size)
 # then `evatok eval curve` (uniform assignments at every level, PSNR and SSIM) of each on the corpus'
 # held-out split, and examples/ablate_extras.py's table (reports/ablation.md/json). Nothing is
 # chosen on the held-out split except the preset defaults this ablation reports on.
-# Environment: RUN_DIR (runs/ablate), PRESET (tiny), STEPS (1500), BATCH (8), LR (3e-4), SEED (0), DATA
+# Environment: RUN_DIR (runs/ablate), PRESET (tiny), PATCH, BIAS, STEPS (1500), BATCH (8), LR (3e-4), SEED (0), DATA
 # (corpus/train of examples/demo_corpus.py, TRAIN_CLIPS 352 clips), HELDOUT (corpus/heldout, 88), PYTHON.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,7 +26,9 @@ log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 [[ -e $DATA/manifest.json || $DATA != corpus/train ]] || "$PYTHON" "$HERE/demo_corpus.py" corpus/train --split train --clips "$TRAIN_CLIPS"
 [[ -e $HELDOUT/manifest.json || $HELDOUT != corpus/heldout ]] || "$PYTHON" "$HERE/demo_corpus.py" corpus/heldout --split heldout --clips 88
 
-declare -A EXTRA=([both]="" [no-patch]="--patch-depth 0" [no-bias]="--dec-locality-bias 0"
+PATCH=${PATCH:-$([[ $PRESET == tiny ]] && echo 1 || echo 2)} BIAS=${BIAS:-4}
+declare -A EXTRA=([both]="--patch-depth $PATCH --dec-locality-bias $BIAS"
+    [no-patch]="--patch-depth 0 --dec-locality-bias $BIAS" [no-bias]="--patch-depth $PATCH --dec-locality-bias 0"
     [paper]="--patch-depth 0 --dec-locality-bias 0")
 for name in both no-patch no-bias paper; do
     out=$PRESET-$name

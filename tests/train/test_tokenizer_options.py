@@ -74,23 +74,23 @@ def test_codebook_size_is_recorded_and_stores_follow_it(videos, tmp_path):
 
 
 def test_architecture_extras_are_options(videos, tmp_path):
-    """tiny without its two extras (the paper's linear patch embedding, plain cross-attention), from the CLI."""
+    """tiny with the paper's architecture (no patch layers, no locality bias), from the CLI."""
     from evatok_cli.models.tokenizer import EVATokTokenizer
 
     out = tmp_path / "plain"
     args = ["train", "tokenizer", "--data", str(videos), "--out", str(out), "--preset", "tiny", "--steps", "1"]
     args += ["--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-lpips", "--no-disc", "--quiet"]
-    res = runner.invoke(app, [*args, "--patch-depth", "0", "--dec-locality-bias", "0"])
+    res = runner.invoke(app, [*args, "--patch-depth", "2", "--dec-locality-bias", "0"])
     assert res.exit_code == 0, res.output
     final = out / "step-00000000"
     cfg = json.loads((final / "config.json").read_text())["config"]
-    assert cfg["patch_depth"] == 0 and cfg["dec_locality_bias"] == 0.0
+    assert cfg["patch_depth"] == 2 and cfg["dec_locality_bias"] == 0.0
     model = EVATokTokenizer.from_pretrained(final)
-    assert len(model.patch_layers) == 0 and model.dec_local_bias is None
+    assert len(model.patch_layers) == 2 and model.dec_local_bias is None
     default = EVATokTokenizer.from_pretrained(
         train_tokenizer(data=[str(videos)], out=tmp_path / "d", steps=1, perceptual_loss=False, **COMMON)
     )
-    assert len(default.patch_layers) == 1 and default.dec_local_bias is not None  # tiny's extras
+    assert len(default.patch_layers) == 0 and default.dec_local_bias is not None  # tiny keeps the bias only
 
 
 def test_paper_preset_without_lpips_stops_at_once(tmp_path):
