@@ -168,6 +168,12 @@ def test_missing_sources_skipped_and_errors(videos, tmp_path, caplog):
         )
 
 
+def _train_router_cli(first: Path, second: Path, videos: Path, out: Path, *extra: str):
+    """`evatok train router` (reward head) on two labels stores, through the CLI."""
+    args = ["train", "router", "--labels", str(first), "--labels", str(second), "--data", str(videos)]
+    return CliRunner().invoke(app, [*args, "--head", "reward", "--out", str(out), *extra, "--quiet"])
+
+
 def test_two_label_stores_train_as_one(videos, tmp_path):
     """A later batch searched with the first store's calibration (--stats) trains with it as one store."""
     first = make_labels_store(tmp_path / "a.zarr", [videos / "carphone.mp4"])
@@ -183,33 +189,21 @@ def test_two_label_stores_train_as_one(videos, tmp_path):
     final = train_router(labels=[first, more], data=[str(videos)], head="reward", out=tmp_path / "r", steps=2, **COMMON)
     meta = json.loads((final / "config.json").read_text())
     assert meta["labels"]["clips"] == 8 and meta["labels"]["path"] == f"{first},{more}"
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "router",
-            "--labels",
-            str(first),
-            "--labels",
-            str(more),
-            "--data",
-            str(videos),
-            "--head",
-            "reward",
-            "--preset",
-            "tiny",
-            "--steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "cli"),
-            "--quiet",
-        ],
+    res = _train_router_cli(
+        first,
+        more,
+        videos,
+        tmp_path / "cli",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
     )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "cli" / "step-00000000" / "config.json").read_text())["labels"]["clips"] == 8
@@ -222,26 +216,7 @@ def test_label_stores_of_other_searches_are_refused(videos, tmp_path):
         train_router(labels=[first, other], data=[str(videos)], head="reward", out=tmp_path / "r", steps=1, **COMMON)
     with pytest.raises(ValueError, match="clip carphone.* is also labelled in"):
         concat_labels([load_labels(first), load_labels(first)])
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "router",
-            "--labels",
-            str(first),
-            "--labels",
-            str(other),
-            "--data",
-            str(videos),
-            "--head",
-            "reward",
-            "--out",
-            str(tmp_path / "cli"),
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-    )
+    res = _train_router_cli(first, other, videos, tmp_path / "cli", "--device", "cpu")
     assert res.exit_code == 1 and "calibration mean/std" in res.output and len(res.output.strip().splitlines()) == 1
 
 
