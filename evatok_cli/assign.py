@@ -9,7 +9,9 @@ The router (``evatok_cli.models.router``) only maps pixels to m^T numbers; every
   predicted quality subject to mean tokens <= budget, by Lagrangian relaxation (bisection on the
   per-token price lambda; each clip takes ``argmax_a Q_hat(a) - lambda * L(a)``), then a greedy fill
   of the slack left between the two bracketing prices;
-- :class:`RouterPolicy`: a router directory as a policy, video -> (B, T) tokens per block;
+- :func:`open_router`: one router directory, or several reward-head routers of one labels setup as
+  an ensemble (:class:`RouterEnsemble`: their predicted qualities averaged);
+- :class:`RouterPolicy`: a router directory (or an ensemble) as a policy, video -> (B, T) tokens per block;
 - :func:`target_assignments`: a quality target instead of a trade-off (the paper's threshold
   baseline, a constant-quality mode): each clip's fewest tokens whose reconstruction by the
   tokenizer itself meets the target, block by block (see the function).
@@ -87,6 +89,90 @@ def choose_assignments(
     return np.argmax(scores, axis=1).astype(np.int64)
 
 
+class RouterEnsemble(torch.nn.Module):
+    """Several reward-head routers of one labels setup as one: their predicted qualities averaged.
+
+    Members agree on the space, the clip geometry and the head (checked by :func:`open_router`);
+    ``config`` and ``space`` are the first member's. Per-clip offsets between members (a
+    calibrated and a per-clip quality target) change no clip's choice: the argmax and the budget's
+    Lagrangian both compare one clip's assignments with each other.
+    """
+
+    def __init__(self, members: list[Any]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.config, self.space = members[0].config, members[0].space
+
+    @torch.no_grad()
+    def predict(self, video: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.predict(video) for m in self.members]).mean(0)
+
+
+class OpenEnsemble(OpenModel):
+    """:class:`OpenModel` of a :class:`RouterEnsemble`: ``dir``/``meta`` are the first member's."""
+
+    def __init__(self, members: list[OpenModel]) -> None:
+        super().__init__(RouterEnsemble([m.model for m in members]).eval(), members[0].dir, members[0].meta)
+        self.members = members
+
+    def record(self) -> dict[str, Any]:
+        """``{path, sha256, preset, members}``: path and sha256 join the members' with ``+``."""
+        recs = [m.record() for m in self.members]
+        return {
+            "path": "+".join(r["path"] for r in recs),
+            "sha256": "+".join(r["sha256"] for r in recs),
+            "preset": recs[0]["preset"],
+            "members": recs,
+        }
+
+
+def router_label(router: str | Path | list[str | Path] | tuple) -> str:
+    """How reports and stores name a router option: its path, or an ensemble's paths joined with ``+``."""
+    return "+".join(map(str, router)) if isinstance(router, (list, tuple)) else str(router)
+
+
+def open_router(paths: str | Path | list[str | Path] | tuple, *, device: Any = "cpu", ema: bool = True) -> OpenModel:
+    """Open one router directory, or several as an ensemble (:class:`RouterEnsemble`).
+
+    An ensemble's members must be reward-head routers with one space, one clip geometry and sampling,
+    and one trade-off (their labels' w_q, w_l); a member that differs raises naming it and the field.
+
+    Raises:
+        CheckpointError: a path is not a router directory.
+        ValueError: an ensemble of routers that do not agree (see above).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    members = [open_model(p, "router", device=device, ema=ema) for p in paths]
+    if not members:
+        raise ValueError("no router given")
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+
+    def facts(m: OpenModel) -> dict[str, Any]:
+        c = m.model.config
+        return {
+            "head": c.head,
+            "space": m.model.space.to_dict(),
+            "clip geometry": (c.frames, c.height, c.width),
+            "clip sampling": m.meta.get("clip", {}).get("fps", "native"),
+            "trade-off (w_q, w_l)": reward_weights(None, None, m.meta.get("labels")),
+        }
+
+    want = facts(first)
+    for m in members:
+        if m.model.config.head != "reward":
+            raise ValueError(
+                f"{m.dir}: a {m.model.config.head!r}-head router cannot join an ensemble "
+                "(it averages reward heads' predicted quality; train with --head reward)"
+            )
+        for field, value in facts(m).items():
+            if value != want[field]:
+                raise ValueError(f"{m.dir}: {field} {value} differs from {first.dir}'s {want[field]}")
+    return OpenEnsemble(members)
+
+
 class RouterPolicy:
     """A router as an assignment policy: video (B, 3, F, H, W) in [-1, 1] -> (B, T) tokens per block.
 
@@ -106,7 +192,7 @@ class RouterPolicy:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | list[str | Path],
         space: AssignmentSpace,
         clip: tuple[int, int, int],
         device: Any,
@@ -115,8 +201,9 @@ class RouterPolicy:
         w_l: float | None = None,
         prefix: Any = None,
     ) -> RouterPolicy:
-        """Load a router directory and check it matches the tokenizer's space and clip geometry."""
-        router = open_model(path, "router", device=device)
+        """Load a router directory (or several: :func:`open_router`) and check it matches the
+        tokenizer's space and clip geometry."""
+        router = open_router(path, device=device)
         model, path = router.model, router.dir
         c = model.config
         if model.space != space:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from evatok_cli.assign import RouterPolicy, budget_assignments, parse_target, target_assignments
+from evatok_cli.assign import RouterPolicy, budget_assignments, parse_target, router_label, target_assignments
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.checkpoint import open_model, store_attrs
 from evatok_cli.metrics import get_metric
@@ -166,7 +166,7 @@ class RouterAssigner:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | Sequence[Path],
         space: AssignmentSpace,
         clip: tuple[int, int, int],
         device: torch.device,
@@ -271,7 +271,7 @@ def encode_videos(
     format: str = "zarr",
     assignment: str | None = None,
     labels_store: str | Path | None = None,
-    router: str | Path | None = None,
+    router: str | Path | Sequence[str | Path] | None = None,
     w_q: float | None = None,
     w_l: float | None = None,
     budget: float | None = None,
@@ -298,7 +298,8 @@ def encode_videos(
         out: the store to write (``.zarr`` directory or WebDataset shard directory).
         tokenizer: a tokenizer model directory (or a training output directory: its latest step).
         assignment: ``uniform:K`` or ``fixed:k1,...,kT``; or give ``labels_store``, ``router`` or ``assigner``.
-        router: a router model directory: each clip's assignment is the argmax of the router's
+        router: a router model directory (several: an ensemble of reward-head routers,
+            :func:`evatok_cli.assign.open_router`): each clip's assignment is the argmax of the router's
             scores with ``w_q``/``w_l`` (reward head; default: the router's training weights), or,
             with ``budget`` (mean tokens per clip over this job's clips; reward head only), the
             Lagrangian budget solution. Budget mode routes every clip first (a second decoding pass).
@@ -562,7 +563,7 @@ def _assigner(space: AssignmentSpace, spec: ClipSpec, env: DistEnv, *, assignmen
               budget, refs, policy, seed, batch_size, workers, prefix=None) -> Assigner:  # fmt: skip
     if router is not None:
         clip = (spec.frames, spec.height, spec.width)
-        assigner = RouterAssigner(Path(router), space, clip, env.device, w_q, w_l, prefix=prefix)
+        assigner = RouterAssigner(router, space, clip, env.device, w_q, w_l, prefix=prefix)
         if budget is None:
             return assigner
         return _budget_table(assigner.policy, refs, spec, policy, seed, budget, env, batch_size, workers)
@@ -573,7 +574,7 @@ def _assigner(space: AssignmentSpace, spec: ClipSpec, env: DistEnv, *, assignmen
 
 def _policy_name(assignment, labels_store, router, budget, assigner, space: AssignmentSpace) -> dict[str, Any]:
     if router is not None:
-        d: dict[str, Any] = {"router": str(router)}
+        d: dict[str, Any] = {"router": router_label(router)}
         if budget is not None:
             d["budget"] = budget
         return d

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from evatok_cli.assign import budget_assignments, choose_assignments, routing_scores
+from evatok_cli.assign import budget_assignments, choose_assignments, open_router, routing_scores
 from evatok_cli.assignments import AssignmentSpace
-from evatok_cli.checkpoint import OpenModel, open_model
+from evatok_cli.checkpoint import OpenModel
 from evatok_cli.labels import LabelClipDataset, Labels, collate_label_clips, label_clips, load_labels
 from evatok_cli.reward import nanargmax_rows, reward_weights
 from evatok_cli.runtime import DistEnv, broadcast_object, gather_objects_to_main, process_group
@@ -147,8 +147,8 @@ class RouteResult:
     Attributes:
         records: one dict per routed clip: ``key, source, clip_start, assignment (list), index, tokens``,
             in the order of a one-process run.
-        summary: ``clips, mean_tokens, head, w_q, w_l, budget, lambda, failures, world_size``
-            (+ ``eval`` with --eval).
+        summary: ``clips, mean_tokens, head, w_q, w_l, budget, lambda, failures, world_size, routers``
+            (the router directories; several for an ensemble) (+ ``eval`` with --eval).
         predictions: (N, m^T) float32 router outputs, aligned with ``records``.
         is_main: this process holds the results (rank 0, or the only process).
     """
@@ -179,7 +179,7 @@ def _ordered_collate(collate: Any, items: Sequence[dict[str, Any]]) -> tuple[dic
 
 
 def route(
-    router: str | Path,
+    router: str | Path | Sequence[str | Path],
     data: Sequence[str],
     *,
     clips: str | int = "first",
@@ -201,7 +201,9 @@ def route(
     cover the whole set and the result is that of a one-process run.
 
     Args:
-        router: a router model directory, or a training output directory (its latest step).
+        router: a router model directory, or a training output directory (its latest step); several:
+            an ensemble of reward-head routers of one labels setup, their predictions averaged
+            (:func:`evatok_cli.assign.open_router`).
         data: video files, directories, ``-`` (paths on stdin) or WebDataset tars.
         clips: clip policy per video (``first``, ``all`` or N evenly spaced). Ignored with
             ``eval_labels``: then the labels' own clips are routed (found in ``data``).
@@ -221,7 +223,7 @@ def route(
         ValueError: ``budget`` with a classify-head router, no clips, bad options.
     """
     with process_group(device) as env:
-        opened = open_model(router, "router", device=env.device, ema=ema)
+        opened = open_router(router, device=env.device, ema=ema)
         model, space, c = opened.model, opened.model.space, opened.model.config
         if budget is not None and c.head != "reward":
             raise ValueError(
@@ -267,6 +269,8 @@ def route(
             summary, error, recs, pred = _merge_and_choose(
                 parts, labels, space, head=c.head, w_q=w_q, w_l=w_l, budget=budget, world_size=env.world_size
             )
+            if summary is not None:
+                summary["routers"] = [str(m.dir) for m in getattr(opened, "members", [opened])]
         summary, error = broadcast_object((summary, error), env)
         if error is not None:
             raise ValueError(error)

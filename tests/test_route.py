@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from evatok_cli.assign import budget_assignments, choose_assignments, routing_scores
+from evatok_cli.assign import RouterPolicy, budget_assignments, choose_assignments, routing_scores
 from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.cli import app
 from evatok_cli.config import config_to_dict
@@ -29,7 +29,7 @@ from evatok_cli.models.router import Router, router_config
 from evatok_cli.models.tokenizer import tokenizer_config
 from evatok_cli.route import evaluate, route
 from evatok_cli.store import Sample, open_writer
-from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, read_clips
+from evatok_cli.video import ClipSpec, VideoRef, clip_key, list_inputs, read_clips, to_model_input
 
 CHECKED_EVATOK = str(Path(__file__).resolve().parents[0] / "checked_evatok.py")  # torchrun entry: NCCL-safe collectives
 
@@ -316,6 +316,61 @@ def test_route_library_deterministic(router_dir, videos, labels_path):
     assert ev["clips"] == 8 and 0 <= ev["p_router"] <= 1
     scores = routing_scores(a.predictions, "classify", model.space)
     assert scores.shape == (4, 625)
+
+
+def _reward_router(d: Path, seed: int, w_l: float = W_L) -> Path:
+    torch.manual_seed(seed)
+    model = Router(router_config("tiny", head="reward"))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    model.save_pretrained(d, preset="tiny", extra={"labels": {"w_q": W_Q, "w_l": w_l}, "clip": {"fps": "native"}})
+    return d
+
+
+def test_route_ensemble_averages_reward_routers(router_dir, reward_router_dir, videos, tmp_path):
+    """Several reward routers route as one whose predicted quality is their mean (library, policy, CLI),
+    and routers that would not mean the same thing are refused with one line naming the odd one."""
+    other = _reward_router(tmp_path / "rr2", seed=2)
+    a, b = (route(r, [str(videos)], clips=2, device="cpu") for r in (reward_router_dir, other))
+    both = route([reward_router_dir, other], [str(videos)], clips=2, device="cpu", budget=40)
+    mean = (a.predictions + b.predictions) / 2
+    np.testing.assert_allclose(both.predictions, mean, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a.predictions, b.predictions)  # the members differ, so the mean is a third router
+    space = Router.from_pretrained(other).space
+    idx, _ = budget_assignments(mean, space, 40)
+    assert [r["index"] for r in both.records] == idx.tolist()
+    assert both.summary["routers"] == [str(reward_router_dir), str(other)]
+    assert a.summary["routers"] == [str(reward_router_dir)]
+    # the same ensemble as an encode/eval policy: argmax of w_q * mean Q - w_l * Lz
+    c = Router.from_pretrained(other).config
+    policy = RouterPolicy.load([reward_router_dir, other], space, (c.frames, c.height, c.width), "cpu")
+    clip = read_clips(VideoRef(str(videos / "bikes.mp4")), ClipSpec(frames=c.frames, height=c.height, width=c.width))[0]
+    video = to_model_input(torch.from_numpy(clip.frames)[None])
+    want = choose_assignments(policy.model.predict(video), "reward", space, W_Q, W_L)
+    assert policy(video).tolist() == space.table()[want].tolist()
+    assert policy.source.record()["path"] == f"{reward_router_dir}+{other}"
+    # CLI: --router repeated; refusals name the router and the field
+    runner = CliRunner()
+    base = [
+        "route",
+        "--data",
+        str(videos),
+        "--clips",
+        "2",
+        "--device",
+        "cpu",
+        "--budget",
+        "40",
+        "-o",
+        str(tmp_path / "a.jsonl"),
+    ]
+    res = runner.invoke(app, [*base, "--router", str(reward_router_dir), "--router", str(other), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["routers"] == [str(reward_router_dir), str(other)]
+    for odd, why in ((router_dir, "'classify'-head router cannot join an ensemble"),
+                     (_reward_router(tmp_path / "rr3", seed=3, w_l=0.4), "trade-off (w_q, w_l) (1.2, 0.4) differs")):  # fmt: skip
+        res = runner.invoke(app, [*base, "--router", str(reward_router_dir), "--router", str(odd)])
+        assert res.exit_code == 1
+        assert str(odd) in res.stderr and why in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_cli_route_json_lines(router_dir, videos):

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, failures_by_source, print_json
-from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt, SeedOpt
+from evatok_cli.cli.options import ENSEMBLE_HELP, DeviceOpt, JsonOpt, QuietOpt, SeedOpt, router_option
 
 
 def encode(
@@ -63,10 +63,11 @@ def encode(
         Path | None, typer.Option("--labels-store", help="Assignments from an `evatok search` labels store.")
     ] = None,
     router: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             "--router",
-            help="Router model directory: one predicted assignment per clip (default with the demo tokenizer and no other policy: the shipped demo router).",
+            help="Router model directory: one predicted assignment per clip (default with the demo tokenizer and no other policy: the shipped demo router)."
+            + ENSEMBLE_HELP,
         ),
     ] = None,
     w_q: Annotated[
@@ -145,6 +146,7 @@ def encode(
         if not exts or any(len(e) < 2 or "/" in e for e in exts):
             fail(f"--extensions must be comma-separated file endings such as mp4,mov; got {extensions!r}", code=2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    router = router_option(router)
     wanted: dict[str, Path | None] = {"tokenizer": tokenizer}
     if tokenizer is None and assignment is None and labels_store is None and router is None and target is None:
         wanted["router"] = None  # the demo tokenizer goes with the demo router (adaptive lengths)

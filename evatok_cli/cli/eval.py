@@ -30,7 +30,7 @@ import typer
 
 from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
-from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
+from evatok_cli.cli.options import ENSEMBLE_HELP, DeviceOpt, JsonOpt, QuietOpt, router_option
 
 app = typer.Typer(
     help="Evaluate tokenizers and generators under named protocols (rFVD, gFVD, PSNR, SSIM, LPIPS).",
@@ -156,9 +156,11 @@ def recon(
         ),
     ] = None,
     router: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            "--router", help="Router model directory: each clip gets the router's assignment.", show_default=False
+            "--router",
+            help="Router model directory: each clip gets the router's assignment." + ENSEMBLE_HELP,
+            show_default=False,
         ),
     ] = None,
     assignment: Annotated[
@@ -222,7 +224,7 @@ def recon(
             data,
             protocol=protocol,
             assignment=assignment,
-            router=router,
+            router=router_option(router),
             w_q=w_q,
             w_l=w_l,
             metrics=_split(metrics),
@@ -363,7 +365,10 @@ def curve(
     tokenizer: TokenizerOpt,
     data: DataOpt,
     router: Annotated[
-        Path | None, typer.Option("--router", help="Router model directory (adds router points).", show_default=False)
+        list[Path] | None,
+        typer.Option(
+            "--router", help="Router model directory (adds router points)." + ENSEMBLE_HELP, show_default=False
+        ),
     ] = None,
     w_q: Annotated[
         str | None,
@@ -432,7 +437,7 @@ def curve(
         report = evaluate_curve(
             tokenizer,
             data,
-            router=router,
+            router=router_option(router),
             w_q=w_q,
             budgets=budgets,
             targets=targets,

@@ -22,3 +22,12 @@ StopAtOpt = Annotated[
     int | None,
     typer.Option("--stop-at", help="Exit after this many steps, leaving a checkpoint to --resume (time-limited jobs)."),
 ]
+
+ENSEMBLE_HELP = " Repeat for an ensemble of reward-head routers of one labels setup (predicted quality averaged)."
+
+
+def router_option(paths: list[Path] | None) -> Path | list[Path] | None:
+    """A repeatable ``--router`` as the library takes it: None, one directory, or an ensemble's list."""
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else list(paths)

@@ -11,6 +11,7 @@ Usage:
     evatok route --router runs/rr --data videos/ --w-q 1.6 --w-l 0.4 --clips all -o assignments.jsonl
     evatok route --router runs/rr --data videos/ --budget 512 -o assignments.jsonl     # reward head only
     evatok route --router runs/router --data videos/ --eval val_labels.zarr -o a.jsonl --json
+    evatok route --router runs/rr-a --router runs/rr-b --data videos/ --budget 256 -o a.jsonl   # an ensemble
     torchrun --nproc_per_node 8 -m evatok_cli route --router runs/rr --data videos/ --budget 512 -o a.jsonl
 """
 
@@ -26,7 +27,7 @@ import typer
 
 from evatok_cli.cli._demo import with_demo_models
 from evatok_cli.cli._render import err_console, fail, print_json
-from evatok_cli.cli.options import DeviceOpt, JsonOpt, QuietOpt
+from evatok_cli.cli.options import ENSEMBLE_HELP, DeviceOpt, JsonOpt, QuietOpt, router_option
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -70,10 +71,11 @@ def route(
         ),
     ],
     router: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             "--router",
-            help="Router model directory (or training output directory); default: the shipped demo router.",
+            help="Router model directory (or training output directory); default: the shipped demo router."
+            + ENSEMBLE_HELP,
             show_default=False,
         ),
     ] = None,
@@ -109,13 +111,13 @@ def route(
         fail(f"--budget must be > 0, got {budget:g}", code=2)
     if batch_size < 1:
         fail(f"--batch-size must be >= 1, got {batch_size}", code=2)
-    router = with_demo_models(router=router, quiet=quiet)["router"]  # like encode: the shipped router if omitted
+    routers = router_option(router) or with_demo_models(router=None, quiet=quiet)["router"]  # like encode
     try:
         policy = parse_clip_policy(clips)
         if policy == "random":
             raise ValueError("--clips random is not deterministic; use first, all or N")
         result = route_clips(
-            router,
+            routers,
             data,
             clips=policy,
             w_q=w_q,

@@ -106,7 +106,7 @@ def evaluate_curve(
     tokenizer: str | Path,
     data: Sequence[str | Path],
     *,
-    router: str | Path | None = None,
+    router: str | Path | Sequence[str | Path] | None = None,
     w_q: Sequence[float] | str | None = None,
     budgets: Sequence[float] | str | None = None,
     targets: Sequence[float] | str | None = None,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evatok_cli.assign import RouterPolicy
+from evatok_cli.assign import RouterPolicy, router_label
 from evatok_cli.evaluation.engine import (
     EvalError,
     Point,
@@ -42,7 +42,7 @@ def evaluate_reconstruction(
     *,
     protocol: str | None = None,
     assignment: str | None = None,
-    router: str | Path | None = None,
+    router: str | Path | Sequence[str | Path] | None = None,
     w_q: float | None = None,
     w_l: float | None = None,
     metrics: Sequence[str] | None = None,
@@ -170,13 +170,13 @@ def evaluate_reconstruction(
         return finish_report(report, env, t0)
 
 
-def _policy_point(router: str | Path | None, assignment: str | None, space: Any, geometry: tuple[int, int, int],
+def _policy_point(router: str | Path | Sequence[str | Path] | None, assignment: str | None, space: Any, geometry: tuple[int, int, int],
                   env: DistEnv, *, w_q: float | None, w_l: float | None) -> tuple[Point, dict[str, Any] | None]:  # fmt: skip
     """The one point recon scores: the router's choice (and the router's record), or a fixed assignment."""
     if router is not None:
         policy = RouterPolicy.load(router, space, geometry, env.device, w_q=w_q, w_l=w_l)
         head = policy.model.config.head
-        desc: dict[str, Any] = {"router": str(router), "head": head}
+        desc: dict[str, Any] = {"router": router_label(router), "head": head}
         if head == "reward":
             desc.update(w_q=policy.w_q, w_l=policy.w_l)
         return Point("router", "router", desc, lambda video, pred, pos: policy(video)), policy.source.record()
