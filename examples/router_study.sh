@@ -32,11 +32,15 @@
 # the real videos, the held-out set's framing and codecs, frames the corpus already trains on) is
 # searched too (labels-real-train.zarr) and every router trains on it.
 #
+# ENSEMBLE="reward-pc blocks-pc" (two or more of ROUTERS, reward heads): their average
+# (`evatok route --router A --router B`) is routed and studied as one more router, "ensemble", and
+# can be the curve router (CURVE_ROUTER=ensemble or chosen by auto).
+#
 # Nothing is chosen on the held-out sets: the budgets and every setting are fixed here or on the
 # validation split. Every stage resumes: finished outputs are kept, unfinished searches continue their stores.
 # Environment: RUN_DIR, TOKENIZER, TRAIN_CLIPS (176), HELDOUT_CLIPS (88), ROUTER_STEPS (1500),
 # ROUTERS (classify reward blocks reward-pc blocks-pc), MORE_DATA, MORE_CLIPS (0), VAL_CLIPS (0),
-# EXTRA_LABELS, REAL_TRAIN (0), BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
+# EXTRA_LABELS, REAL_TRAIN (0), ENSEMBLE, BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
 # CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
 # FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), FINAL_W_Q / FINAL_W_L
 # (the router's trade-off for the final pair; default its labels' weights; set them on the TRAIN split), PYTHON.
@@ -48,7 +52,7 @@ PYTHON=${PYTHON:-python}
 : "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}" "${CURVE_ROUTER:=blocks}" "${TARGETS:=18,20,22,24}"
 : "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}" "${FINAL_W_Q=}" "${FINAL_W_L=}"
 : "${ROUTERS:=classify reward blocks reward-pc blocks-pc}" "${MORE_DATA=}" "${MORE_CLIPS:=0}" "${VAL_CLIPS:=0}"
-: "${EXTRA_LABELS=}" "${REAL_TRAIN:=0}"
+: "${EXTRA_LABELS=}" "${REAL_TRAIN:=0}" "${ENSEMBLE=}"
 TRADE=()  # the router's trade-off for the final pair (train and evaluation alike)
 [[ -n $FINAL_W_Q ]] && TRADE+=(--w-q "$FINAL_W_Q")
 [[ -n $FINAL_W_L ]] && TRADE+=(--w-l "$FINAL_W_L")
@@ -131,11 +135,18 @@ for router in $ROUTERS; do
     train "$router" ${HOW[$router]}
 done
 
+router_dirs() {  # NAME -> its --router options (the members' for "ensemble")
+    local members=$1
+    [[ $1 == ensemble ]] && members=$ENSEMBLE
+    for m in $members; do printf -- '--router\nrouter-%s\n' "$m"; done
+}
 route() {  # ROUTER SET DATA OUT [extra args]
     local router=$1 set=$2 data=$3 out=$4
     shift 4
     [[ -s $out ]] && return 0
-    evatok route --router "router-$router" --data "$data" --eval "labels-$set.zarr" -o "$out.tmp" --device cpu \
+    local dirs
+    mapfile -t dirs < <(router_dirs "$router")
+    evatok route "${dirs[@]}" --data "$data" --eval "labels-$set.zarr" -o "$out.tmp" --device cpu \
         --json "$@" > "reports/route-$set-$(basename "$out" .jsonl).json"
     mv "$out.tmp" "$out"
 }
@@ -145,7 +156,7 @@ study() {  # SET: route SET with every router, then examples/router_study.py -> 
     [[ $set == val ]] && data=- clips=(--clips all) input=lists/val.txt
     mkdir -p "routed-$set"
     local args=(--labels "labels-$set.zarr")
-    for router in $ROUTERS; do
+    for router in $ROUTERS ${ENSEMBLE:+ensemble}; do
         if [[ $router == classify ]]; then
             route classify "$set" "$data" "routed-$set/classify.jsonl" "${clips[@]}" < "$input"
             args+=(--routed "classify=routed-$set/classify.jsonl")
@@ -181,7 +192,8 @@ for set in heldout real; do
     curve=reports/curve-$set-$CURVE_ROUTER
     if [[ ! -s $curve.json ]]; then
         log "eval curve $set ($CURVE_ROUTER)"
-        evatok eval curve --tokenizer "$TOKENIZER" --data "$data" --router "router-$CURVE_ROUTER" --budgets "$BUDGETS" \
+        mapfile -t dirs < <(router_dirs "$CURVE_ROUTER")
+        evatok eval curve --tokenizer "$TOKENIZER" --data "$data" "${dirs[@]}" --budgets "$BUDGETS" \
             --targets "$TARGETS" --metric psnr,ssim "${clips[@]}" -o "$curve.json" --plot "$curve.png" --device cpu --quiet
     fi
 done
@@ -199,13 +211,14 @@ if ((FINAL_STEPS > 0)); then
             --checkpoint-every 250 --log-every 50 --device cpu --seed 0 --resume "$@" > "reports/final-$name.log" 2>&1
         touch "final-$name/DONE"
     }
-    final router --router "router-$CURVE_ROUTER" "${TRADE[@]}"
+    mapfile -t curve_dirs < <(router_dirs "$CURVE_ROUTER")
+    final router "${curve_dirs[@]}" "${TRADE[@]}"
     final uniform --assignment "uniform:$max"
     for set in heldout real; do
         data=corpus/heldout clips=()
         [[ $set == real ]] && data=real-heldout clips=(--clips all)
         for name in router uniform; do
-            how=(--router "router-$CURVE_ROUTER" "${TRADE[@]}")
+            how=("${curve_dirs[@]}" "${TRADE[@]}")
             [[ $name == uniform ]] && how=(--assignment "uniform:$max")
             [[ -s reports/recon-final-$name-$set.json ]] || evatok eval recon --tokenizer "final-$name" --data "$data" \
                 "${how[@]}" "${clips[@]}" --metrics psnr,ssim -o "reports/recon-final-$name-$set.json" --device cpu --quiet

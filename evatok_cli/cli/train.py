@@ -24,6 +24,7 @@ import typer
 
 from evatok_cli.cli._render import err_console, fail
 from evatok_cli.cli.options import (
+    ENSEMBLE_HELP,
     CheckpointEveryOpt,
     DeviceOpt,
     KeepLastOpt,
@@ -32,6 +33,7 @@ from evatok_cli.cli.options import (
     ResumeOpt,
     SeedOpt,
     StopAtOpt,
+    router_option,
 )
 from evatok_cli.cli.train_gpt import gpt as _gpt
 from evatok_cli.cli.train_router import router as _router
@@ -81,7 +83,8 @@ def tokenizer(
         str | None, typer.Option("--assignment", help="random, uniform:K or fixed:k1,...,kT.")
     ] = None,
     router: Annotated[
-        Path | None, typer.Option("--router", help="Final stage: a router assigns every training clip.")
+        list[Path] | None,
+        typer.Option("--router", help="Final stage: a router assigns every training clip." + ENSEMBLE_HELP),
     ] = None,
     w_q: Annotated[
         float | None,
@@ -234,7 +237,7 @@ def tokenizer(
             steps=steps,
             batch_size=batch_size,
             assignment=assignment,
-            router=router,
+            router=router_option(router),
             router_w_q=w_q,
             router_w_l=w_l,
             init=init,

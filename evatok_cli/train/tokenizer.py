@@ -19,14 +19,14 @@ or a labels store once those exist).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from evatok_cli.assign import RouterPolicy
+from evatok_cli.assign import RouterPolicy, router_label
 from evatok_cli.checkpoint import (
     EMA_NAME,
     CheckpointError,
@@ -114,7 +114,7 @@ def random_assignments(levels: tuple[int, ...], blocks: int, seed: int, rank: in
 
 
 def router_assignments(
-    path: Path,
+    path: str | Path | Sequence[str | Path],
     space,
     clip: tuple[int, int, int],
     device: torch.device,
@@ -431,7 +431,7 @@ def train_tokenizer(
     steps: int,
     batch_size: int = 8,
     assignment: str | None = None,
-    router: str | Path | None = None,
+    router: str | Path | Sequence[str | Path] | None = None,
     router_w_q: float | None = None,
     router_w_l: float | None = None,
     init: str | Path | None = None,
@@ -470,7 +470,8 @@ def train_tokenizer(
         data: video files, directories, ``-`` (paths on stdin) or WebDataset tars.
         out: output directory; checkpoints are ``out/step-NNNNNNNN/`` model directories.
         assignment: ``random`` (proxy default), ``uniform:K`` or ``fixed:k1,...,kT``.
-        router: final stage: a router model directory that assigns every training clip.
+        router: final stage: a router model directory that assigns every training clip (several: an
+            ensemble of reward-head routers, :func:`evatok_cli.assign.open_router`).
         router_w_q, router_w_l: a reward-head router's trade-off (default: the weights of its labels).
         init: start from this tokenizer's weights (EMA when present; a model directory or a training
             output directory) with a fresh optimizer and schedule; same preset. Ignored (logged)
@@ -515,9 +516,9 @@ def train_tokenizer(
             raise ValueError("--w-q/--w-l set a router's trade-off: give --router too")
         if router is not None:
             policy = router_assignments(
-                Path(router), space, (config.frames, config.height, config.width), env.device, router_w_q, router_w_l
+                router, space, (config.frames, config.height, config.width), env.device, router_w_q, router_w_l
             )
-            assignment = f"router:{router}"
+            assignment = f"router:{router_label(router)}"
             if router_w_q is not None or router_w_l is not None:
                 assignment += f" (w_q {router_w_q}, w_l {router_w_l})"
         else:

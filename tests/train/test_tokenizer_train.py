@@ -178,6 +178,16 @@ def test_final_stage_with_router(videos, tmp_path):
     )
     expected = float(policy(to_model_input(batch["video"])).sum(1).float().mean())
     assert _curve(tmp_path / "f")[0]["tokens"] == pytest.approx(expected)
+    # an ensemble of reward routers assigns too, and the config names both
+    members = []
+    for seed in (6, 7):
+        torch.manual_seed(seed)
+        cfg = router_config("tiny", frames=8, height=32, width=32, levels=(1, 2, 4, 8, 16), blocks=4, head="reward")
+        members.append(Router(cfg).save_pretrained(tmp_path / f"rr{seed}", preset="tiny"))
+    out = train_tokenizer(
+        stage="final", data=[str(videos)], out=tmp_path / "e", steps=1, router=members, discriminator=False, **COMMON
+    )
+    assert json.loads((out / "config.json").read_text())["assignment"] == f"router:{members[0]}+{members[1]}"
     with pytest.raises(ValueError, match="not both"):
         train_tokenizer(
             stage="final",
