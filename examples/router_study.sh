@@ -39,7 +39,7 @@
 # Nothing is chosen on the held-out sets: the budgets and every setting are fixed here or on the
 # validation split. Every stage resumes: finished outputs are kept, unfinished searches continue their stores.
 # Environment: RUN_DIR, TOKENIZER, TRAIN_CLIPS (176), HELDOUT_CLIPS (88), ROUTER_STEPS (1500),
-# ROUTERS (classify reward blocks reward-pc blocks-pc), MORE_DATA, MORE_CLIPS (0), VAL_CLIPS (0),
+# ROUTERS (classify reward blocks reward-pc blocks-pc; NAME-sN: NAME from seed N), MORE_DATA, MORE_CLIPS (0), VAL_CLIPS (0),
 # EXTRA_LABELS, REAL_TRAIN (0), ENSEMBLE, BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
 # CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
 # FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), FINAL_W_Q / FINAL_W_L
@@ -131,8 +131,12 @@ train() {  # NAME HEAD [extra args]
 declare -A HOW=([classify]="classify" [reward]="reward" [blocks]="reward --reward-form blocks"
     [reward-pc]="reward --quality per-clip --flip" [blocks-pc]="reward --reward-form blocks --quality per-clip --flip")
 for router in $ROUTERS; do
+    # NAME-sN: the router NAME trained from seed N (e.g. blocks-pc-s1, for an ensemble of seeds)
+    base=$router seed=()
+    [[ $router =~ ^(.+)-s([0-9]+)$ ]] && base=${BASH_REMATCH[1]} seed=(--seed "${BASH_REMATCH[2]}")
+    [[ -n ${HOW[$base]:-} ]] || { echo "unknown router $router (ROUTERS: ${!HOW[*]}, optionally -sN)" >&2; exit 2; }
     # shellcheck disable=SC2086
-    train "$router" ${HOW[$router]}
+    train "$router" ${HOW[$base]} "${seed[@]}"
 done
 
 router_dirs() {  # NAME -> its --router options (the members' for "ensemble")
