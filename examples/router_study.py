@@ -190,8 +190,15 @@ def plot(rep: dict, path: Path) -> bool:
         ms=3,
         label="oracle (search labels)",
     )
-    for p, c in zip(rep["routers"], ("tab:red", "tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:pink") * 4):
-        ax.plot([p["tokens"]], [p["metric"]], "*", ms=11, color=c, label=p["name"])
+    # one colour and one legend entry per router; its budgets (name@budget) joined by a line
+    routers: dict[str, list[dict]] = {}
+    for p in rep["routers"]:
+        routers.setdefault(p["name"].split("@")[0], []).append(p)
+    colours = ("tab:red", "tab:blue", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:cyan", "black")
+    for (name, pts), c in zip(routers.items(), colours * 4):
+        pts = sorted(pts, key=lambda p: p["tokens"])
+        style = "*:" if len(pts) > 1 else "*"
+        ax.plot([p["tokens"] for p in pts], [p["metric"] for p in pts], style, ms=9, lw=1, color=c, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("mean tokens per clip")
     ax.set_ylabel(rep["metric"])
