@@ -153,7 +153,6 @@ def open_router(paths: str | Path | list[str | Path] | tuple, *, device: Any = "
     def facts(m: OpenModel) -> dict[str, Any]:
         c = m.model.config
         return {
-            "head": c.head,
             "space": m.model.space.to_dict(),
             "clip geometry": (c.frames, c.height, c.width),
             "clip sampling": m.meta.get("clip", {}).get("fps", "native"),
@@ -161,7 +160,7 @@ def open_router(paths: str | Path | list[str | Path] | tuple, *, device: Any = "
         }
 
     want = facts(first)
-    for m in members:
+    for m in members:  # a classify member is refused before its other fields are compared
         if m.model.config.head != "reward":
             raise ValueError(
                 f"{m.dir}: a {m.model.config.head!r}-head router cannot join an ensemble "

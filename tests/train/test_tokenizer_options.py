@@ -74,7 +74,7 @@ def test_codebook_size_is_recorded_and_stores_follow_it(videos, tmp_path):
 
 
 def test_architecture_extras_are_options(videos, tmp_path):
-    """tiny with the paper's architecture (no patch layers, no locality bias), from the CLI."""
+    """tiny's architecture extras are options: patch layers on, locality bias off, from the CLI."""
     from evatok_cli.models.tokenizer import EVATokTokenizer
 
     out = tmp_path / "plain"
