@@ -47,7 +47,9 @@
 # EXTRA_LABELS, GEN_SEEDS, GEN_CLIPS (880), REAL_TRAIN (0), ENSEMBLE, BUDGETS (128,192,256,320,384), CALIBRATION (500), BEAM (empty: exact search; N: beam width N), WORKERS (1),
 # CURVE_ROUTER (blocks; fixed before any held-out number), TARGETS (18,20,22,24: PSNR thresholds),
 # FINAL_STEPS (0: skip the final tokenizers), FINAL_DATA (corpus/train), FINAL_LR (3e-4), FINAL_W_Q / FINAL_W_L
-# (the router's trade-off for the final pair; default its labels' weights; set them on the TRAIN split), PYTHON.
+# (the router's trade-off for the final pair; default its labels' weights; set them on the TRAIN split;
+# FINAL_W_L=auto: the smallest of FINAL_W_L_GRID (0.02 0.025 0.03 0.035 0.04 0.05) whose mean tokens on
+# the validation split are at least FINAL_SAVINGS (0.27) below the top level, reports/final-w-l.txt), PYTHON.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python}
@@ -55,11 +57,13 @@ PYTHON=${PYTHON:-python}
 : "${TRAIN_CLIPS:=176}" "${HELDOUT_CLIPS:=88}" "${ROUTER_STEPS:=1500}" "${BUDGETS:=128,192,256,320,384}"
 : "${CALIBRATION:=500}" "${WORKERS:=1}" "${BEAM=}" "${CURVE_ROUTER:=blocks}" "${TARGETS:=18,20,22,24}"
 : "${FINAL_STEPS:=0}" "${FINAL_DATA:=corpus/train}" "${FINAL_LR:=3e-4}" "${FINAL_W_Q=}" "${FINAL_W_L=}"
+: "${FINAL_W_L_GRID:=0.02 0.025 0.03 0.035 0.04 0.05}" "${FINAL_SAVINGS:=0.27}"
 : "${ROUTERS:=classify reward blocks reward-pc blocks-pc}" "${MORE_DATA=}" "${MORE_CLIPS:=0}" "${VAL_CLIPS:=0}"
 : "${EXTRA_LABELS=}" "${GEN_SEEDS=}" "${GEN_CLIPS:=880}" "${REAL_TRAIN:=0}" "${ENSEMBLE=}"
+[[ " $GEN_SEEDS " != *" 0 "* ]] || { echo "GEN_SEEDS: seed 0 is corpus/train's (the same clips again); take another" >&2; exit 2; }
 TRADE=()  # the router's trade-off for the final pair (train and evaluation alike)
 [[ -n $FINAL_W_Q ]] && TRADE+=(--w-q "$FINAL_W_Q")
-[[ -n $FINAL_W_L ]] && TRADE+=(--w-l "$FINAL_W_L")
+[[ -n $FINAL_W_L && $FINAL_W_L != auto ]] && TRADE+=(--w-l "$FINAL_W_L")
 TOKENIZER=$(cd "$(dirname "$TOKENIZER")" && pwd)/$(basename "$TOKENIZER")  # absolute: the stages run in RUN_DIR
 mkdir -p "$RUN_DIR/reports"
 cd "$RUN_DIR"
@@ -225,6 +229,33 @@ if ((FINAL_STEPS > 0)); then
         touch "final-$name/DONE"
     }
     mapfile -t curve_dirs < <(router_dirs "$CURVE_ROUTER")
+    if [[ $FINAL_W_L == auto ]]; then
+        # the final pair's length weight on the validation split: the smallest w_l of the grid whose
+        # mean tokens are at least FINAL_SAVINGS below uniform at the top level
+        ((VAL_CLIPS > 0)) && [[ -n $MORE_DATA ]] || { echo "FINAL_W_L=auto needs MORE_DATA and VAL_CLIPS > 0" >&2; exit 2; }
+        for wl in $FINAL_W_L_GRID; do
+            [[ -s reports/wl-val-$wl.json ]] || evatok route "${curve_dirs[@]}" --data - --clips all --w-q "${FINAL_W_Q:-1.2}" \
+                --w-l "$wl" -o "routed-val/w-l-$wl.jsonl" --device cpu --json < lists/val.txt > "reports/wl-val-$wl.json"
+        done
+        FINAL_W_L=$("$PYTHON" - "$FINAL_SAVINGS" $FINAL_W_L_GRID <<'EOF'
+import json, sys
+from evatok_cli.assignments import AssignmentSpace
+from evatok_cli.store import open_store
+space = AssignmentSpace.from_dict(open_store("labels-val.zarr").attrs["space"])
+top, savings, grid = sum(space.uniform(max(space.levels))), float(sys.argv[1]), sys.argv[2:]
+tokens = {wl: json.load(open(f"reports/wl-val-{wl}.json"))["mean_tokens"] for wl in grid}
+with open("reports/final-w-l.txt", "w") as f:
+    f.writelines(f"w_l {wl}: {t:.1f} mean tokens on val\n" for wl, t in tokens.items())
+ok = [wl for wl in grid if tokens[wl] <= (1 - savings) * top]
+if not ok:
+    sys.exit(f"no w_l in FINAL_W_L_GRID saves {savings:.0%} of {top} tokens on the validation split: {tokens}")
+print(min(ok, key=float))
+EOF
+        )
+        echo "chosen: $FINAL_W_L" >> reports/final-w-l.txt
+        TRADE+=(--w-l "$FINAL_W_L")
+        log "FINAL_W_L=$FINAL_W_L (reports/final-w-l.txt)"
+    fi
     final router "${curve_dirs[@]}" "${TRADE[@]}"
     final uniform --assignment "uniform:$max"
     for set in heldout real; do
