@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from evatok_cli.cli import app
 from evatok_cli.store import open_store
 from evatok_cli.store.lock import LOCK_NAME, read_lock
+from evatok_cli.store.lock import acquire as acquire_store_lock
 from evatok_cli.video.write import write_mp4
 
 runner = CliRunner()
@@ -48,10 +49,34 @@ def fast(tok: Path) -> list[str]:
     return ["--tokenizer", str(tok), "--assignment", "uniform:1", "--clips", "first", "--workers", "0", "--quiet"]
 
 
+def test_encode_into_a_store_another_process_holds_is_refused_and_changes_nothing(
+    tiny_inputs, tiny_tokenizer, tmp_path
+):
+    """A live writer holds the store (this test process, through the store's own lock): a real
+    `evatok encode` into it is refused at once with one line naming the holder's pid, writes nothing;
+    once the lock is released the same command encodes."""
+    out = tmp_path / "held.zarr"
+    cmd = EVATOK + ["encode", str(tiny_inputs["a"]), "-o", str(out)] + fast(tiny_tokenizer)
+    with acquire_store_lock(out):
+        before = sorted(p.name for p in out.iterdir())
+        res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1, res.stderr
+        err = res.stderr.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{out} is being written by another process (pid {os.getpid()} " in err, err
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing but the lock, untouched
+        assert read_lock(out)["pid"] == os.getpid()
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert [Path(s.source).stem for s in open_store(out)] == ["a"]
+
+
 @pytest.mark.slow
 def test_two_encoders_racing_on_one_store(tiny_inputs, tiny_tokenizer, tmp_path):
     """20 races with random delays: one is refused at once (naming the holder) or they run one after
-    the other (the second appends); the store is never corrupt and holds exactly the winners' clips."""
+    the other (the second appends); the store is never corrupt and holds exactly the winners' clips.
+    Which of the two happens depends on the machine's timing (the refusal itself is asserted
+    deterministically above), so only the invariants are asserted here."""
     rng = random.Random(15)
     outcomes = {"refused": 0, "serialized": 0}
     for i in range(20):
@@ -79,7 +104,7 @@ def test_two_encoders_racing_on_one_store(tiny_inputs, tiny_tokenizer, tmp_path)
         assert sorted(Path(s.source).stem for s in store) == sorted(ok)
         assert not (out / LOCK_NAME).exists()
         outcomes["refused" if len(ok) == 1 else "serialized"] += 1
-    assert outcomes["refused"] > 0, outcomes
+    assert sum(outcomes.values()) == 20, outcomes
 
 
 def test_kill_9_then_rerun_resumes_and_more_inputs_append(tiny_inputs, tiny_tokenizer, tmp_path):
