@@ -115,6 +115,10 @@ class OpenEnsemble(OpenModel):
         super().__init__(RouterEnsemble([m.model for m in members]).eval(), members[0].dir, members[0].meta)
         self.members = members
 
+    @property
+    def dirs(self) -> list[Path]:
+        return [m.dir for m in self.members]
+
     def record(self) -> dict[str, Any]:
         """``{path, sha256, preset, members}``: path and sha256 join the members' with ``+``."""
         recs = [m.record() for m in self.members]

@@ -113,6 +113,11 @@ class OpenModel:
         """sha256 of the directory's ``model.safetensors`` (read once, on first use)."""
         return weights_sha256(self.dir)
 
+    @property
+    def dirs(self) -> list[Path]:
+        """The model directories behind this model: its own (an ensemble: its members')."""
+        return [self.dir]
+
     def record(self) -> dict[str, Any]:
         """``{path, sha256, preset}``: how reports and stores name the model."""
         return {"path": str(self.dir), "sha256": self.sha256, "preset": self.meta.get("preset")}

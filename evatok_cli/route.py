@@ -270,7 +270,7 @@ def route(
                 parts, labels, space, head=c.head, w_q=w_q, w_l=w_l, budget=budget, world_size=env.world_size
             )
             if summary is not None:
-                summary["routers"] = [str(m.dir) for m in getattr(opened, "members", [opened])]
+                summary["routers"] = [str(d) for d in opened.dirs]
         summary, error = broadcast_object((summary, error), env)
         if error is not None:
             raise ValueError(error)

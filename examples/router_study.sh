@@ -233,9 +233,8 @@ if ((FINAL_STEPS > 0)); then
         # the final pair's length weight on the validation split: the smallest w_l of the grid whose
         # mean tokens are at least FINAL_SAVINGS below uniform at the top level
         ((VAL_CLIPS > 0)) && [[ -n $MORE_DATA ]] || { echo "FINAL_W_L=auto needs MORE_DATA and VAL_CLIPS > 0" >&2; exit 2; }
-        for wl in $FINAL_W_L_GRID; do
-            [[ -s reports/wl-val-$wl.json ]] || evatok route "${curve_dirs[@]}" --data - --clips all --w-q "${FINAL_W_Q:-1.2}" \
-                --w-l "$wl" -o "routed-val/w-l-$wl.jsonl" --device cpu --json < lists/val.txt > "reports/wl-val-$wl.json"
+        for wl in $FINAL_W_L_GRID; do  # -> reports/route-val-w-l-WL.json
+            route "$CURVE_ROUTER" val - "routed-val/w-l-$wl.jsonl" --w-q "${FINAL_W_Q:-1.2}" --w-l "$wl" --clips all < lists/val.txt
         done
         FINAL_W_L=$("$PYTHON" - "$FINAL_SAVINGS" $FINAL_W_L_GRID <<'EOF'
 import json, sys
@@ -243,7 +242,7 @@ from evatok_cli.assignments import AssignmentSpace
 from evatok_cli.store import open_store
 space = AssignmentSpace.from_dict(open_store("labels-val.zarr").attrs["space"])
 top, savings, grid = sum(space.uniform(max(space.levels))), float(sys.argv[1]), sys.argv[2:]
-tokens = {wl: json.load(open(f"reports/wl-val-{wl}.json"))["mean_tokens"] for wl in grid}
+tokens = {wl: json.load(open(f"reports/route-val-w-l-{wl}.json"))["mean_tokens"] for wl in grid}
 with open("reports/final-w-l.txt", "w") as f:
     f.writelines(f"w_l {wl}: {t:.1f} mean tokens on val\n" for wl, t in tokens.items())
 ok = [wl for wl in grid if tokens[wl] <= (1 - savings) * top]
